@@ -1,0 +1,1 @@
+"""Model helpers: locally generated demo checkpoints and per-architecture adapters."""
