@@ -4,8 +4,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The embedded demo model: a tiny random Mixtral-architecture checkpoint, generated locally when missing.
 DEMO_MODEL ?= .demo-model/mixtral
-HOST ?= 127.0.0.1
-PORT ?= 8000
 
 .PHONY: serve test install demo-model clean
 
@@ -23,8 +21,10 @@ $(DEMO_MODEL)/config.json: | $(VENV)/.installed
 
 demo-model: $(DEMO_MODEL)/config.json
 
+# Until the HTTP server lands (issue #8) `make serve` runs an offline demo: one chat completion of the demo model.
+DEMO_PROMPT ?= Write a Python function that reverses a list.
 serve: install demo-model
-	$(VENV)/bin/moeserve serve $(DEMO_MODEL) --config configs/demo.yaml --host $(HOST) --port $(PORT)
+	$(VENV)/bin/moeserve generate $(DEMO_MODEL) --config configs/demo.yaml --chat --prompt "$(DEMO_PROMPT)"
 
 # pytest exits 5 when it collected no tests; for this project that is a broken suite, so it fails loudly.
 test: install

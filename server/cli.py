@@ -1,0 +1,174 @@
+"""The ``moeserve`` command line.
+
+Subcommands: ``serve``, ``generate``, ``prepare``, ``demo-model``, ``replay``, ``bench``. A subcommand whose
+part of the system has not landed yet says which issue brings it and exits with status 2; it never prints
+made-up output. Configuration flags follow engine.config's precedence: CLI > MOESERVE_* environment > YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from engine import __version__
+from engine.config import Config, ConfigError, load_config
+from engine.logs import configure_logging
+
+logger = logging.getLogger("moeserve.cli")
+
+EXIT_USAGE = 2
+
+
+class CommandUnavailable(Exception):
+    """A subcommand (or option) whose implementation has not landed; the message names the issue."""
+
+
+def _add_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML file of configuration keys (see configs/demo.yaml)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="logging level")
+
+
+def _add_serve(subparsers) -> None:
+    parser = subparsers.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    parser.add_argument("model", help="Hugging Face model directory")
+    _add_config_flag(parser)
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind (default 8000)")
+    parser.add_argument("--api-key", help="require this bearer key (also MOESERVE_API_KEY)")
+    parser.add_argument("--served-model-name", help="model id in the API (default: the directory's basename)")
+    parser.add_argument("--max-model-len", type=int, help="longest prompt + completion in tokens")
+    parser.add_argument("--trace-dump", dest="trace_dump_dir", type=Path, help="write each request's trace here")
+    parser.set_defaults(handler=_serve, config_keys=("host", "port", "api_key", "served_model_name",
+                                                     "max_model_len", "trace_dump_dir"))
+
+
+def _add_generate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="generate a completion offline, without a server (transformers' reference generate)"
+    )
+    parser.add_argument("model", help="Hugging Face model directory")
+    _add_config_flag(parser)
+    parser.add_argument("--prompt", required=True, help="prompt text (a user message with --chat)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype")
+    parser.set_defaults(handler=_generate, config_keys=("dtype",))
+
+
+def _add_prepare(subparsers) -> None:
+    parser = subparsers.add_parser("prepare", help="split a checkpoint's experts into an offload store")
+    parser.add_argument("model", help="Hugging Face model directory")
+    parser.add_argument("--out", required=True, type=Path, help="store directory")
+    parser.add_argument("--precisions", nargs="+", help="precisions to store per expert")
+    parser.set_defaults(handler=_unavailable("prepare", "#6 (expert offloading: prepared expert store)"))
+
+
+def _add_demo_model(subparsers) -> None:
+    from engine.models.demo import ARCHITECTURES, DTYPES
+
+    parser = subparsers.add_parser("demo-model", help="write a tiny random MoE checkpoint (a real HF directory)")
+    parser.add_argument("out", type=Path, help="output directory (must be empty or absent)")
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="mixtral", help="architecture (default mixtral)")
+    parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="saved dtype (default float32)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
+    parser.add_argument("--train", action="store_true", help="train the model on local text")
+    parser.add_argument("--max-steps", type=int, help="training steps (with --train)")
+    parser.set_defaults(handler=_demo_model)
+
+
+def _add_replay(subparsers) -> None:
+    parser = subparsers.add_parser("replay", help="score cache/prefetch policies on recorded routing traces")
+    parser.add_argument("traces", nargs="+", type=Path, help="trace files (JSONL)")
+    parser.add_argument("--policy", help="policy name")
+    capacity = parser.add_mutually_exclusive_group()
+    capacity.add_argument("--slots-per-layer", type=int, help="cache slots per layer")
+    capacity.add_argument("--capacity", type=int, help="cache slots in total")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(handler=_unavailable("replay", "#7 (activation tracing, trace store and replay)"))
+
+
+def _add_bench(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="run the serving benchmarks")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="benchmark arguments")
+    parser.set_defaults(handler=_unavailable("bench", "#4 (continuous-batching engine) and its benchmarks"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``moeserve`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="moeserve", description="OpenAI-compatible inference server for Mixture-of-Experts models"
+    )
+    parser.add_argument("--version", action="version", version=f"moeserve {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_serve, _add_generate, _add_prepare, _add_demo_model, _add_replay, _add_bench):
+        add(subparsers)
+    return parser
+
+
+def _unavailable(command: str, issue: str) -> Callable[[argparse.Namespace, Config | None], int]:
+    def handler(args: argparse.Namespace, config: Config | None) -> int:
+        raise CommandUnavailable(f"`moeserve {command}` is not available in this build yet: it lands with issue {issue}")
+
+    return handler
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The configuration for a subcommand: its YAML file, the environment, then its own flags."""
+    overrides = {key: getattr(args, key, None) for key in getattr(args, "config_keys", ())}
+    overrides["model"] = str(args.model) if getattr(args, "model", None) else None
+    overrides["log_level"] = getattr(args, "log_level", None)
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def _serve(args: argparse.Namespace, config: Config | None) -> int:
+    raise CommandUnavailable(
+        "`moeserve serve` is not available in this build yet: the HTTP server lands with issue #8; "
+        f"meanwhile `moeserve generate {args.model} --prompt TEXT` runs the model offline"
+    )
+
+
+def _generate(args: argparse.Namespace, config: Config | None) -> int:
+    from engine.reference import generate_text
+
+    generate_text(
+        config.model, args.prompt, chat=args.chat, max_tokens=args.max_tokens, temperature=args.temperature,
+        seed=args.seed, dtype=config.dtype, stream=sys.stdout,
+    )
+    return 0
+
+
+def _demo_model(args: argparse.Namespace, config: Config | None) -> int:
+    from engine.models.demo import DemoModelSpec, write_demo_model
+
+    if args.train or args.max_steps is not None:
+        raise CommandUnavailable("`moeserve demo-model --train` is not available in this build yet: it lands with issue #9")
+    path = write_demo_model(args.out, DemoModelSpec(arch=args.arch, seed=args.seed, dtype=args.dtype), args.overwrite)
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``moeserve`` console script; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        # Subcommands with configuration flags load the config tree once; the others log at info.
+        config = config_from_args(args) if hasattr(args, "config") else None
+        configure_logging(config.log_level if config else "info")
+        return args.handler(args, config)
+    except CommandUnavailable as exc:
+        sys.stderr.write(f"moeserve: {exc}\n")
+        return EXIT_USAGE
+    except (ConfigError, FileExistsError, FileNotFoundError) as exc:
+        sys.stderr.write(f"moeserve {args.command}: error: {exc}\n")
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The `moeserve` command line: every subcommand present, unfinished ones exit 2 naming their issue."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.cli import EXIT_USAGE, main
+
+SUBCOMMANDS = ("serve", "generate", "prepare", "demo-model", "replay", "bench")
+
+
+def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in SUBCOMMANDS:
+        assert command in out
+
+
+def test_console_script_entry_point_runs() -> None:
+    result = subprocess.run([sys.executable, "-m", "server.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("moeserve ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "issue"),
+    [
+        (["prepare", "model-dir", "--out", "store"], "#6"),
+        (["bench"], "#4"),
+        (["serve", "model-dir"], "#8"),
+        (["demo-model", "out-dir", "--train"], "#9"),
+    ],
+)
+def test_unlanded_subcommands_exit_2_and_name_their_issue(
+    argv: list[str], issue: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == EXIT_USAGE
+    captured = capsys.readouterr()
+    assert captured.out == "", "no made-up output"
+    assert "not available in this build yet" in captured.err and issue in captured.err
+
+
+def test_serve_validates_configuration_before_anything_else(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "model-dir", "--port", "70000"]) == EXIT_USAGE
+    assert "port:" in capsys.readouterr().err
+
+
+def test_config_error_from_environment_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MOESERVE_PROT", "8001")
+    assert main(["generate", "model-dir", "--prompt", "x"]) == EXIT_USAGE
+    assert "MOESERVE_PROT" in capsys.readouterr().err
+
+
+def test_generate_reports_a_missing_model_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == EXIT_USAGE
+    assert "not a Hugging Face model directory" in capsys.readouterr().err
+
+
+def test_demo_model_refuses_a_non_empty_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "keep.txt").write_text("user data")
+    assert main(["demo-model", str(tmp_path)]) == EXIT_USAGE
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").read_text() == "user data"
