@@ -1,0 +1,275 @@
+"""Expert-cache policy: which experts stay resident and which one to evict. No tensors, no I/O.
+
+Keys are ``(layer, expert, precision)`` tuples. A policy (`EvictionPolicy` and its subclasses) keeps the
+bookkeeping a decision needs and answers `EvictionPolicy.victim`; `ExpertCache` bounds the number of resident
+keys — per layer (``scope="layer"``) or across all layers (``scope="global"``) — and asks its policy for a
+victim when a miss finds the partition full. The engine, the offline replay (engine/trace/replay.py) and the
+tests drive these very objects, so a policy measured in replay is the policy that serves.
+
+Rules every policy shares (in `EvictionPolicy.victim`): pinned keys are never victims; among the remaining
+candidates, only those with the lowest priority (`EvictionPolicy.set_priorities`, default 0.0) are
+considered; the policy's own rule then picks one, with the tie-breaks documented on each class.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal, NamedTuple
+
+logger = logging.getLogger(__name__)
+
+Key = tuple[int, int, str]
+"""(layer, expert, precision)"""
+
+Scope = Literal["layer", "global"]
+
+POLICY_NAMES: tuple[str, ...] = ("lru", "lfu", "belady", "global-lru", "global-lfu", "global-belady")
+"""Names accepted by `build_cache`: a rule, prefixed ``global-`` when all layers share one capacity."""
+
+_GLOBAL_PREFIX = "global-"
+INFINITY = float("inf")
+
+
+class NoVictimError(RuntimeError):
+    """Every candidate for eviction is pinned."""
+
+
+class EvictionPolicy(ABC):
+    """Base policy: tracks resident keys, pins and priorities; subclasses supply the eviction rule.
+
+    Contract: `admit` a key when it becomes resident and `evict` it when it leaves; call `on_access` for every
+    use of a key, resident or not, in execution order. Subclasses implement `on_access` and `_choose`.
+    """
+
+    def __init__(self) -> None:
+        self._resident: set[Key] = set()
+        self._pins: Counter[Key] = Counter()
+        self._priorities: dict[Key, float] = {}
+
+    def lookup(self, key: Key) -> bool:
+        """Whether ``key`` is resident."""
+        return key in self._resident
+
+    @abstractmethod
+    def on_access(self, key: Key, step: int, layer: int) -> None:
+        """Record a use of ``key`` by engine step ``step`` at ``layer``."""
+
+    def admit(self, key: Key) -> None:
+        """``key`` became resident."""
+        self._resident.add(key)
+
+    def evict(self, key: Key) -> None:
+        """``key`` left the cache; KeyError if it was not resident."""
+        self._resident.remove(key)
+
+    def victim(self, candidates: Iterable[Key]) -> Key:
+        """The candidate to evict: never a pinned one, one of the lowest priority, then the policy's rule.
+
+        Raises NoVictimError when every candidate is pinned (or there is none).
+        """
+        eligible = [key for key in candidates if key not in self._pins] if self._pins else list(candidates)
+        if not eligible:
+            raise NoVictimError("no eviction candidate: every candidate is pinned, or none was given")
+        if self._priorities:
+            lowest = min(self._priorities.get(key, 0.0) for key in eligible)
+            eligible = [key for key in eligible if self._priorities.get(key, 0.0) == lowest]
+        return self._choose(eligible)
+
+    def pin(self, key: Key) -> None:
+        """Protect ``key`` from eviction until a matching `unpin` (pins nest: two pins need two unpins)."""
+        self._pins[key] += 1
+
+    def unpin(self, key: Key) -> None:
+        """Undo one `pin` of ``key``; ValueError if it is not pinned."""
+        if self._pins[key] <= 0:
+            raise ValueError(f"unpin of {key} which is not pinned")
+        self._pins[key] -= 1
+        if not self._pins[key]:
+            del self._pins[key]
+
+    def set_priorities(self, priorities: Mapping[Key, float]) -> None:
+        """Replace the keep-priorities (higher = keep longer; absent keys count 0.0). An empty map clears them."""
+        self._priorities = dict(priorities)
+
+    @abstractmethod
+    def _choose(self, candidates: list[Key]) -> Key:
+        """The policy's rule over a non-empty list of unpinned, equal-priority candidates."""
+
+
+class LRUPolicy(EvictionPolicy):
+    """Least recently used: evicts the candidate whose last use is oldest.
+
+    A use is an access or an admission; each ticks a logical clock, so two keys never tie. A candidate never
+    used at all counts as older than any used one; among several such, the smallest key goes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = 0
+        self._last_use: defaultdict[Key, int] = defaultdict(int)  # 0: never used
+
+    def on_access(self, key: Key, step: int, layer: int) -> None:
+        """Mark ``key`` as the most recently used."""
+        self._touch(key)
+
+    def admit(self, key: Key) -> None:
+        """``key`` became resident; an admission counts as a use."""
+        super().admit(key)
+        self._touch(key)
+
+    def _touch(self, key: Key) -> None:
+        self._clock += 1
+        self._last_use[key] = self._clock
+
+    def _choose(self, candidates: list[Key]) -> Key:
+        oldest = min(candidates, key=self._last_use.__getitem__)
+        if self._last_use[oldest] == 0:
+            return min(key for key in candidates if self._last_use[key] == 0)
+        return oldest
+
+
+class LFUPolicy(LRUPolicy):
+    """Least frequently used: evicts the candidate with the fewest accesses; ties go to the least recently used.
+
+    The frequency of a key counts every `on_access` since the policy was created, whether or not the key was
+    resident, and survives eviction ("perfect" LFU); admissions do not count. Recency is LRU's clock.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._frequency: Counter[Key] = Counter()
+
+    def on_access(self, key: Key, step: int, layer: int) -> None:
+        """Count a use of ``key`` and mark it the most recently used."""
+        self._frequency[key] += 1
+        super().on_access(key, step, layer)
+
+    def _choose(self, candidates: list[Key]) -> Key:
+        return min(candidates, key=lambda key: (self._frequency[key], self._last_use[key], key))
+
+
+class BeladyPolicy(EvictionPolicy):
+    """Belady's offline optimum (MIN): evicts the candidate whose next access lies farthest in the future.
+
+    ``future`` is the complete access sequence that `on_access` will then follow, one call per element, in
+    order (ValueError on any divergence). It may span several requests and all layers: the policy compares
+    next uses of the candidates it is given, so the same object serves a per-layer and a global cache. Keys
+    never accessed again tie at infinity; among them the smallest key goes (which one does not change the
+    number of hits).
+    """
+
+    def __init__(self, future: Sequence[Key]) -> None:
+        super().__init__()
+        self._future = future
+        self._cursor = 0
+        self._following: list[float] = [INFINITY] * len(future)
+        first: dict[Key, float] = {}
+        for position in range(len(future) - 1, -1, -1):
+            key = future[position]
+            self._following[position] = first.get(key, INFINITY)
+            first[key] = position
+        # Next use of every key; an access moves its key's entry on, keys outside the future read infinity.
+        self._next: defaultdict[Key, float] = defaultdict(lambda: INFINITY, first)
+
+    def on_access(self, key: Key, step: int, layer: int) -> None:
+        """Consume the next element of the future, which must be ``key``."""
+        if self._cursor >= len(self._future) or self._future[self._cursor] != key:
+            expected = self._future[self._cursor] if self._cursor < len(self._future) else "the end"
+            raise ValueError(f"access {self._cursor} is {key}, but the known future has {expected}")
+        self._next[key] = self._following[self._cursor]
+        self._cursor += 1
+
+    def next_use(self, key: Key) -> float:
+        """Position in the future of the next access of ``key`` not yet consumed; infinity if none."""
+        return self._next[key]
+
+    def _choose(self, candidates: list[Key]) -> Key:
+        farthest = max(candidates, key=self._next.__getitem__)
+        if self._next[farthest] == INFINITY:
+            return min(key for key in candidates if self._next[key] == INFINITY)
+        return farthest
+
+
+class CacheAccess(NamedTuple):
+    """Outcome of `ExpertCache.access`: whether it hit, and which key (if any) the miss evicted."""
+
+    hit: bool
+    evicted: Key | None
+
+
+class ExpertCache:
+    """A capacity-bounded set of resident expert keys whose evictions ``policy`` decides.
+
+    ``scope="layer"``: each layer holds at most ``capacity`` keys and evicts only among its own.
+    ``scope="global"``: all layers together hold at most ``capacity`` keys.
+    Residency must change only through the cache (not by calling the policy's `admit`/`evict` directly);
+    pins and priorities go to ``cache.policy``.
+    """
+
+    def __init__(self, policy: EvictionPolicy, capacity: int, scope: Scope = "layer") -> None:
+        if capacity < 1:
+            raise ValueError(f"cache capacity must be at least 1, got {capacity}")
+        if scope not in ("layer", "global"):
+            raise ValueError(f"cache scope must be 'layer' or 'global', got {scope!r}")
+        self.policy = policy
+        self.capacity = capacity
+        self.scope = scope
+        self._per_layer = scope == "layer"
+        self._members: dict[int | None, set[Key]] = defaultdict(set)
+
+    def access(self, key: Key, step: int) -> CacheAccess:
+        """Use ``key`` in engine step ``step``: a hit, or a miss that admits it (demand paging).
+
+        A miss in a full partition first evicts the policy's victim. If every resident key of the partition is
+        pinned, NoVictimError is raised and nothing changes.
+        """
+        policy = self.policy
+        members = self._members[key[0] if self._per_layer else None]
+        hit = policy.lookup(key)
+        evicted = None
+        if not hit and len(members) >= self.capacity:
+            evicted = policy.victim(members)
+        policy.on_access(key, step, key[0])
+        if evicted is not None:
+            policy.evict(evicted)
+            members.remove(evicted)
+            logger.debug("evict %s for %s", evicted, key)
+        if not hit:
+            policy.admit(key)
+            members.add(key)
+        return CacheAccess(hit, evicted)
+
+    def __contains__(self, key: Key) -> bool:
+        return self.policy.lookup(key)
+
+    def __len__(self) -> int:
+        return sum(len(members) for members in self._members.values())
+
+
+def build_cache(name: str, capacity: int, future: Sequence[Key] | None = None) -> ExpertCache:
+    """The cache named ``name`` (one of POLICY_NAMES) with ``capacity`` keys per partition.
+
+    ``capacity`` is per layer for a per-layer name and the total for a ``global-`` name. Belady policies need
+    ``future``, the complete access sequence (see `BeladyPolicy`).
+    """
+    scope = policy_scope(name)
+    rule = name.removeprefix(_GLOBAL_PREFIX)
+    if rule == "belady":
+        if future is None:
+            raise ValueError(f"policy {name!r} is an offline optimum: it needs the future access sequence")
+        return ExpertCache(BeladyPolicy(future), capacity, scope)
+    policy = LRUPolicy() if rule == "lru" else LFUPolicy()
+    return ExpertCache(policy, capacity, scope)
+
+
+def policy_scope(name: str) -> Scope:
+    """Whether the policy ``name`` bounds each layer (``"layer"``) or all layers together (``"global"``).
+
+    ValueError if ``name`` is not one of POLICY_NAMES.
+    """
+    if name not in POLICY_NAMES:
+        raise ValueError(f"unknown cache policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+    return "global" if name.startswith(_GLOBAL_PREFIX) else "layer"

@@ -1,0 +1,1 @@
+"""Expert-activation tracing: the routing-trace file format (format.py) and offline cache replay (replay.py)."""
