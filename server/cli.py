@@ -83,14 +83,11 @@ def _add_demo_model(subparsers) -> None:
 
 
 def _add_replay(subparsers) -> None:
+    from engine.trace.replay import add_replay_arguments, run_replay_command
+
     parser = subparsers.add_parser("replay", help="score cache/prefetch policies on recorded routing traces")
-    parser.add_argument("traces", nargs="+", type=Path, help="trace files (JSONL)")
-    parser.add_argument("--policy", help="policy name")
-    capacity = parser.add_mutually_exclusive_group()
-    capacity.add_argument("--slots-per-layer", type=int, help="cache slots per layer")
-    capacity.add_argument("--capacity", type=int, help="cache slots in total")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.set_defaults(handler=_unavailable("replay", "#7 (activation tracing, trace store and replay)"))
+    add_replay_arguments(parser)
+    parser.set_defaults(handler=lambda args, config: run_replay_command(args))
 
 
 def _add_bench(subparsers) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,19 @@ def test_demo_model_refuses_a_non_empty_directory(tmp_path: Path, capsys: pytest
     assert main(["demo-model", str(tmp_path)]) == EXIT_USAGE
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_replay_prints_the_contract_json(capsys: pytest.CaptureFixture[str]) -> None:
+    trace = Path(__file__).resolve().parents[1] / "data" / "mixtral-mario-2req.jsonl"
+    assert main(["replay", str(trace), "--policy", "lru", "--slots-per-layer", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    contract = {"hit_rate", "belady_hit_rate", "global_belady_hit_rate", "prefetch_precision", "prefetch_recall",
+                "bytes_loaded", "stall_seconds"}
+    assert contract <= set(result)
+    assert round(result["hit_rate"], 3) == 0.562 and round(result["global_belady_hit_rate"], 3) == 0.804
+
+
+def test_replay_rejects_both_capacity_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["replay", "t.jsonl", "--slots-per-layer", "4", "--capacity", "128"])
+    assert exit_.value.code == EXIT_USAGE and "not allowed with" in capsys.readouterr().err
