@@ -1,0 +1,430 @@
+"""The registered experts forward: every MoE layer's routed experts, streamed once per token batch.
+
+transformers calls ``fn(experts_module, hidden_states, top_k_index, top_k_weights)`` for each MoE layer once the
+model selects an implementation registered in ``ALL_EXPERTS_FUNCTIONS`` (see ``register_experts_forward``). This
+module's ``ExpertsForward`` is that function:
+
+- routing is planned once per call (tokens grouped by expert, stable order);
+- routed experts run in groups no larger than the weight source allows (``ExpertWeightSource.max_group_size``), so
+  an offload budget smaller than a layer's routed union still works; the source holds a group's weights while the
+  group computes;
+- each expert's weights are read in one pass for all of its tokens (gate/up fused, then down), and its
+  routing-weighted output is added into one fp32 accumulator; no gathers of whole expert stacks;
+- per expert, the compute path is the compiled CPU kernel (``engine.offload.kernels``) or pure torch, chosen by
+  ``PathTable`` from measurements per (dtype, layout, shape, tokens per expert). The torch path is always
+  available and always correct; the kernel path allocates nothing per call beyond the returned tensor.
+
+Supported expert layouts are those of transformers' ``use_experts_implementation``: gated experts with
+``gate_up_proj`` / ``down_proj`` stacks, plain or transposed, with or without biases (Mixtral, Qwen2/3-MoE, OLMoE,
+DeepSeek-V2/V3, GPT-OSS). Inference only: no autograd graph is recorded.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import SiLUActivation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_gate
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+from engine.offload.kernels import load_experts_kernel
+
+logger = logging.getLogger(__name__)
+
+EXPERTS_IMPLEMENTATION = "moeserve"
+LAYER_ATTRIBUTE = "moeserve_layer"
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class GateKind(enum.IntEnum):
+    """How gate_up outputs become the down projection's input (values are the kernel's gate codes)."""
+
+    SILU_HALVES = 0  # silu(h[:, :I]) * h[:, I:]  (transformers' default gate with a SiLU act_fn)
+    OSS_SWIGLU = 1  # GPT-OSS: interleaved (gate, up) columns, clamped, (up + 1) * gate * sigmoid(alpha * gate)
+    MODULE = 2  # anything else: the module's own ``_apply_gate`` (torch path only)
+
+
+class Path(enum.Enum):
+    """Where one expert's matmuls run."""
+
+    KERNEL = "kernel"
+    TORCH = "torch"
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One expert's weights, as views (no copies). Transposed layouts store [in, out] instead of [out, in]."""
+
+    gate_up: torch.Tensor  # [2I, H], or [H, 2I] when transposed
+    down: torch.Tensor  # [H, I], or [I, H] when transposed
+    gate_up_bias: torch.Tensor | None = None  # [2I]
+    down_bias: torch.Tensor | None = None  # [H]
+
+
+class ExpertWeightSource(Protocol):
+    """Where expert weights come from, per (layer, expert). The offload cache implements this too."""
+
+    def max_group_size(self, layer: int | None) -> int | None:
+        """How many experts of ``layer`` may be held at once; ``None`` for no limit."""
+
+    def hold(
+        self, experts: nn.Module, layer: int | None, expert_ids: Sequence[int]
+    ) -> AbstractContextManager[Sequence[ExpertWeights]]:
+        """Make the weights of ``expert_ids`` (at most ``max_group_size``) available until the context exits.
+
+        Yields one ``ExpertWeights`` per id, in order, in the module's layout and dtype.
+        """
+
+
+class StackedParameters:
+    """The default source: views into the experts module's own stacked parameters."""
+
+    def max_group_size(self, layer: int | None) -> int | None:
+        """No limit: every expert is resident."""
+        return None
+
+    @contextmanager
+    def hold(self, experts: nn.Module, layer: int | None, expert_ids: Sequence[int]) -> Iterator[list[ExpertWeights]]:
+        """Views of ``experts.gate_up_proj[e]``, ``down_proj[e]`` (and biases when the module has them)."""
+        biased = experts.has_bias
+        yield [
+            ExpertWeights(
+                gate_up=experts.gate_up_proj[e],
+                down=experts.down_proj[e],
+                gate_up_bias=experts.gate_up_proj_bias[e] if biased else None,
+                down_bias=experts.down_proj_bias[e] if biased else None,
+            )
+            for e in expert_ids
+        ]
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    """What the forward needs to know about one experts module (computed once per module)."""
+
+    layer: int | None
+    num_experts: int
+    hidden: int
+    intermediate: int
+    transposed: bool
+    gate: GateKind
+    alpha: float
+    limit: float
+    dtype: torch.dtype
+
+    @property
+    def shape_key(self) -> tuple:
+        """The key under which compute-path measurements are stored."""
+        return (self.dtype, self.transposed, self.hidden, self.intermediate)
+
+    @property
+    def kernel_capable(self) -> bool:
+        """True when the compiled kernel can compute this layout (given CPU tensors)."""
+        return self.gate is not GateKind.MODULE and self.dtype in KERNEL_DTYPES
+
+
+def describe_experts(experts: nn.Module) -> ExpertsSpec:
+    """Read an experts module's layout. Raises NotImplementedError for layouts this forward does not handle."""
+    if not experts.has_gate:
+        raise NotImplementedError(f"{type(experts).__name__}: ungated experts (up_proj only) are not supported")
+    if experts.has_post_expert_norm:
+        raise NotImplementedError(f"{type(experts).__name__}: post-expert norms are not supported")
+    if experts._is_expert_parallel:
+        raise NotImplementedError(f"{type(experts).__name__}: expert parallelism is not supported")
+    transposed = bool(experts.is_transposed)
+    down = experts.down_proj  # [E, H, I], or [E, I, H] when transposed
+    return ExpertsSpec(
+        layer=getattr(experts, LAYER_ATTRIBUTE, None),
+        num_experts=down.shape[0],
+        hidden=down.shape[2] if transposed else down.shape[1],
+        intermediate=down.shape[1] if transposed else down.shape[2],
+        transposed=transposed,
+        gate=_gate_kind(experts),
+        alpha=float(getattr(experts, "alpha", 0.0)),
+        limit=float(getattr(experts, "limit", 0.0)),
+        dtype=down.dtype,
+    )
+
+
+def _gate_kind(experts: nn.Module) -> GateKind:
+    """Which gate the module applies: by identity of its ``_apply_gate`` (and act_fn for the default gate)."""
+    apply_gate = type(experts)._apply_gate
+    if apply_gate is GptOssExperts._apply_gate:
+        return GateKind.OSS_SWIGLU
+    if apply_gate is _default_apply_gate and isinstance(experts.act_fn, (SiLUActivation, nn.SiLU)):
+        return GateKind.SILU_HALVES
+    return GateKind.MODULE
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """A call's (token, expert) assignments grouped by expert, ascending; tokens ascending within an expert."""
+
+    expert_ids: list[int]  # routed experts
+    starts: list[int]  # expert_ids[i] owns assignments [starts[i], starts[i] + counts[i])
+    counts: list[int]
+    token_ids: torch.Tensor  # [S] int64
+    route_weights: torch.Tensor  # [S] fp32
+
+    def groups(self, max_size: int | None) -> Iterator[range]:
+        """Index ranges into ``expert_ids`` of at most ``max_size`` experts (all at once when ``None``)."""
+        size = max_size or max(len(self.expert_ids), 1)
+        for begin in range(0, len(self.expert_ids), size):
+            yield range(begin, min(begin + size, len(self.expert_ids)))
+
+
+def plan_routing(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> RoutingPlan:
+    """Group the [T, k] routing by expert. One host sync (the per-expert counts)."""
+    k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1)  # [S]
+    order = torch.argsort(flat, stable=True)  # [S], assignments grouped by expert
+    counts_all = torch.bincount(flat, minlength=num_experts).tolist()  # [E]
+    starts_all = [0, *accumulate(counts_all)][:-1]
+    routed = [e for e, count in enumerate(counts_all) if count]
+    return RoutingPlan(
+        expert_ids=routed,
+        starts=[starts_all[e] for e in routed],
+        counts=[counts_all[e] for e in routed],
+        token_ids=order.div(k, rounding_mode="floor"),
+        route_weights=top_k_weights.reshape(-1).index_select(0, order).float(),
+    )
+
+
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass
+class PathTable:
+    """Measured compute paths: shape key -> {token bucket -> Path}. Unmeasured shapes use the kernel.
+
+    A count of tokens uses the largest bucket not above it (counts above 64 use the 64 bucket). The default for an
+    unmeasured shape is the kernel, which measured faster than torch on every shape and count tried on this machine
+    class (see benchmarks/experts_forward.py); ``ExpertsForward.calibrate`` replaces it with measurements.
+    """
+
+    measured: dict[tuple, dict[int, Path]] = field(default_factory=dict)
+
+    def choose(self, key: tuple, tokens: int) -> Path:
+        """The path for ``tokens`` tokens on an expert of shape ``key``."""
+        by_bucket = self.measured.get(key)
+        if not by_bucket:
+            return Path.KERNEL
+        bucket = max((b for b in by_bucket if b <= tokens), default=min(by_bucket))
+        return by_bucket[bucket]
+
+    def record(self, key: tuple, bucket: int, path: Path) -> None:
+        """Store the measured winner for one bucket."""
+        self.measured.setdefault(key, {})[bucket] = path
+
+
+class ExpertsForward:
+    """The experts forward to register with transformers (a callable; see ``register_experts_forward``).
+
+    ``source`` supplies expert weights per (layer, expert) (default: the module's own parameters); ``paths``
+    chooses kernel or torch per expert; ``use_kernel=False`` forces the pure-torch path. Not thread-safe: one
+    instance serves one model-running thread (its fp32 scratch is reused across calls).
+    """
+
+    def __init__(
+        self,
+        source: ExpertWeightSource | None = None,
+        paths: PathTable | None = None,
+        use_kernel: bool = True,
+    ) -> None:
+        self.source = source if source is not None else StackedParameters()
+        self.paths = paths if paths is not None else PathTable()
+        self.kernel: Callable[..., None] | None = load_experts_kernel() if use_kernel else None
+        self._specs: weakref.WeakKeyDictionary[nn.Module, ExpertsSpec] = weakref.WeakKeyDictionary()
+        self._scratch = torch.empty(0)
+
+    def spec(self, experts: nn.Module) -> ExpertsSpec:
+        """The module's layout, read once and cached."""
+        spec = self._specs.get(experts)
+        if spec is None:
+            spec = self._specs[experts] = describe_experts(experts)
+        return spec
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        experts: nn.Module,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """sum_k top_k_weights[t, k] * expert_{top_k_index[t, k]}(hidden_states[t]) -> [T, H] in the input dtype."""
+        spec = self.spec(experts)
+        hidden = hidden_states.contiguous()  # [T, H]
+        plan = plan_routing(top_k_index, top_k_weights, spec.num_experts)
+        out = self._accumulator(hidden)  # [T, H] fp32, zeroed
+        for group in plan.groups(self.source.max_group_size(spec.layer)):
+            ids = [plan.expert_ids[i] for i in group]
+            with self.source.hold(experts, spec.layer, ids) as weights:
+                self._run_group(experts, spec, hidden, plan, group, weights, out)
+        return out if hidden.dtype == torch.float32 else out.to(hidden.dtype)
+
+    def _accumulator(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A zeroed fp32 [T, H]: fresh when it is returned as is (fp32 input), else reused scratch."""
+        if hidden.dtype == torch.float32:
+            return torch.zeros_like(hidden)
+        if self._scratch.numel() < hidden.numel() or self._scratch.device != hidden.device:
+            self._scratch = torch.empty(hidden.numel(), dtype=torch.float32, device=hidden.device)
+        return self._scratch[: hidden.numel()].view(hidden.shape).zero_()
+
+    def _path(self, spec: ExpertsSpec, hidden: torch.Tensor, tokens: int) -> Path:
+        """Kernel where it is built, applies and was measured (or assumed) faster; torch otherwise."""
+        if self.kernel is None or not spec.kernel_capable or hidden.device.type != "cpu":
+            return Path.TORCH
+        if hidden.dtype not in KERNEL_DTYPES:
+            return Path.TORCH
+        return self.paths.choose(spec.shape_key, tokens)
+
+    def _run_group(
+        self,
+        experts: nn.Module,
+        spec: ExpertsSpec,
+        hidden: torch.Tensor,
+        plan: RoutingPlan,
+        group: range,
+        weights: Sequence[ExpertWeights],
+        out: torch.Tensor,
+    ) -> None:
+        """Add the group's experts into ``out``: kernel experts in one op call, torch experts one by one."""
+        paths = [self._path(spec, hidden, plan.counts[i]) for i in group]
+        on_kernel = [(i, w) for i, w, path in zip(group, weights, paths) if path is Path.KERNEL]
+        if on_kernel:
+            self._kernel_experts(spec, hidden, plan, on_kernel, out)
+        for i, w, path in zip(group, weights, paths):
+            if path is Path.TORCH:
+                begin, end = plan.starts[i], plan.starts[i] + plan.counts[i]
+                torch_expert(experts, spec, hidden, plan.token_ids[begin:end], plan.route_weights[begin:end], w, out)
+
+    def _kernel_experts(
+        self,
+        spec: ExpertsSpec,
+        hidden: torch.Tensor,
+        plan: RoutingPlan,
+        experts: list[tuple[int, ExpertWeights]],
+        out: torch.Tensor,
+    ) -> None:
+        """One ``moeserve::experts_group`` call over ``experts`` (plan index, weights)."""
+        self.kernel(
+            hidden,
+            plan.token_ids,
+            plan.route_weights,
+            [plan.starts[i] for i, _ in experts],
+            [plan.counts[i] for i, _ in experts],
+            [w.gate_up for _, w in experts],
+            [w.down for _, w in experts],
+            [w.gate_up_bias for _, w in experts],
+            [w.down_bias for _, w in experts],
+            spec.transposed,
+            int(spec.gate),
+            spec.alpha,
+            spec.limit,
+            out,
+        )
+
+    def calibrate(
+        self,
+        experts: nn.Module,
+        buckets: Sequence[int] = TOKEN_BUCKETS,
+        trial_experts: int = 4,
+    ) -> dict[int, Path]:
+        """Measure kernel vs torch for this module's shape at each token bucket; record and return the winners.
+
+        Each trial runs ``trial_experts`` distinct experts (so weights stream from memory, not cache) once to warm
+        up and once timed. Does nothing (returns {}) when the kernel cannot serve this module.
+        """
+        spec = self.spec(experts)
+        if self.kernel is None or not spec.kernel_capable or experts.down_proj.device.type != "cpu":
+            return {}
+        ids = list(range(min(trial_experts, spec.num_experts)))
+        winners: dict[int, Path] = {}
+        with self.source.hold(experts, spec.layer, ids) as weights:
+            for tokens in buckets:
+                timings = {path: self._time_path(experts, spec, weights, tokens, path) for path in Path}
+                winners[tokens] = min(timings, key=timings.get)
+                self.paths.record(spec.shape_key, tokens, winners[tokens])
+                logger.debug("experts path %s tokens=%d: %s", spec.shape_key, tokens, timings)
+        return winners
+
+    @torch.no_grad()
+    def _time_path(
+        self, experts: nn.Module, spec: ExpertsSpec, weights: Sequence[ExpertWeights], tokens: int, path: Path
+    ) -> float:
+        """Seconds for one pass over ``weights`` with ``tokens`` tokens each, on ``path`` (after one warm-up)."""
+        hidden = torch.randn(tokens, spec.hidden, dtype=spec.dtype)  # [n, H]
+        token_ids = torch.arange(tokens)
+        route_weights = torch.ones(tokens)
+        out = torch.zeros(tokens, spec.hidden)
+        plan = RoutingPlan([0], [0], [tokens], token_ids, route_weights)
+
+        def run() -> None:
+            for w in weights:
+                if path is Path.KERNEL:
+                    self._kernel_experts(spec, hidden, plan, [(0, w)], out)
+                else:
+                    torch_expert(experts, spec, hidden, token_ids, route_weights, w, out)
+
+        run()
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
+
+
+def torch_expert(
+    experts: nn.Module,
+    spec: ExpertsSpec,
+    hidden: torch.Tensor,
+    token_ids: torch.Tensor,
+    route_weights: torch.Tensor,
+    weights: ExpertWeights,
+    out: torch.Tensor,
+) -> None:
+    """The pure-torch path for one expert, in the module's dtype like the stock forward: out[tok] += rw * y."""
+    x = hidden.index_select(0, token_ids).to(weights.gate_up.dtype)  # [n, H]
+    h = x @ weights.gate_up if spec.transposed else F.linear(x, weights.gate_up)  # [n, 2I]
+    if weights.gate_up_bias is not None:
+        h = h + weights.gate_up_bias
+    g = experts._apply_gate(h)  # [n, I]
+    y = g @ weights.down if spec.transposed else F.linear(g, weights.down)  # [n, H]
+    if weights.down_bias is not None:
+        y = y + weights.down_bias
+    out.index_add_(0, token_ids, y.float() * route_weights.unsqueeze(1))
+
+
+def register_experts_forward(forward: ExpertsForward, name: str = EXPERTS_IMPLEMENTATION) -> str:
+    """Register ``forward`` in transformers' ExpertsInterface; then ``model.set_experts_implementation(name)``."""
+    ALL_EXPERTS_FUNCTIONS.register(name, forward)
+    return name
+
+
+_LAYER_IN_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def tag_experts_layers(model: nn.Module) -> int:
+    """Set ``moeserve_layer`` (the decoder layer index) on every experts module of ``model``; return how many.
+
+    Experts modules are those transformers' ``use_experts_implementation`` decorated; the index is read from the
+    module path (``...layers.<i>...``).
+    """
+    tagged = 0
+    for name, module in model.named_modules():
+        match = _LAYER_IN_NAME.search(name)
+        if match and hasattr(module, "has_gate") and hasattr(module, "is_transposed"):
+            setattr(module, LAYER_ATTRIBUTE, int(match.group(1)))
+            tagged += 1
+    return tagged

@@ -1,0 +1,56 @@
+"""The optional compiled CPU experts kernel: where it lives and how it is loaded.
+
+The kernel (``experts_cpu.cpp``, one torch op ``torch.ops.moeserve.experts_group``) is built ahead of time by
+``python -m engine.offload.kernels.build`` into ``_build/`` beside this file. Loading never compiles: when the
+library is missing, stale (source, flags or torch changed since the build) or the CPU lacks AVX2+FMA,
+``load_experts_kernel()`` logs one line and returns ``None``, and callers use their pure-torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("experts_cpu.cpp")
+BUILD_DIR = Path(__file__).with_name("_build")
+LIBRARY = BUILD_DIR / "moeserve_experts_cpu.so"
+STAMP = BUILD_DIR / "fingerprint.txt"
+BUILD_COMMAND = "python -m engine.offload.kernels.build"
+# -O3 and the ISA the kernel is written for; OpenMP so at::parallel_for uses torch's own thread pool.
+CXX_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++20", "-fPIC", "-shared")
+
+
+def fingerprint() -> str:
+    """A hash of everything the built library depends on: source text, compiler flags, torch version."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(" ".join(CXX_FLAGS).encode())
+    digest.update(torch.__version__.encode())
+    return digest.hexdigest()
+
+
+def _cpu_supported() -> bool:
+    """True when torch reports at least AVX2 (which on x86 comes with FMA and F16C)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+@functools.cache
+def load_experts_kernel() -> Callable[..., None] | None:
+    """``torch.ops.moeserve.experts_group`` when a current build exists for this CPU, else ``None`` (logged once)."""
+    if not _cpu_supported():
+        logger.info("experts kernel: CPU lacks AVX2+FMA; using the pure-torch experts forward")
+        return None
+    if not LIBRARY.exists():
+        logger.info("experts kernel not built (run `%s`); using the pure-torch experts forward", BUILD_COMMAND)
+        return None
+    if not STAMP.exists() or STAMP.read_text().strip() != fingerprint():
+        logger.warning("experts kernel is stale (rebuild with `%s`); using the pure-torch experts forward", BUILD_COMMAND)
+        return None
+    torch.ops.load_library(str(LIBRARY))
+    return torch.ops.moeserve.experts_group

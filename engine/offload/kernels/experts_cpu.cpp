@@ -1,0 +1,397 @@
+// moeserve's CPU experts kernel: one op, `torch.ops.moeserve.experts_group`, that runs a group of routed experts
+// of one MoE layer and adds their routing-weighted outputs into an fp32 accumulator.
+//
+// Why it exists: decode is memory-bound, and torch's per-expert matmuls over few tokens stream the weights far
+// below RAM speed on AVX2 machines (and bf16 ones worse). Here each weight row is read once for all of an
+// expert's tokens: a block of 4 rows (or 32 columns for transposed weights) is loaded, widened to fp32 and
+// multiplied into the tokens while it sits in registers/L1. Accumulation is fp32 (FMA); weights may be
+// fp32, bf16 or fp16. Work is split over torch's intra-op threads in small chunks handed out from an atomic
+// counter, so a thread slowed by a busy core does not stall the others.
+//
+// Per expert e of the group (tokens tok[s], routing weights rw[s] for s in its slice):
+//   x  = float(hidden[tok])                                   [n, H]
+//   h  = x @ gate_up^T (+ gate_up_bias)                       [n, 2I]   (x @ gate_up when transposed)
+//   g  = gate(h)                                              [n, I]
+//   out[tok] += rw * (g @ down^T (+ down_bias))               [n, H]    (g @ down when transposed)
+// gate kinds: 0 = silu(h[:, :I]) * h[:, I:]                   (Mixtral, Qwen-MoE, OLMoE, DeepSeek)
+//             1 = GPT-OSS clamped swiglu on interleaved columns: g = h[:, 0::2], u = h[:, 1::2],
+//                 g = min(g, limit), u = clamp(u, -limit, limit), (u + 1) * g * sigmoid(alpha * g)
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// ---- loads: 8 weights widened to fp32 ----
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// ---- row-major weights [N, K]: y[t][r] = dot(x[t], w[r]) for R rows, TB tokens ----
+template <int R, int TB, typename W>
+inline void dot_block(const float* x, int64_t K, const W* w, int64_t ldw, float* y, int64_t ldy) {
+  __m256 acc[TB][R];
+  for (int t = 0; t < TB; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = load8(w + r * ldw + k);
+    for (int t = 0; t < TB; ++t) {
+      __m256 xv = _mm256_loadu_ps(x + t * K + k);
+      for (int r = 0; r < R; ++r) acc[t][r] = _mm256_fmadd_ps(xv, wv[r], acc[t][r]);
+    }
+  }
+  for (int t = 0; t < TB; ++t)
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(acc[t][r]);
+      for (int64_t kk = k; kk < K; ++kk) s += x[t * K + kk] * static_cast<float>(w[r * ldw + kk]);
+      y[t * ldy + r] = s;
+    }
+}
+
+// All n tokens against R rows, TB tokens at a time (TB * R accumulators + R weight registers <= 16 ymm).
+template <int R, int TB, typename W>
+inline void dot_rows(const float* x, int64_t n, int64_t K, const W* w, int64_t ldw, float* y, int64_t ldy) {
+  int64_t t = 0;
+  for (; t + TB <= n; t += TB) dot_block<R, TB>(x + t * K, K, w, ldw, y + t * ldy, ldy);
+  switch (n - t) {
+    case 5: if constexpr (TB > 5) dot_block<R, 5>(x + t * K, K, w, ldw, y + t * ldy, ldy); break;
+    case 4: if constexpr (TB > 4) dot_block<R, 4>(x + t * K, K, w, ldw, y + t * ldy, ldy); break;
+    case 3: if constexpr (TB > 3) dot_block<R, 3>(x + t * K, K, w, ldw, y + t * ldy, ldy); break;
+    case 2: if constexpr (TB > 2) dot_block<R, 2>(x + t * K, K, w, ldw, y + t * ldy, ldy); break;
+    case 1: if constexpr (TB > 1) dot_block<R, 1>(x + t * K, K, w, ldw, y + t * ldy, ldy); break;
+    default: break;
+  }
+}
+
+// ---- transposed weights [K, N]: y[t][c] = sum_k x[t][k] * w[k][c] for 8V columns, TB tokens ----
+template <int V, int TB, typename W>
+inline void axpy_block(const float* x, int64_t K, const W* w, int64_t ldw, float* y, int64_t ldy) {
+  __m256 acc[TB][V];
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < V; ++v) acc[t][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = load8(w + k * ldw + 8 * v);
+    for (int t = 0; t < TB; ++t) {
+      __m256 xb = _mm256_broadcast_ss(x + t * K + k);
+      for (int v = 0; v < V; ++v) acc[t][v] = _mm256_fmadd_ps(xb, wv[v], acc[t][v]);
+    }
+  }
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(y + t * ldy + 8 * v, acc[t][v]);
+}
+
+template <int V, typename W>
+inline void axpy_cols(const float* x, int64_t n, int64_t K, const W* w, int64_t ldw, float* y, int64_t ldy) {
+  int64_t t = 0;
+  for (; t + 2 <= n; t += 2) axpy_block<V, 2>(x + t * K, K, w, ldw, y + t * ldy, ldy);
+  if (n - t == 1) axpy_block<V, 1>(x + t * K, K, w, ldw, y + t * ldy, ldy);
+}
+
+template <typename W>
+inline void axpy_scalar_col(const float* x, int64_t n, int64_t K, const W* w, int64_t ldw, float* y, int64_t ldy) {
+  for (int64_t t = 0; t < n; ++t) {
+    float s = 0.f;
+    for (int64_t k = 0; k < K; ++k) s += x[t * K + k] * static_cast<float>(w[k * ldw]);
+    y[t * ldy] = s;
+  }
+}
+
+// y[t][c] for c in [c0, c1): outputs c0..c1 of x @ W^T (row-major W) or x @ W (transposed W), all n tokens.
+template <typename W>
+void project(const float* x, int64_t n, int64_t K, const W* w, int64_t ldw, bool transposed, int64_t c0,
+             int64_t c1, float* y, int64_t ldy) {
+  int64_t c = c0;
+  if (!transposed) {
+    // One or two tokens: 4 rows at a time keep enough loads in flight to stream at RAM speed. More tokens:
+    // 2 rows x 6 tokens, 12 accumulators and fewer weight conversions per FMA, for the compute-bound side.
+    if (n <= 2) {
+      for (; c + 4 <= c1; c += 4) dot_rows<4, 2>(x, n, K, w + c * ldw, ldw, y + c, ldy);
+    } else {
+      for (; c + 2 <= c1; c += 2) dot_rows<2, 6>(x, n, K, w + c * ldw, ldw, y + c, ldy);
+    }
+    for (; c < c1; ++c) dot_rows<1, 6>(x, n, K, w + c * ldw, ldw, y + c, ldy);
+    return;
+  }
+  for (; c + 32 <= c1; c += 32) axpy_cols<4>(x, n, K, w + c, ldw, y + c, ldy);
+  for (; c + 8 <= c1; c += 8) axpy_cols<1>(x, n, K, w + c, ldw, y + c, ldy);
+  for (; c < c1; ++c) axpy_scalar_col(x, n, K, w + c, ldw, y + c, ldy);
+}
+
+// ---- work distribution: chunks handed out from an atomic counter over torch's intra-op threads ----
+template <typename F>
+void for_each_chunk(int64_t num_chunks, const F& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_chunks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < num_chunks; c = next.fetch_add(1)) body(c);
+  });
+}
+
+constexpr int64_t kUnitsPerChunk = 32;  // gate units (pairs of gate_up outputs) per chunk
+constexpr int64_t kRowsPerChunk = 64;   // down-projection outputs per chunk
+
+struct GateSpec {
+  int64_t kind;  // 0 silu on halves, 1 GPT-OSS clamped swiglu on interleaved columns
+  float alpha;
+  float limit;
+};
+
+// exp(x) on 8 floats (Cephes' expf: range reduction to 2^n * e^r, degree-6 polynomial; rel. error < 2e-7).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+// x * sigmoid(a * x) = x / (1 + exp(-a x))
+inline __m256 swish8(__m256 x, __m256 a) {
+  const __m256 e = exp8(_mm256_mul_ps(_mm256_xor_ps(a, _mm256_set1_ps(-0.f)), x));
+  return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+}
+
+// The gate on 8 (gate, up) pairs: silu(g) * u, or GPT-OSS's (clamp(u) + 1) * swish_alpha(min(g, limit)).
+inline __m256 gate8(const GateSpec& s, __m256 g, __m256 u) {
+  if (s.kind == 0) return _mm256_mul_ps(swish8(g, _mm256_set1_ps(1.f)), u);
+  const __m256 limit = _mm256_set1_ps(s.limit);
+  g = _mm256_min_ps(g, limit);
+  u = _mm256_min_ps(_mm256_max_ps(u, _mm256_xor_ps(limit, _mm256_set1_ps(-0.f))), limit);
+  return _mm256_mul_ps(_mm256_add_ps(u, _mm256_set1_ps(1.f)), swish8(g, _mm256_set1_ps(s.alpha)));
+}
+
+// Where gate unit j's gate and up values sit in a row of h: halves [g | u] or interleaved (g0 u0 g1 u1 ...).
+inline int64_t gate_col(const GateSpec& s, int64_t j) { return s.kind == 0 ? j : 2 * j; }
+inline int64_t up_col(const GateSpec& s, int64_t I, int64_t j) { return s.kind == 0 ? I + j : 2 * j + 1; }
+
+template <typename W>
+inline float bias_at(const W* b, int64_t i) {
+  return b ? static_cast<float>(b[i]) : 0.f;
+}
+
+// g[t][j] for gate units j in [j0, j1): projects the gate and up outputs those units need, then gates them.
+template <typename W>
+void gate_up_chunk(const float* x, int64_t n, int64_t H, int64_t I, const W* w, int64_t ldw, const W* bias,
+                   bool transposed, const GateSpec& gate, int64_t j0, int64_t j1, float* h, float* g) {
+  const int64_t ldh = 2 * I;
+  if (gate.kind == 0) {
+    project(x, n, H, w, ldw, transposed, j0, j1, h, ldh);
+    project(x, n, H, w, ldw, transposed, I + j0, I + j1, h, ldh);
+  } else {
+    project(x, n, H, w, ldw, transposed, 2 * j0, 2 * j1, h, ldh);
+  }
+  // Gate 8 units at a time; a tail of fewer than 8 units is padded (padding lanes are computed, not stored).
+  for (int64_t t = 0; t < n; ++t) {
+    const float* ht = h + t * ldh;
+    for (int64_t j = j0; j < j1; j += 8) {
+      const int64_t lanes = std::min<int64_t>(8, j1 - j);
+      alignas(32) float gv[8] = {}, uv[8] = {}, result[8];
+      for (int64_t i = 0; i < lanes; ++i) {
+        const int64_t gc = gate_col(gate, j + i), uc = up_col(gate, I, j + i);
+        gv[i] = ht[gc] + bias_at(bias, gc);
+        uv[i] = ht[uc] + bias_at(bias, uc);
+      }
+      _mm256_store_ps(result, gate8(gate, _mm256_load_ps(gv), _mm256_load_ps(uv)));
+      std::copy(result, result + lanes, g + t * I + j);
+    }
+  }
+}
+
+// out[tok[t]][c] += rw[t] * (y[t][c] + bias[c]) for outputs c in [c0, c1) of the down projection.
+template <typename W>
+void down_chunk(const float* g, int64_t n, int64_t H, int64_t I, const W* w, int64_t ldw, const W* bias,
+                bool transposed, int64_t c0, int64_t c1, const int64_t* tok, const float* rw, float* y, float* out) {
+  project(g, n, I, w, ldw, transposed, c0, c1, y, H);
+  for (int64_t t = 0; t < n; ++t) {
+    float* ot = out + tok[t] * H;
+    const float* yt = y + t * H;
+    for (int64_t c = c0; c < c1; ++c) ot[c] += rw[t] * (yt[c] + bias_at(bias, c));
+  }
+}
+
+// x[t] = float(hidden[tok[t]]): the expert's tokens, gathered and widened once.
+template <typename A>
+void gather_rows(const A* hidden, int64_t H, const int64_t* tok, int64_t n, float* x) {
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t c = 0; c < H; ++c) x[t * H + c] = static_cast<float>(hidden[tok[t] * H + c]);
+}
+
+void gather_tokens(const Tensor& hidden, const int64_t* tok, int64_t n, float* x) {
+  const int64_t H = hidden.size(1);
+  switch (hidden.scalar_type()) {
+    case at::kFloat: return gather_rows(hidden.const_data_ptr<float>(), H, tok, n, x);
+    case at::kBFloat16: return gather_rows(hidden.const_data_ptr<c10::BFloat16>(), H, tok, n, x);
+    case at::kHalf: return gather_rows(hidden.const_data_ptr<c10::Half>(), H, tok, n, x);
+    default: TORCH_CHECK(false, "hidden must be fp32, bf16 or fp16");
+  }
+}
+
+// Per-thread scratch that only grows: after the first calls at a given size, no allocation.
+float* scratch(std::vector<float>& buf, int64_t numel) {
+  if (static_cast<int64_t>(buf.size()) < numel) buf.resize(numel);
+  return buf.data();
+}
+
+struct ExpertArgs {
+  const Tensor& gate_up;
+  const Tensor& down;
+  const std::optional<Tensor>& gate_up_bias;
+  const std::optional<Tensor>& down_bias;
+};
+
+template <typename T>
+const T* optional_ptr(const std::optional<Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+template <typename W>
+void run_expert(const float* x, int64_t n, int64_t H, int64_t I, const ExpertArgs& e, bool transposed,
+                const GateSpec& gate, const int64_t* tok, const float* rw, float* out) {
+  static thread_local std::vector<float> h_buf, g_buf, y_buf;
+  float* h = scratch(h_buf, n * 2 * I);
+  float* g = scratch(g_buf, n * I);
+  float* y = scratch(y_buf, n * H);
+  const W* gu = e.gate_up.const_data_ptr<W>();
+  const W* dn = e.down.const_data_ptr<W>();
+  const int64_t ld_gu = e.gate_up.stride(0);
+  const int64_t ld_dn = e.down.stride(0);
+  const W* gu_bias = optional_ptr<W>(e.gate_up_bias);
+  const W* dn_bias = optional_ptr<W>(e.down_bias);
+
+  for_each_chunk((I + kUnitsPerChunk - 1) / kUnitsPerChunk, [&](int64_t c) {
+    const int64_t j0 = c * kUnitsPerChunk, j1 = std::min(I, j0 + kUnitsPerChunk);
+    gate_up_chunk(x, n, H, I, gu, ld_gu, gu_bias, transposed, gate, j0, j1, h, g);
+  });
+  for_each_chunk((H + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
+    const int64_t c0 = c * kRowsPerChunk, c1 = std::min(H, c0 + kRowsPerChunk);
+    down_chunk(g, n, H, I, dn, ld_dn, dn_bias, transposed, c0, c1, tok, rw, y, out);
+  });
+}
+
+void check_expert(const ExpertArgs& e, at::ScalarType dtype, int64_t H, int64_t I, bool transposed) {
+  const int64_t gu_rows = transposed ? H : 2 * I, gu_cols = transposed ? 2 * I : H;
+  const int64_t dn_rows = transposed ? I : H, dn_cols = transposed ? H : I;
+  TORCH_CHECK(e.gate_up.dim() == 2 && e.gate_up.size(0) == gu_rows && e.gate_up.size(1) == gu_cols &&
+                  e.gate_up.stride(1) == 1, "gate_up must be [", gu_rows, ", ", gu_cols, "] with unit inner stride");
+  TORCH_CHECK(e.down.dim() == 2 && e.down.size(0) == dn_rows && e.down.size(1) == dn_cols && e.down.stride(1) == 1,
+              "down must be [", dn_rows, ", ", dn_cols, "] with unit inner stride");
+  TORCH_CHECK(e.gate_up.scalar_type() == dtype && e.down.scalar_type() == dtype, "expert weights differ in dtype");
+  TORCH_CHECK(!e.gate_up_bias.has_value() || (e.gate_up_bias->is_contiguous() && e.gate_up_bias->numel() == 2 * I &&
+                                               e.gate_up_bias->scalar_type() == dtype), "bad gate_up bias");
+  TORCH_CHECK(!e.down_bias.has_value() || (e.down_bias->is_contiguous() && e.down_bias->numel() == H &&
+                                            e.down_bias->scalar_type() == dtype), "bad down bias");
+}
+
+template <typename W>
+void run_group(const float* x_all, int64_t H, int64_t I, const Tensor& token_ids, const Tensor& route_weights,
+               at::IntArrayRef starts, at::IntArrayRef counts, at::TensorList gate_up, at::TensorList down,
+               const c10::List<std::optional<Tensor>>& gate_up_bias, const c10::List<std::optional<Tensor>>& down_bias,
+               bool transposed, const GateSpec& gate, float* out, const std::vector<int64_t>& x_rows) {
+  const int64_t* tok = token_ids.const_data_ptr<int64_t>();
+  const float* rw = route_weights.const_data_ptr<float>();
+  for (size_t e = 0; e < gate_up.size(); ++e) {
+    const std::optional<Tensor> gu_bias = gate_up_bias.get(e), dn_bias = down_bias.get(e);
+    const ExpertArgs args{gate_up[e], down[e], gu_bias, dn_bias};
+    run_expert<W>(x_all + x_rows[e] * H, counts[e], H, I, args, transposed, gate, tok + starts[e], rw + starts[e],
+                  out);
+  }
+}
+
+// The op. hidden [T, H] (fp32|bf16|fp16, contiguous); token_ids [S] int64 and route_weights [S] fp32, grouped
+// by expert; expert e of the group owns entries [starts[e], starts[e] + counts[e]); gate_up[e], down[e] (and
+// optional biases) its weights, all of one dtype; out [T, H] fp32 contiguous, accumulated into.
+void experts_group(const Tensor& hidden, const Tensor& token_ids, const Tensor& route_weights, at::IntArrayRef starts,
+                   at::IntArrayRef counts, at::TensorList gate_up, at::TensorList down,
+                   const c10::List<std::optional<Tensor>>& gate_up_bias,
+                   const c10::List<std::optional<Tensor>>& down_bias, bool transposed, int64_t gate_kind,
+                   double alpha, double limit, const Tensor& out) {
+  const int64_t G = static_cast<int64_t>(gate_up.size());
+  TORCH_CHECK(static_cast<int64_t>(down.size()) == G && static_cast<int64_t>(starts.size()) == G &&
+                  static_cast<int64_t>(counts.size()) == G && static_cast<int64_t>(gate_up_bias.size()) == G &&
+                  static_cast<int64_t>(down_bias.size()) == G, "group lists differ in length");
+  TORCH_CHECK(gate_kind == 0 || gate_kind == 1, "unknown gate kind ", gate_kind);
+  TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "hidden must be [T, H] contiguous");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.sizes() == hidden.sizes(),
+              "out must be fp32 [T, H] contiguous");
+  TORCH_CHECK(token_ids.scalar_type() == at::kLong && token_ids.is_contiguous(), "token_ids must be int64");
+  TORCH_CHECK(route_weights.scalar_type() == at::kFloat && route_weights.is_contiguous(), "route_weights: fp32");
+  TORCH_CHECK(route_weights.numel() == token_ids.numel(), "route_weights and token_ids differ in length");
+  if (G == 0) return;
+  const int64_t T = hidden.size(0), H = hidden.size(1);
+  const int64_t I = transposed ? down.front().size(0) : down.front().size(1);
+  const at::ScalarType dtype = gate_up.front().scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "weights: fp32, bf16 or fp16");
+  const int64_t* tok = token_ids.const_data_ptr<int64_t>();
+  std::vector<int64_t> x_rows(G);
+  int64_t rows = 0;
+  for (int64_t e = 0; e < G; ++e) {
+    TORCH_CHECK(starts[e] >= 0 && counts[e] >= 0 && starts[e] + counts[e] <= token_ids.numel(), "bad expert slice");
+    for (int64_t s = starts[e]; s < starts[e] + counts[e]; ++s)
+      TORCH_CHECK(tok[s] >= 0 && tok[s] < T, "token id out of range");
+    check_expert({gate_up[e], down[e], gate_up_bias.get(e), down_bias.get(e)}, dtype, H, I, transposed);
+    x_rows[e] = rows;
+    rows += counts[e];
+  }
+
+  static thread_local std::vector<float> x_buf;
+  float* x = scratch(x_buf, rows * H);
+  for (int64_t e = 0; e < G; ++e) gather_tokens(hidden, tok + starts[e], counts[e], x + x_rows[e] * H);
+  const GateSpec gate{gate_kind, static_cast<float>(alpha), static_cast<float>(limit)};
+  float* o = out.data_ptr<float>();
+  if (dtype == at::kFloat) {
+    run_group<float>(x, H, I, token_ids, route_weights, starts, counts, gate_up, down, gate_up_bias, down_bias,
+                     transposed, gate, o, x_rows);
+  } else if (dtype == at::kBFloat16) {
+    run_group<c10::BFloat16>(x, H, I, token_ids, route_weights, starts, counts, gate_up, down, gate_up_bias,
+                             down_bias, transposed, gate, o, x_rows);
+  } else {
+    run_group<c10::Half>(x, H, I, token_ids, route_weights, starts, counts, gate_up, down, gate_up_bias, down_bias,
+                         transposed, gate, o, x_rows);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(moeserve, m) {
+  m.def(
+      "experts_group(Tensor hidden, Tensor token_ids, Tensor route_weights, int[] starts, int[] counts, "
+      "Tensor[] gate_up, Tensor[] down, Tensor?[] gate_up_bias, Tensor?[] down_bias, bool transposed, "
+      "int gate_kind, float alpha, float limit, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(moeserve, CPU, m) { m.impl("experts_group", &experts_group); }

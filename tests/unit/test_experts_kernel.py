@@ -1,0 +1,193 @@
+"""The compiled CPU experts kernel against an fp64 torch reference, its loader, and the forward's pure helpers.
+
+The kernel widens every weight to fp32 and accumulates in fp32, so for fp32, bf16 and fp16 weights alike its
+output must match fp64 math on the same (already rounded) weights to fp32 accuracy: 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from engine.offload import kernels
+from engine.offload.experts import Path, PathTable, RoutingPlan, plan_routing
+from engine.offload.kernels import build
+
+SILU, OSS = 0, 1
+ALPHA, LIMIT = 1.702, 7.0
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# (transposed, gate kind): Mixtral-style [out, in] halves; GPT-OSS [in, out] interleaved; and the two crossings.
+LAYOUTS = ((False, SILU), (True, OSS), (True, SILU), (False, OSS))
+# Odd sizes on purpose: rows not a multiple of the 4-row and 32-column blocks, K not a multiple of 8.
+HIDDEN, INTERMEDIATE = 37, 45
+REL_TOL = 1e-5
+
+
+@pytest.fixture(scope="session")
+def experts_group():
+    """``torch.ops.moeserve.experts_group``, built once per session (skipped only without a C++ compiler)."""
+    try:
+        build.build()
+    except build.CompilerMissing as error:
+        pytest.skip(f"{error}: the kernel cannot be built here (the pure-torch path still runs)")
+    kernels.load_experts_kernel.cache_clear()
+    op = kernels.load_experts_kernel()
+    assert op is not None, "kernel built but not loadable"
+    return op
+
+
+def make_expert(dtype: torch.dtype, transposed: bool, bias: bool, hidden: int = HIDDEN, inter: int = INTERMEDIATE):
+    """Random weights of one expert in the given layout: (gate_up, down, gate_up_bias, down_bias)."""
+    gate_up = torch.randn(hidden, 2 * inter) if transposed else torch.randn(2 * inter, hidden)
+    down = torch.randn(inter, hidden) if transposed else torch.randn(hidden, inter)
+    gate_up_bias = torch.randn(2 * inter).to(dtype) if bias else None
+    down_bias = torch.randn(hidden).to(dtype) if bias else None
+    return (gate_up * hidden**-0.5).to(dtype), (down * inter**-0.5).to(dtype), gate_up_bias, down_bias
+
+
+def reference_expert(x, weights, transposed: bool, gate_kind: int) -> torch.Tensor:
+    """fp64 math of one expert on [n, H] inputs: the kernel's contract, written plainly."""
+    gate_up, down, gate_up_bias, down_bias = (None if w is None else w.double() for w in weights)
+    h = x.double() @ (gate_up if transposed else gate_up.T)  # [n, 2I]
+    if gate_up_bias is not None:
+        h = h + gate_up_bias
+    if gate_kind == SILU:
+        gate, up = h.chunk(2, dim=-1)
+        g = torch.nn.functional.silu(gate) * up
+    else:
+        gate, up = h[:, 0::2].clamp(max=LIMIT), h[:, 1::2].clamp(-LIMIT, LIMIT)
+        g = (up + 1) * gate * torch.sigmoid(ALPHA * gate)  # [n, I]
+    y = g @ (down if transposed else down.T)  # [n, H]
+    return y if down_bias is None else y + down_bias
+
+
+def reference_group(hidden, token_ids, route_weights, starts, counts, experts, transposed, gate_kind):
+    """out[t] = sum over the group's assignments of route_weight * expert(hidden[t]), in fp64."""
+    out = torch.zeros(hidden.shape, dtype=torch.float64)
+    for start, count, weights in zip(starts, counts, experts):
+        tokens = token_ids[start : start + count]
+        y = reference_expert(hidden[tokens], weights, transposed, gate_kind)
+        out.index_add_(0, tokens, y * route_weights[start : start + count, None].double())
+    return out
+
+
+def run_group(op, hidden, token_ids, route_weights, starts, counts, experts, transposed, gate_kind):
+    """The kernel over a group; returns the fp32 accumulator."""
+    out = torch.zeros(hidden.shape)
+    op(hidden, token_ids, route_weights, starts, counts, [e[0] for e in experts], [e[1] for e in experts],
+       [e[2] for e in experts], [e[3] for e in experts], transposed, gate_kind, ALPHA, LIMIT, out)
+    return out
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("transposed,gate_kind", LAYOUTS, ids=["rows-silu", "cols-oss", "cols-silu", "rows-oss"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_one_expert_matches_reference_for_1_to_64_tokens(experts_group, dtype, transposed, gate_kind, bias) -> None:
+    torch.manual_seed(0)
+    expert = make_expert(dtype, transposed, bias)
+    errors = {}
+    for n in range(1, 65):
+        hidden = torch.randn(n + 5, HIDDEN).to(dtype)  # extra rows no assignment touches must stay zero
+        token_ids = torch.randperm(n + 5)[:n]
+        route_weights = torch.rand(n)
+        out = run_group(experts_group, hidden, token_ids, route_weights, [0], [n], [expert], transposed, gate_kind)
+        expected = reference_group(hidden, token_ids, route_weights, [0], [n], [expert], transposed, gate_kind)
+        errors[n] = relative_error(out, expected)
+    assert {n: e for n, e in errors.items() if e > REL_TOL} == {}
+
+
+def random_group(dtype, transposed, num_tokens=50, top_k=3, num_experts=6, hidden=72, inter=40):
+    """A routed layer: tokens sharing experts, grouped by expert like plan_routing does."""
+    top_k_index = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)])  # [T, k]
+    plan = plan_routing(top_k_index, torch.rand(num_tokens, top_k), num_experts)
+    experts = [make_expert(dtype, transposed, True, hidden, inter) for _ in plan.expert_ids]
+    return torch.randn(num_tokens, hidden).to(dtype), plan, experts
+
+
+@pytest.mark.parametrize("transposed,gate_kind", LAYOUTS[:2], ids=["rows-silu", "cols-oss"])
+def test_group_of_experts_sharing_tokens_matches_reference(experts_group, transposed, gate_kind) -> None:
+    torch.manual_seed(1)
+    hidden, plan, experts = random_group(torch.bfloat16, transposed)
+    args = (hidden, plan.token_ids, plan.route_weights, plan.starts, plan.counts, experts, transposed, gate_kind)
+    assert relative_error(run_group(experts_group, *args), reference_group(*args)) < REL_TOL
+
+
+def test_result_does_not_depend_on_the_thread_count(experts_group) -> None:
+    """Each output is computed by one thread in a fixed order, so 1 and 2 threads agree bit for bit."""
+    torch.manual_seed(2)
+    hidden, plan, experts = random_group(torch.bfloat16, False, hidden=1024, inter=256)
+    args = (hidden, plan.token_ids, plan.route_weights, plan.starts, plan.counts, experts, False, SILU)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run_group(experts_group, *args)
+        torch.set_num_threads(2)
+        double = run_group(experts_group, *args)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, double)
+
+
+def test_kernel_rejects_weights_of_the_wrong_shape(experts_group) -> None:
+    gate_up, down, _, _ = make_expert(torch.float32, False, False)
+    hidden = torch.randn(2, HIDDEN)
+    with pytest.raises(RuntimeError, match="gate_up must be"):
+        run_group(experts_group, hidden, torch.tensor([0, 1]), torch.ones(2), [0], [2],
+                  [(gate_up.T.contiguous(), down, None, None)], False, SILU)
+
+
+def test_kernel_rejects_token_ids_out_of_range(experts_group) -> None:
+    expert = make_expert(torch.float32, False, False)
+    with pytest.raises(RuntimeError, match="token id out of range"):
+        run_group(experts_group, torch.randn(2, HIDDEN), torch.tensor([0, 2]), torch.ones(2), [0], [2], [expert],
+                  False, SILU)
+
+
+def test_loader_refuses_a_stale_build(tmp_path, monkeypatch, caplog) -> None:
+    library, stamp = tmp_path / "lib.so", tmp_path / "fingerprint.txt"
+    library.write_bytes(b"not a library")
+    stamp.write_text("an older fingerprint\n")
+    monkeypatch.setattr(kernels, "LIBRARY", library)
+    monkeypatch.setattr(kernels, "STAMP", stamp)
+    with caplog.at_level(logging.INFO, logger=kernels.__name__):
+        assert kernels.load_experts_kernel.__wrapped__() is None
+    assert "stale" in caplog.text and kernels.BUILD_COMMAND in caplog.text
+
+
+def test_loader_falls_back_when_not_built(tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(kernels, "LIBRARY", tmp_path / "missing.so")
+    with caplog.at_level(logging.INFO, logger=kernels.__name__):
+        assert kernels.load_experts_kernel.__wrapped__() is None
+    assert "not built" in caplog.text and len(caplog.records) == 1
+
+
+def test_plan_routing_groups_assignments_by_expert() -> None:
+    top_k_index = torch.tensor([[2, 0], [0, 3], [2, 3]])  # [T=3, k=2]
+    top_k_weights = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]], dtype=torch.bfloat16)
+    plan = plan_routing(top_k_index, top_k_weights, num_experts=5)
+    assert plan.expert_ids == [0, 2, 3]
+    assert plan.counts == [2, 2, 2] and plan.starts == [0, 2, 4]
+    assert plan.token_ids.tolist() == [0, 1, 0, 2, 1, 2]
+    assert plan.route_weights.dtype == torch.float32
+    assert plan.route_weights.tolist() == pytest.approx([0.4, 0.7, 0.6, 0.5, 0.3, 0.5], abs=4e-3)
+
+
+def test_plan_groups_respect_the_size_limit() -> None:
+    plan = RoutingPlan(list(range(7)), [0] * 7, [1] * 7, torch.zeros(7, dtype=torch.long), torch.ones(7))
+    assert [list(g) for g in plan.groups(3)] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert [list(g) for g in plan.groups(None)] == [list(range(7))]
+
+
+def test_path_table_uses_the_largest_bucket_not_above_the_count() -> None:
+    table = PathTable()
+    key = (torch.bfloat16, False, 1024, 3584)
+    assert table.choose(key, 5) is Path.KERNEL  # unmeasured shape: the kernel
+    for bucket, path in {1: Path.KERNEL, 4: Path.KERNEL, 16: Path.TORCH}.items():
+        table.record(key, bucket, path)
+    assert [table.choose(key, n) for n in (1, 3, 4, 15, 16, 200)] == [Path.KERNEL] * 4 + [Path.TORCH] * 2
