@@ -1,0 +1,193 @@
+"""Paged attention for transformers' own model code, through its registration interfaces.
+
+The model runner flattens one step's requests into a single sequence of T new tokens (batch size 1) and
+calls the transformers model with
+
+- ``cache=PagedKVStore``: every attention layer calls ``cache.update(key, value, layer_idx, kwargs=...)``;
+  the store writes the new tokens' key/value rows into their slots (block * 16 + offset) and returns, for
+  each request of the step, the rows of its whole context, concatenated request after request. Rows are
+  whatever the layer caches — heads x head_dim for most models, DeepSeek's single-head compressed latent
+  and rotary key — so per-layer storage is allocated on first use with the shapes it is given.
+- ``attn_implementation="moeserve_paged"`` (registered with ``AttentionInterface``): attention computed
+  request by request over those contexts, so no query ever sees another request's keys; causal within a
+  request, a sliding window where the layer has one, gpt_oss's attention sinks where it has them.
+- ``moeserve_batch=BatchLayout``: the step's layout, passed through the model's ``**kwargs`` to every
+  attention call.
+
+Since this attention is not registered as a mask function, transformers builds no mask of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTENTION_NAME = "moeserve_paged"
+
+
+@dataclass(frozen=True)
+class RequestSpan:
+    """One request's share of a step: new query tokens [q_start, q_end) of the flattened batch, context rows
+    [k_start, k_end) of the gathered keys, and the position of its first new token (= context before it)."""
+
+    q_start: int
+    q_end: int
+    k_start: int
+    k_end: int
+    first_position: int
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where each request's tokens and context live in one step.
+
+    ``write_slots[t]`` is the KV slot of new token t; ``read_slots`` lists, request after request, the slots of
+    every position of each request's context (earlier tokens and this step's), in position order.
+    """
+
+    spans: tuple[RequestSpan, ...]
+    write_slots: torch.Tensor  # [T] int64
+    read_slots: torch.Tensor  # [sum of context lengths] int64
+
+    @classmethod
+    def build(cls, requests: Sequence[tuple[int, int, Sequence[int]]], block_size: int) -> BatchLayout:
+        """From (first new position, number of new tokens, block table) per request, in batch order."""
+        spans, write, read = [], [], []
+        q = k = 0
+        for first_position, num_new, block_table in requests:
+            context = first_position + num_new
+            slots = _slots(block_table, context, block_size)
+            spans.append(RequestSpan(q, q + num_new, k, k + context, first_position))
+            write.append(slots[first_position:])
+            read.append(slots)
+            q, k = q + num_new, k + context
+        return cls(tuple(spans), torch.cat(write), torch.cat(read))
+
+
+def _slots(block_table: Sequence[int], length: int, block_size: int) -> torch.Tensor:
+    """Slots of positions 0..length-1 through ``block_table``: [length] int64."""
+    blocks = torch.as_tensor(block_table[: (length + block_size - 1) // block_size], dtype=torch.int64)
+    offsets = torch.arange(block_size, dtype=torch.int64)
+    return (blocks[:, None] * block_size + offsets[None, :]).reshape(-1)[:length]
+
+
+class PagedKVStore:
+    """The KV tensors of every layer, indexed by slot; block bookkeeping lives in engine.kv_cache.
+
+    Storage of a layer is allocated on its first update ([num_slots, heads, dim] for the key and the value
+    separately, each with its own shape and the incoming dtype) and reused for the life of the store.
+    """
+
+    def __init__(self, num_layers: int, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self._keys: list[torch.Tensor | None] = [None] * num_layers
+        self._values: list[torch.Tensor | None] = [None] * num_layers
+        self.layout: BatchLayout | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of KV storage allocated so far."""
+        return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values) if t is not None)
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's rows, return every request's context rows.
+
+        key: [1, heads_k, T, dim_k], value: [1, heads_v, T, dim_v] -> ([1, heads_k, R, dim_k], [1, heads_v, R, dim_v])
+        with R the sum of the step's context lengths (BatchLayout.read_slots).
+        """
+        layout = self.layout
+        if layout is None:
+            raise RuntimeError("PagedKVStore.update called outside a step (no BatchLayout set)")
+        keys = self._storage(self._keys, layer_idx, key)
+        values = self._storage(self._values, layer_idx, value)
+        keys[layout.write_slots] = key[0].transpose(0, 1)
+        values[layout.write_slots] = value[0].transpose(0, 1)
+        return (
+            keys[layout.read_slots].transpose(0, 1).unsqueeze(0),
+            values[layout.read_slots].transpose(0, 1).unsqueeze(0),
+        )
+
+    def _storage(self, tensors: list[torch.Tensor | None], layer_idx: int, rows: torch.Tensor) -> torch.Tensor:
+        """The layer's [num_slots, heads, dim] tensor, allocated on first use with ``rows``' shape and dtype."""
+        storage = tensors[layer_idx]
+        if storage is None:
+            _, heads, _, dim = rows.shape
+            storage = torch.zeros(self.num_slots, heads, dim, dtype=rows.dtype, device=rows.device)
+            tensors[layer_idx] = storage
+        return storage
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    s_aux: torch.Tensor | None = None,
+    moeserve_batch: BatchLayout | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention of each request's new tokens over its own context.
+
+    query: [1, H, T, d], key: [1, Hk, R, d], value: [1, Hk, R, dv] (Hk divides H) -> ([1, T, H, dv], None).
+    ``sliding_window`` w lets position p see positions > p - w (transformers' convention); ``s_aux`` are
+    gpt_oss's per-head sink logits, which join the softmax and are then dropped.
+    """
+    if moeserve_batch is None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention needs the step's BatchLayout (moeserve_batch)")
+    groups = query.shape[1] // key.shape[1]
+    outputs = []
+    for span in moeserve_batch.spans:
+        q = query[:, :, span.q_start : span.q_end]
+        k = key[:, :, span.k_start : span.k_end]
+        v = value[:, :, span.k_start : span.k_end]
+        mask = _span_mask(span, sliding_window, query.device)
+        if s_aux is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
+        else:
+            out = _attention_with_sinks(q, k, v, mask, scaling, s_aux, groups)
+        outputs.append(out)
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _span_mask(span: RequestSpan, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
+    """[t, c] bool, True where new token i (position first_position + i) may see context position j; None = all."""
+    num_new, context = span.q_end - span.q_start, span.k_end - span.k_start
+    if num_new == 1 and (sliding_window is None or context <= sliding_window):
+        return None
+    query_positions = torch.arange(span.first_position, span.first_position + num_new, device=device)[:, None]
+    key_positions = torch.arange(context, device=device)[None, :]
+    mask = key_positions <= query_positions
+    if sliding_window is not None:
+        mask &= key_positions > query_positions - sliding_window
+    return mask
+
+
+def _attention_with_sinks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+    sinks: torch.Tensor, groups: int,
+) -> torch.Tensor:
+    """Eager attention whose softmax includes one extra logit per head (gpt_oss); [1, H, t, dv]."""
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scaling  # [1, H, t, c]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.reshape(1, -1, 1, 1).expand(1, -1, scores.shape[2], 1).to(scores.dtype)
+    combined = torch.cat([scores, sink], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)

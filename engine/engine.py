@@ -1,0 +1,221 @@
+"""The engine: scheduler + model runner + sampler + detokenizers, one step at a time; and `LLM`, its batch API.
+
+`LLMEngine` is the step-level API the async server loop drives (`add_request`, `step`, `abort`); `LLM` is the
+offline API of the contract: ``LLM(model, **overrides).generate(prompts, sampling_params)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer, GenerationConfig
+
+from engine.config import Config, load_config
+from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_cache import DEFAULT_BLOCK_SIZE, KVCacheManager
+from engine.model_runner import ModelRunner
+from engine.request import CompletionOutput, Request, RequestOutput, make_requests
+from engine.sampler import Sampler
+from engine.sampling import SamplingParams
+from engine.scheduler import ModelOutput, Scheduler, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | Sequence[int]
+# Default KV pool: room for every running sequence at this many tokens, and always for one max_model_len one.
+DEFAULT_KV_TOKENS_PER_SEQ = 1024
+
+
+@dataclass
+class _UserRequest:
+    """A user request: its n sequences (scheduler Requests) and their detokenizers."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sequences: list[Request]
+    detokenizers: list[IncrementalDetokenizer] = field(default_factory=list)
+
+    def output(self) -> RequestOutput:
+        completions = [
+            CompletionOutput(
+                index=seq.index,
+                text=detok.text(seq.is_finished),
+                token_ids=list(seq.output_token_ids),
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+                logprobs=list(seq.output_logprobs) if seq.sampling_params.logprobs else None,
+            )
+            for seq, detok in zip(self.sequences, self.detokenizers)
+        ]
+        cached = max(seq.num_cached_tokens for seq in self.sequences)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, completions, cached)
+
+
+class LLMEngine:
+    """One model, continuously batched. Not thread-safe: one thread calls every method (the step loop)."""
+
+    def __init__(self, config: Config) -> None:
+        if config.model is None:
+            raise ValueError("model is required: a Hugging Face model directory")
+        self.config = config
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        model_limit = _model_max_len(config.model)
+        self.max_model_len = config.max_model_len or model_limit
+        if self.max_model_len > model_limit:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's limit of {model_limit} positions")
+        num_blocks = config.num_kv_blocks or default_num_kv_blocks(self.max_model_len, config.max_num_seqs)
+        self.runner = ModelRunner(config.model, num_blocks, dtype=config.dtype)
+        self.kv_cache = KVCacheManager(num_blocks, DEFAULT_BLOCK_SIZE, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv_cache
+        )
+        self.sampler = Sampler()
+        self.eos_token_ids = _eos_token_ids(config.model, self.tokenizer)
+        self._requests: dict[str, _UserRequest] = {}
+        self._sequence_owner: dict[str, _UserRequest] = {}
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
+        """Queue a request; raises ValueError for a duplicate id, an empty or too long prompt, bad token ids."""
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, token_ids = (prompt, self.tokenizer(prompt).input_ids) if isinstance(prompt, str) else (None, list(prompt))
+        params.verify_token_ids(self.runner.vocab_size)
+        if any(not 0 <= t < self.runner.vocab_size for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.runner.vocab_size})")
+        sequences = make_requests(request_id, token_ids, params, self.eos_token_ids)
+        user = _UserRequest(request_id, text, token_ids, sequences,
+                            [IncrementalDetokenizer(self.tokenizer, seq.sampling_params) for seq in sequences])
+        for seq in sequences:
+            self.scheduler.add_request(seq)
+        self._requests[request_id] = user
+        self._sequence_owner.update({seq.request_id: user for seq in sequences})
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a user request (all its sequences), freeing their KV blocks. False if unknown or finished."""
+        user = self._requests.pop(request_id, None)
+        if user is None:
+            return False
+        for seq in user.sequences:
+            self.scheduler.abort(seq.request_id)
+            self._sequence_owner.pop(seq.request_id, None)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; returns the outputs of the user requests that advanced (finished ones last seen)."""
+        plan = self.scheduler.schedule()
+        self.sampler.release(plan.finished_ids)
+        if plan.is_empty:
+            return []
+        logits = self.runner.execute(plan.scheduled)
+        to_sample = plan.sample_requests
+        sampled = self.sampler(logits, to_sample) if to_sample else None
+        model_output = ModelOutput(
+            {seq.request_id: token for seq, token in zip(to_sample, sampled.token_ids)} if sampled else {},
+            {seq.request_id: lp for seq, lp in zip(to_sample, sampled.logprobs) if lp is not None} if sampled else {},
+        )
+        touched: dict[str, _UserRequest] = {}
+        for seq in self.scheduler.update(plan, model_output):
+            user = self._sequence_owner[seq.request_id]
+            stop = user.detokenizers[seq.index].update(seq.output_token_ids)
+            if stop is not None and not seq.is_finished:
+                self.scheduler.finish(seq.request_id, "stop", stop)
+            touched[user.request_id] = user
+        outputs = [user.output() for user in touched.values()]
+        for output in outputs:
+            if output.finished:
+                self._retire(output.request_id)
+        return outputs
+
+    def _retire(self, request_id: str) -> None:
+        user = self._requests.pop(request_id)
+        for seq in user.sequences:
+            self._sequence_owner.pop(seq.request_id, None)
+
+    def stats(self) -> dict[str, Any]:
+        """Flat counters of the engine (the contract's keys that exist in this build)."""
+        return {
+            "kv_blocks_used": self.kv_cache.num_total_blocks - self.kv_cache.num_free_blocks,
+            "kv_blocks_total": self.kv_cache.num_total_blocks,
+            "kv_cache_usage": self.kv_cache.usage,
+            "requests_running": self.scheduler.num_running,
+            "requests_waiting": self.scheduler.num_waiting,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
+
+
+def default_num_kv_blocks(max_model_len: int, max_num_seqs: int) -> int:
+    """Blocks for max_num_seqs sequences of min(max_model_len, 1024) tokens, and at least one full-length one."""
+    per_seq = min(max_model_len, DEFAULT_KV_TOKENS_PER_SEQ)
+    tokens = max(max_model_len, max_num_seqs * per_seq)
+    return math.ceil(tokens / DEFAULT_BLOCK_SIZE)
+
+
+def _model_max_len(model_dir: str | Path) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir).get_text_config()
+    return int(config.max_position_embeddings)
+
+
+def _eos_token_ids(model_dir: str | Path, tokenizer) -> frozenset[int]:
+    """EOS ids from generation_config.json (an int or a list), else the tokenizer's."""
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:
+        eos = None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+class LLM:
+    """Offline batch generation: ``LLM(model, **overrides).generate(prompts, sampling_params)``.
+
+    ``overrides`` are configuration keys (engine.config), applied above ``MOESERVE_*`` variables.
+    """
+
+    def __init__(self, model: str | Path, **overrides: Any) -> None:
+        self.config = load_config(overrides={**overrides, "model": str(model)})
+        self.engine = LLMEngine(self.config)
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Complete every prompt (a string or a list of token ids); outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        ids = [f"llm-{next(self._ids)}" for _ in prompts]
+        for request_id, prompt, param in zip(ids, prompts, params):
+            self.engine.add_request(request_id, prompt, param)
+        finished: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                if output.finished:
+                    finished[output.request_id] = output
+        return [finished[request_id] for request_id in ids]
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()

@@ -1,0 +1,91 @@
+"""Runs one scheduler step through a transformers model: a flattened mixed prefill + decode batch.
+
+The model is transformers' own class for the checkpoint, loaded with its own ``from_pretrained``; we extend it
+only through registration points: paged attention (engine.attention, ``AttentionInterface``) and the experts
+forward (engine.offload.experts, ``ALL_EXPERTS_FUNCTIONS``), every MoE layer's experts module tagged with its
+layer index. One step = one forward of batch size 1 over the T new tokens of all scheduled requests, with
+explicit positions; logits are computed only at the rows that are sampled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from engine.attention import ATTENTION_NAME, BatchLayout, PagedKVStore
+from engine.kv_cache import DEFAULT_BLOCK_SIZE
+from engine.offload.experts import ExpertsForward, register_experts_forward, tag_experts_layers
+from engine.scheduler import ScheduledRequest
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(model_dir: str | Path, dtype: str = "auto") -> torch.nn.Module:
+    """The checkpoint's transformers model in eval mode, on the CPU, with paged attention selected."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    torch_dtype = "auto" if dtype == "auto" else TORCH_DTYPES[dtype]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation=ATTENTION_NAME)
+    return model.eval()
+
+
+def text_config(model: torch.nn.Module) -> PretrainedConfig:
+    """The decoder's config (the model's own for the causal LMs we serve)."""
+    return model.config.get_text_config()
+
+
+class ModelRunner:
+    """Owns the model, its KV storage and the registered experts forward; executes scheduler steps."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        num_kv_blocks: int,
+        dtype: str = "auto",
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        experts_forward: ExpertsForward | None = None,
+    ) -> None:
+        self.model = load_model(model_dir, dtype)
+        self.config = text_config(self.model)
+        self.block_size = block_size
+        self.kv_store = PagedKVStore(self.config.num_hidden_layers, num_kv_blocks * block_size)
+        self.experts_forward = experts_forward or ExpertsForward()
+        self.num_moe_layers = tag_experts_layers(self.model)
+        # A name per runner: the registry is global, and two engines in one process must not share a forward.
+        name = f"moeserve_{id(self.experts_forward):x}"
+        self.model.set_experts_implementation(register_experts_forward(self.experts_forward, name))
+        logger.info(
+            "loaded %s (%s, %d layers, %d with experts) with %d KV blocks of %d tokens",
+            model_dir, self.config.model_type, self.config.num_hidden_layers, self.num_moe_layers,
+            num_kv_blocks, block_size,
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @torch.inference_mode()
+    def execute(self, scheduled: Sequence[ScheduledRequest]) -> torch.Tensor:
+        """Forward one step; returns float32 logits [number of sampling requests, vocab], in batch order."""
+        layout = BatchLayout.build(
+            [(s.start_position, s.num_tokens, s.block_table) for s in scheduled], self.block_size
+        )
+        input_ids = torch.tensor([token for s in scheduled for token in s.token_ids]).unsqueeze(0)  # [1, T]
+        positions = torch.tensor([p for s in scheduled for p in s.positions]).unsqueeze(0)  # [1, T]
+        sample_rows = torch.tensor([span.q_end - 1 for span, s in zip(layout.spans, scheduled) if s.sample])
+        self.kv_store.layout = layout
+        try:
+            output = self.model(
+                input_ids=input_ids, position_ids=positions, cache=self.kv_store, use_cache=True,
+                moeserve_batch=layout, logits_to_keep=sample_rows,
+            )
+        finally:
+            self.kv_store.layout = None
+        return output.logits[0].float()  # [S, vocab]
