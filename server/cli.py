@@ -71,14 +71,25 @@ def _add_prepare(subparsers) -> None:
 def _add_demo_model(subparsers) -> None:
     from engine.models.demo import ARCHITECTURES, DTYPES
 
-    parser = subparsers.add_parser("demo-model", help="write a tiny random MoE checkpoint (a real HF directory)")
+    parser = subparsers.add_parser(
+        "demo-model", help="write a tiny random MoE checkpoint, or train the demo MoE on local text (--train)"
+    )
     parser.add_argument("out", type=Path, help="output directory (must be empty or absent)")
     parser.add_argument("--arch", choices=ARCHITECTURES, default="mixtral", help="architecture (default mixtral)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="saved dtype (default float32)")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="saved dtype (default float32; bfloat16 with --train)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
-    parser.add_argument("--train", action="store_true", help="train the model on local text")
-    parser.add_argument("--max-steps", type=int, help="training steps (with --train)")
+    train = parser.add_argument_group("training (--train: a Mixtral-architecture MoE on the standard library)")
+    train.add_argument("--train", action="store_true", help="train the model on local text")
+    train.add_argument("--max-steps", type=int, help="training steps, the length of the LR schedule (default 800)")
+    train.add_argument("--size", choices=["demo", "tiny"], default="demo", help="demo (default) or tiny (tests)")
+    train.add_argument("--dense", action="store_true",
+                       help="train the dense baseline of the same active size (Mistral architecture) instead")
+    train.add_argument("--checkpoint-dir", type=Path, help="checkpoints (default: OUT.train beside OUT)")
+    train.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 50)")
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    train.add_argument("--time-limit", type=float, metavar="SECONDS",
+                       help="stop (with a checkpoint) after this much training; finish later with --resume")
     parser.set_defaults(handler=_demo_model)
 
 
@@ -143,10 +154,34 @@ def _generate(args: argparse.Namespace, config: Config | None) -> int:
 def _demo_model(args: argparse.Namespace, config: Config | None) -> int:
     from engine.models.demo import DemoModelSpec, write_demo_model
 
-    if args.train or args.max_steps is not None:
-        raise CommandUnavailable("`moeserve demo-model --train` is not available in this build yet: it lands with issue #9")
-    path = write_demo_model(args.out, DemoModelSpec(arch=args.arch, seed=args.seed, dtype=args.dtype), args.overwrite)
-    sys.stdout.write(f"{path}\n")
+    training_flags = (args.max_steps, args.checkpoint_dir, args.checkpoint_every, args.time_limit)
+    if not args.train:
+        if args.resume or args.dense or any(flag is not None for flag in training_flags):
+            sys.stderr.write("moeserve demo-model: error: --max-steps, --resume, --dense, --checkpoint-dir, "
+                             "--checkpoint-every and --time-limit need --train\n")
+            return EXIT_USAGE
+        spec = DemoModelSpec(arch=args.arch, seed=args.seed, dtype=args.dtype or "float32")
+        sys.stdout.write(f"{write_demo_model(args.out, spec, args.overwrite)}\n")
+        return 0
+    return _train_demo_model(args)
+
+
+def _train_demo_model(args: argparse.Namespace) -> int:
+    from engine.models.train import TrainConfig, train_demo_model
+
+    if args.arch != "mixtral" or args.dtype not in (None, "bfloat16"):
+        sys.stderr.write("moeserve demo-model: error: --train trains the Mixtral architecture, saved in bfloat16\n")
+        return EXIT_USAGE
+    overrides = {"seed": args.seed, "dense": args.dense}
+    overrides.update({key: value for key, value in (("max_steps", args.max_steps),
+                                                    ("checkpoint_every", args.checkpoint_every)) if value is not None})
+    config = TrainConfig.tiny(**overrides) if args.size == "tiny" else TrainConfig(**overrides)
+    result = train_demo_model(args.out, config, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                              overwrite=args.overwrite, time_limit_s=args.time_limit)
+    if not result.finished:
+        sys.stdout.write(f"stopped at step {result.step}; continue with --resume\n")
+        return 0
+    sys.stdout.write(f"{args.out}\n")
     return 0
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,18 +116,21 @@ class DemoModelSpec:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (VOCAB_SIZE entries) trained on standard-library sources, with chat template."""
+def build_tokenizer(vocab_size: int = VOCAB_SIZE, corpus: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of ``vocab_size`` entries with the chat template, trained on ``corpus``.
+
+    ``corpus`` is an iterable of text pieces (lines, files); by default the lines of TOKENIZER_CORPUS_MODULES.
+    """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(_corpus() if corpus is None else corpus, trainer=trainer)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN
     )

@@ -34,7 +34,6 @@ def test_console_script_entry_point_runs() -> None:
         (["prepare", "model-dir", "--out", "store"], "#6"),
         (["bench"], "#4"),
         (["serve", "model-dir"], "#8"),
-        (["demo-model", "out-dir", "--train"], "#9"),
     ],
 )
 def test_unlanded_subcommands_exit_2_and_name_their_issue(
