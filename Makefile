@@ -14,7 +14,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-install: $(VENV)/.installed
+# The compiled CPU experts kernel (engine/offload/kernels/); without it the engine runs its pure-torch path.
+KERNEL_STAMP := engine/offload/kernels/_build/fingerprint.txt
+$(KERNEL_STAMP): engine/offload/kernels/experts_cpu.cpp $(VENV)/.installed
+	$(PY) -m engine.offload.kernels.build
+	touch $@
+
+install: $(VENV)/.installed $(KERNEL_STAMP)
 
 $(DEMO_MODEL)/config.json: | $(VENV)/.installed
 	$(VENV)/bin/moeserve demo-model $(DEMO_MODEL)
@@ -33,4 +39,4 @@ test: install
 	exit $$rc
 
 clean:
-	rm -rf $(VENV) .demo-model .pytest_cache *.egg-info
+	rm -rf $(VENV) .demo-model .pytest_cache *.egg-info engine/offload/kernels/_build

@@ -79,7 +79,9 @@ class ModelRunner:
         )
         input_ids = torch.tensor([token for s in scheduled for token in s.token_ids]).unsqueeze(0)  # [1, T]
         positions = torch.tensor([p for s in scheduled for p in s.positions]).unsqueeze(0)  # [1, T]
-        sample_rows = torch.tensor([span.q_end - 1 for span, s in zip(layout.spans, scheduled) if s.sample])
+        sample_rows = torch.tensor(
+            [span.q_end - 1 for span, s in zip(layout.spans, scheduled) if s.sample], dtype=torch.int64
+        )  # [S]
         self.kv_store.layout = layout
         try:
             output = self.model(

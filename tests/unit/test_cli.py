@@ -32,7 +32,7 @@ def test_console_script_entry_point_runs() -> None:
     ("argv", "issue"),
     [
         (["prepare", "model-dir", "--out", "store"], "#6"),
-        (["bench"], "#4"),
+        (["bench"], "#6"),
         (["serve", "model-dir"], "#8"),
     ],
 )
