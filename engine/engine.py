@@ -20,16 +20,22 @@ from engine.config import Config, load_config
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import DEFAULT_BLOCK_SIZE, KVCacheManager
 from engine.model_runner import ModelRunner
+from engine.offload.layout import ensure_store
+from engine.offload.offloaded import OffloadedExperts
 from engine.request import CompletionOutput, Request, RequestOutput, make_requests
 from engine.sampler import Sampler
 from engine.sampling import SamplingParams
 from engine.scheduler import ModelOutput, Scheduler, SchedulerConfig
+from engine.trace.eam import ActivationTracer, TracedRequest
+from engine.trace.format import TraceHeader
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
 # Default KV pool: room for every running sequence at this many tokens, and always for one max_model_len one.
 DEFAULT_KV_TOKENS_PER_SEQ = 1024
+# Prepared expert stores, one subdirectory per source fingerprint, when offload_dir is not set.
+DEFAULT_OFFLOAD_DIR = Path.home() / ".cache" / "moeserve"
 
 
 @dataclass
@@ -71,12 +77,15 @@ class LLMEngine:
         if self.max_model_len > model_limit:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's limit of {model_limit} positions")
         num_blocks = config.num_kv_blocks or default_num_kv_blocks(self.max_model_len, config.max_num_seqs)
-        self.runner = ModelRunner(config.model, num_blocks, dtype=config.dtype)
+        self.offload = _offloaded_experts(config) if config.expert_cache_bytes is not None else None
+        self.runner = ModelRunner(config.model, num_blocks, dtype=config.dtype, offload=self.offload)
         self.kv_cache = KVCacheManager(num_blocks, DEFAULT_BLOCK_SIZE, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv_cache
         )
         self.sampler = Sampler()
+        self.tracer = ActivationTracer(self._trace_header(), config.trace_dump_dir)
+        self.runner.experts_forward.routing_observer = self.tracer.routing.observe
         self.eos_token_ids = _eos_token_ids(config.model, self.tokenizer)
         self._requests: dict[str, _UserRequest] = {}
         self._sequence_owner: dict[str, _UserRequest] = {}
@@ -105,6 +114,7 @@ class LLMEngine:
             return False
         for seq in user.sequences:
             self.scheduler.abort(seq.request_id)
+            self.tracer.finish(seq.request_id, dump=False)
             self._sequence_owner.pop(seq.request_id, None)
         return True
 
@@ -118,6 +128,8 @@ class LLMEngine:
         if plan.is_empty:
             return []
         logits = self.runner.execute(plan.scheduled)
+        self.tracer.record_step([TracedRequest(s.request_id, s.request.num_prompt_tokens, s.start_position, s.num_tokens)
+                                 for s in plan.scheduled])
         to_sample = plan.sample_requests
         sampled = self.sampler(logits, to_sample) if to_sample else None
         model_output = ModelOutput(
@@ -130,6 +142,8 @@ class LLMEngine:
             stop = user.detokenizers[seq.index].update(seq.output_token_ids)
             if stop is not None and not seq.is_finished:
                 self.scheduler.finish(seq.request_id, "stop", stop)
+            if seq.is_finished:
+                self.tracer.finish(seq.request_id)
             touched[user.request_id] = user
         outputs = [user.output() for user in touched.values()]
         for output in outputs:
@@ -142,9 +156,22 @@ class LLMEngine:
         for seq in user.sequences:
             self._sequence_owner.pop(seq.request_id, None)
 
+    def _trace_header(self) -> TraceHeader:
+        """The routing shape every request's trace is written with."""
+        text = self.runner.config
+        return TraceHeader(
+            trace="", model=self.config.served_model_name or Path(self.config.model).name,
+            num_layers=text.num_hidden_layers, num_experts=self.runner.num_experts,
+            top_k=getattr(text, "num_experts_per_tok", None), source="moeserve",
+        )
+
     def stats(self) -> dict[str, Any]:
-        """Flat counters of the engine (the contract's keys that exist in this build)."""
-        return {
+        """Flat counters of the engine (the contract's keys that exist in this build).
+
+        Expert-cache keys appear in offload mode (``expert_cache_bytes`` set); with every expert resident there
+        is no cache to report on.
+        """
+        stats: dict[str, Any] = {
             "kv_blocks_used": self.kv_cache.num_total_blocks - self.kv_cache.num_free_blocks,
             "kv_blocks_total": self.kv_cache.num_total_blocks,
             "kv_cache_usage": self.kv_cache.usage,
@@ -152,6 +179,23 @@ class LLMEngine:
             "requests_waiting": self.scheduler.num_waiting,
             "num_preemptions": self.scheduler.num_preemptions,
         }
+        if self.offload is not None:
+            counters = self.offload.stats
+            stats.update({
+                "expert_hits": counters.hits,
+                "expert_misses": counters.misses,
+                "expert_bytes_read": {"disk": counters.disk_bytes_read},
+                "expert_stall_seconds": counters.stall_seconds,
+                "expert_cache_bytes": {"host": self.offload.resident_bytes},
+                "expert_cache_slots": self.offload.num_slots,
+                "per_layer": {"hits": list(counters.per_layer_hits), "misses": list(counters.per_layer_misses)},
+            })
+        return stats
+
+    def close(self) -> None:
+        """Release the expert reader's files and threads (offload mode); the engine is unusable afterwards."""
+        if self.offload is not None:
+            self.offload.close()
 
 
 def default_num_kv_blocks(max_model_len: int, max_num_seqs: int) -> int:
@@ -159,6 +203,16 @@ def default_num_kv_blocks(max_model_len: int, max_num_seqs: int) -> int:
     per_seq = min(max_model_len, DEFAULT_KV_TOKENS_PER_SEQ)
     tokens = max(max_model_len, max_num_seqs * per_seq)
     return math.ceil(tokens / DEFAULT_BLOCK_SIZE)
+
+
+def _offloaded_experts(config: Config) -> OffloadedExperts:
+    """The expert cache of ``config``: its store (prepared under offload_dir when needed) behind the budget."""
+    from transformers import AutoConfig
+
+    offload_dir = config.offload_dir or DEFAULT_OFFLOAD_DIR
+    store = ensure_store(config.model, offload_dir)
+    top_k = int(AutoConfig.from_pretrained(config.model).get_text_config().num_experts_per_tok)
+    return OffloadedExperts(store, int(config.expert_cache_bytes), top_k)
 
 
 def _model_max_len(model_dir: str | Path) -> int:

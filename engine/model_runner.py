@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from engine.attention import ATTENTION_NAME, BatchLayout, PagedKVStore
 from engine.kv_cache import DEFAULT_BLOCK_SIZE
 from engine.offload.experts import ExpertsForward, register_experts_forward, tag_experts_layers
+from engine.offload.loader import is_experts_module, load_offloaded_model
+from engine.offload.offloaded import OffloadedExperts
 from engine.scheduler import ScheduledRequest
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,12 @@ def text_config(model: torch.nn.Module) -> PretrainedConfig:
 
 
 class ModelRunner:
-    """Owns the model, its KV storage and the registered experts forward; executes scheduler steps."""
+    """Owns the model, its KV storage and the registered experts forward; executes scheduler steps.
+
+    With ``offload`` (an ``OffloadedExperts`` over a prepared store) the experts' parameters stay on the meta
+    device and the experts forward reads every routed expert through the offload cache; otherwise all weights
+    are resident, loaded by ``from_pretrained``.
+    """
 
     def __init__(
         self,
@@ -50,21 +57,28 @@ class ModelRunner:
         num_kv_blocks: int,
         dtype: str = "auto",
         block_size: int = DEFAULT_BLOCK_SIZE,
-        experts_forward: ExpertsForward | None = None,
+        offload: OffloadedExperts | None = None,
     ) -> None:
-        self.model = load_model(model_dir, dtype)
+        if offload is None:
+            self.model = load_model(model_dir, dtype)
+        else:
+            torch_dtype = None if dtype == "auto" else TORCH_DTYPES[dtype]
+            self.model = load_offloaded_model(model_dir, offload.store.resident_path, torch_dtype, ATTENTION_NAME)
+        self.offload = offload
         self.config = text_config(self.model)
         self.block_size = block_size
         self.kv_store = PagedKVStore(self.config.num_hidden_layers, num_kv_blocks * block_size)
-        self.experts_forward = experts_forward or ExpertsForward()
+        self.experts_forward = ExpertsForward(source=offload)
         self.num_moe_layers = tag_experts_layers(self.model)
+        self.num_experts = max((m.gate_up_proj.shape[0] for m in self.model.modules() if is_experts_module(m)),
+                               default=0)
         # A name per runner: the registry is global, and two engines in one process must not share a forward.
         name = f"moeserve_{id(self.experts_forward):x}"
         self.model.set_experts_implementation(register_experts_forward(self.experts_forward, name))
         logger.info(
-            "loaded %s (%s, %d layers, %d with experts) with %d KV blocks of %d tokens",
+            "loaded %s (%s, %d layers, %d with experts%s) with %d KV blocks of %d tokens",
             model_dir, self.config.model_type, self.config.num_hidden_layers, self.num_moe_layers,
-            num_kv_blocks, block_size,
+            ", experts offloaded" if offload else "", num_kv_blocks, block_size,
         )
 
     @property
@@ -83,6 +97,8 @@ class ModelRunner:
             [span.q_end - 1 for span, s in zip(layout.spans, scheduled) if s.sample], dtype=torch.int64
         )  # [S]
         self.kv_store.layout = layout
+        if self.offload is not None:
+            self.offload.begin_step()
         try:
             output = self.model(
                 input_ids=input_ids, position_ids=positions, cache=self.kv_store, use_cache=True,

@@ -242,6 +242,11 @@ class ExpertCache:
             members.add(key)
         return CacheAccess(hit, evicted)
 
+    def remove(self, key: Key) -> None:
+        """Make a resident ``key`` non-resident outside any eviction (its load failed); KeyError if absent."""
+        self._members[key[0] if self._per_layer else None].remove(key)
+        self.policy.evict(key)
+
     def __contains__(self, key: Key) -> bool:
         return self.policy.lookup(key)
 

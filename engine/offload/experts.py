@@ -209,9 +209,9 @@ TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 class PathTable:
     """Measured compute paths: shape key -> {token bucket -> Path}. Unmeasured shapes use the kernel.
 
-    A count of tokens uses the largest bucket not above it (counts above 64 use the 64 bucket). The default for an
-    unmeasured shape is the kernel, which measured faster than torch on every shape and count tried on this machine
-    class (see benchmarks/experts_forward.py); ``ExpertsForward.calibrate`` replaces it with measurements.
+    A count of tokens uses the largest bucket not above it (counts above 64 use the 64 bucket). An unmeasured shape
+    uses the kernel; ``ExpertsForward.calibrate`` replaces that default with measurements for the shape. (The
+    per-shape benchmark that is to justify the default against the bandwidth bound is issue #5's.)
     """
 
     measured: dict[tuple, dict[int, Path]] = field(default_factory=dict)
@@ -248,6 +248,8 @@ class ExpertsForward:
         self.kernel: Callable[..., None] | None = load_experts_kernel() if use_kernel else None
         self._specs: weakref.WeakKeyDictionary[nn.Module, ExpertsSpec] = weakref.WeakKeyDictionary()
         self._scratch = torch.empty(0)
+        # Called with (layer, top_k_index, top_k_weights) at every MoE layer: the activation tracer's tap.
+        self.routing_observer: Callable[[int | None, torch.Tensor, torch.Tensor], None] | None = None
 
     def spec(self, experts: nn.Module) -> ExpertsSpec:
         """The module's layout, read once and cached."""
@@ -266,6 +268,8 @@ class ExpertsForward:
     ) -> torch.Tensor:
         """sum_k top_k_weights[t, k] * expert_{top_k_index[t, k]}(hidden_states[t]) -> [T, H] in the input dtype."""
         spec = self.spec(experts)
+        if self.routing_observer is not None:
+            self.routing_observer(spec.layer, top_k_index, top_k_weights)
         hidden = hidden_states.contiguous()  # [T, H]
         plan = plan_routing(top_k_index, top_k_weights, spec.num_experts)
         out = self._accumulator(hidden)  # [T, H] fp32, zeroed

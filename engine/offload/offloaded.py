@@ -1,0 +1,198 @@
+"""Experts served from a prepared store through a byte-budgeted host cache: the offload-mode weight source.
+
+``OffloadedExperts`` implements ``ExpertWeightSource`` (engine.offload.experts): when the experts forward asks
+to ``hold`` a group of a layer's routed experts, each one is looked up in the cache *policy*
+(``engine.offload.cache.ExpertCache``, global LRU over all layers); a miss takes a free slot or the policy's
+victim's slot and is read from disk by the *mechanism* (``engine.offload.tiers``), several reads in flight;
+the group is pinned while it computes and unpinned when the forward leaves the context. A blob's checksum is
+verified the first time it is loaded. Counters (hits, misses, bytes read, stall time, per layer) are kept here
+and reported by ``LLM.stats()``.
+
+The budget is ``expert_cache_bytes``: ``budget // slot_bytes`` slots, where a slot holds the largest blob of the
+store. Below ``top_k`` slots a layer cannot hold one token's experts, so start-up is refused with the minimum.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from engine.offload.cache import ExpertCache, Key, LRUPolicy
+from engine.offload.experts import ExpertWeights
+from engine.offload.layout import BlobEntry, ExpertStore, StoreError
+from engine.offload.tiers import BlobReader, ReadMode, ReadRequest, SlotArena, choose_read_mode
+
+logger = logging.getLogger(__name__)
+
+PRECISION = "native"
+
+
+class BudgetTooSmall(ValueError):
+    """``expert_cache_bytes`` cannot hold one token's routed experts of a layer."""
+
+
+@dataclass
+class OffloadStats:
+    """Counters since start-up. ``per_layer_*`` are indexed by decoder layer (dense layers stay 0)."""
+
+    num_layers: int
+    hits: int = 0
+    misses: int = 0
+    disk_bytes_read: int = 0
+    stall_seconds: float = 0.0
+    per_layer_hits: list[int] = field(default_factory=list)
+    per_layer_misses: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.per_layer_hits = [0] * self.num_layers
+        self.per_layer_misses = [0] * self.num_layers
+
+
+def minimum_budget(store: ExpertStore, top_k: int) -> int:
+    """The smallest ``expert_cache_bytes`` that serves the store: ``top_k`` slots of its largest blob."""
+    return top_k * store.max_blob_bytes
+
+
+class OffloadedExperts:
+    """A byte-budgeted host cache of expert blobs in front of an ``ExpertStore``. One model thread uses it."""
+
+    def __init__(self, store: ExpertStore, budget_bytes: int, top_k: int, read_mode: ReadMode | None = None) -> None:
+        slot_bytes = store.max_blob_bytes
+        needed = minimum_budget(store, top_k)
+        if budget_bytes < needed:
+            raise BudgetTooSmall(
+                f"expert_cache_bytes={budget_bytes} is below the minimum of {needed} bytes for this model "
+                f"(top_k {top_k} x the largest expert blob, {slot_bytes} bytes)"
+            )
+        total_experts = sum(store.num_experts.values())
+        num_slots = min(budget_bytes // slot_bytes, total_experts)
+        self.store = store
+        self.arena = SlotArena(num_slots, slot_bytes)
+        self.cache = ExpertCache(LRUPolicy(), capacity=num_slots, scope="global")
+        self.stats = OffloadStats(store.num_layers)
+        self._slot_of: dict[Key, int] = {}
+        self._free_slots = list(range(num_slots - 1, -1, -1))
+        self._verified: set[Key] = set()
+        self._step = 0
+        first = store.blob(store.moe_layers[0], 0, PRECISION)
+        mode = read_mode or choose_read_mode(first.file, self._probe_offsets(first.file), first.padded_nbytes,
+                                             self.arena)
+        self.reader = BlobReader(mode)
+        logger.info("expert cache: %d slots of %d bytes (%.1f%% of %d experts), %s reads",
+                    num_slots, slot_bytes, 100 * num_slots / total_experts, total_experts, mode.value)
+
+    @property
+    def num_slots(self) -> int:
+        return self.arena.num_slots
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the host tier holding expert blobs now (slots in use)."""
+        return len(self._slot_of) * self.arena.slot_bytes
+
+    def begin_step(self) -> None:
+        """Mark the start of an engine step (the clock the policy sees)."""
+        self._step += 1
+
+    def max_group_size(self, layer: int | None) -> int:
+        """At most every slot at once: a group's experts are all pinned while it computes."""
+        return self.num_slots
+
+    @contextmanager
+    def hold(self, experts: nn.Module, layer: int | None, expert_ids: Sequence[int]) -> Iterator[list[ExpertWeights]]:
+        """Make ``expert_ids`` of ``layer`` resident and pinned; yield their weights as views into their slots."""
+        if layer is None:
+            raise RuntimeError("offloaded experts need the layer index tagged on every experts module")
+        keys = [(layer, expert, PRECISION) for expert in expert_ids]
+        loads: list[tuple[Key, object]] = []
+        pinned: list[Key] = []
+        try:
+            for key in keys:
+                future = self._access(key)
+                self.cache.policy.pin(key)
+                pinned.append(key)
+                if future is not None:
+                    loads.append((key, future))
+            self._finish_loads(loads)
+            yield [self._weights(key) for key in keys]
+        finally:
+            for key in pinned:
+                self.cache.policy.unpin(key)
+
+    def _access(self, key: Key):
+        """Record a use of ``key``; on a miss, claim a slot and start its read (returns the read's future)."""
+        layer = key[0]
+        access = self.cache.access(key, self._step)
+        if access.hit:
+            self.stats.hits += 1
+            self.stats.per_layer_hits[layer] += 1
+            return None
+        self.stats.misses += 1
+        self.stats.per_layer_misses[layer] += 1
+        slot = self._slot_of.pop(access.evicted) if access.evicted is not None else self._free_slots.pop()
+        self._slot_of[key] = slot
+        entry = self.store.blob(*key)
+        return self.reader.submit(ReadRequest(entry.file, entry.offset, entry.padded_nbytes, self.arena.slot(slot)))
+
+    def _finish_loads(self, loads: list[tuple[Key, object]]) -> None:
+        """Wait for the group's reads (the wait is stall time); verify first loads; drop keys whose load failed."""
+        start = time.perf_counter()
+        failed: list[tuple[Key, BaseException]] = []
+        for key, future in loads:
+            try:
+                future.result()
+                self._verify_first_load(key)
+            except (OSError, StoreError) as error:
+                failed.append((key, error))
+        self.stats.stall_seconds += time.perf_counter() - start
+        self.stats.disk_bytes_read = self.reader.bytes_read
+        for key, _ in failed:
+            self._forget(key)
+        if failed:
+            key, error = failed[0]
+            raise StoreError(f"loading expert {key[1]} of layer {key[0]} failed: {error}") from error
+
+    def _verify_first_load(self, key: Key) -> None:
+        if key not in self._verified:
+            self.store.verify(self.store.blob(*key), self.arena.slot(self._slot_of[key]))
+            self._verified.add(key)
+
+    def _forget(self, key: Key) -> None:
+        """Drop a key whose slot holds no valid blob: out of the policy, its slot back to the free list."""
+        self.cache.remove(key)
+        self._free_slots.append(self._slot_of.pop(key))
+
+    def _weights(self, key: Key) -> ExpertWeights:
+        entry: BlobEntry = self.store.blob(*key)
+        views = self.store.view(entry, self.arena.slot(self._slot_of[key]))
+        return ExpertWeights(
+            gate_up=views["gate_up"], down=views["down"],
+            gate_up_bias=views.get("gate_up_bias"), down_bias=views.get("down_bias"),
+        )
+
+    def _probe_offsets(self, file) -> list[int]:
+        """Offsets of two blobs in ``file`` for the read-mode probe (from different layers where possible)."""
+        offsets = []
+        for layer in (self.store.moe_layers[0], self.store.moe_layers[-1]):
+            entry = self.store.blob(layer, self.store.num_experts[layer] - 1, PRECISION)
+            if entry.file == file and entry.offset not in offsets:
+                offsets.append(entry.offset)
+        return offsets
+
+    def close(self) -> None:
+        """Release the reader's files and threads."""
+        self.reader.close()
+
+
+def expert_tensors_on_meta(model: nn.Module) -> bool:
+    """True when every experts module's stacked parameters live on the meta device (nothing resident)."""
+    from engine.offload.experts import LAYER_ATTRIBUTE
+
+    stacks = [module.gate_up_proj for module in model.modules() if hasattr(module, LAYER_ATTRIBUTE)]
+    return bool(stacks) and all(t.device == torch.device("meta") for t in stacks)

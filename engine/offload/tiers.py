@@ -1,0 +1,177 @@
+"""Byte movement for the expert cache (mechanism only; engine.offload.cache decides what moves).
+
+- ``SlotArena``: one preallocated, 4 KiB-aligned host buffer cut into equal slots, one cached expert blob per
+  slot. Allocated once at start-up; loads never allocate.
+- ``BlobReader``: reads a blob ``(file, offset, padded_nbytes)`` from disk into a slot without leaving a second
+  copy in the page cache: ``O_DIRECT`` (``os.preadv`` straight into the aligned slot) or a buffered read followed
+  by ``posix_fadvise(DONTNEED)``; ``choose_read_mode`` picks the faster of the two by measurement at start-up.
+  Several reads run in flight on a small thread pool (``preadv`` releases the GIL).
+
+Every byte read is counted in ``BlobReader.bytes_read``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ALIGNMENT = 4096
+DEFAULT_IO_THREADS = 4
+
+
+class ReadMode(enum.Enum):
+    """How blobs come off the disk."""
+
+    DIRECT = "direct"  # O_DIRECT: the page cache is bypassed
+    BUFFERED = "buffered"  # ordinary read, then posix_fadvise(DONTNEED) drops the pages it cached
+
+
+def aligned_empty(nbytes: int, alignment: int = ALIGNMENT) -> torch.Tensor:
+    """A uint8 CPU tensor of ``nbytes`` whose first byte sits on an ``alignment`` boundary."""
+    raw = torch.empty(nbytes + alignment, dtype=torch.uint8)
+    shift = (-raw.data_ptr()) % alignment
+    return raw[shift : shift + nbytes]
+
+
+class SlotArena:
+    """``num_slots`` host slots of ``slot_bytes`` each (a multiple of ALIGNMENT), in one aligned allocation."""
+
+    def __init__(self, num_slots: int, slot_bytes: int) -> None:
+        if num_slots < 1:
+            raise ValueError(f"a slot arena needs at least one slot, got {num_slots}")
+        if slot_bytes % ALIGNMENT:
+            raise ValueError(f"slot size {slot_bytes} is not a multiple of {ALIGNMENT}")
+        self.num_slots = num_slots
+        self.slot_bytes = slot_bytes
+        self._buffer = aligned_empty(num_slots * slot_bytes)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the arena's slots."""
+        return self.num_slots * self.slot_bytes
+
+    def slot(self, index: int) -> torch.Tensor:
+        """Slot ``index`` as a uint8 view [slot_bytes] (no copy)."""
+        if not 0 <= index < self.num_slots:
+            raise IndexError(f"slot {index} out of range [0, {self.num_slots})")
+        return self._buffer[index * self.slot_bytes : (index + 1) * self.slot_bytes]
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    """Read ``nbytes`` (a multiple of ALIGNMENT) at ``offset`` (aligned) of ``file`` into ``dest`` (aligned)."""
+
+    file: Path
+    offset: int
+    nbytes: int
+    dest: torch.Tensor  # uint8, at least nbytes
+
+
+class BlobReader:
+    """Reads aligned blobs into slots, ``mode`` chosen by the caller (see ``choose_read_mode``).
+
+    Files are opened once and kept open; ``close()`` releases them and the thread pool.
+    """
+
+    def __init__(self, mode: ReadMode, io_threads: int = DEFAULT_IO_THREADS) -> None:
+        self.mode = mode
+        self.bytes_read = 0
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="moeserve-io")
+
+    def submit(self, request: ReadRequest) -> Future[None]:
+        """Start a read; the future completes when the bytes are in ``request.dest``."""
+        return self._pool.submit(self.read, request)
+
+    def read(self, request: ReadRequest) -> None:
+        """Read synchronously. Raises OSError naming the file on a short read or an I/O error."""
+        if request.nbytes % ALIGNMENT or request.offset % ALIGNMENT or request.dest.data_ptr() % ALIGNMENT:
+            raise ValueError(f"unaligned read of {request.file} at {request.offset} ({request.nbytes} bytes)")
+        fd = self._fd(request.file)
+        view = memoryview(request.dest[: request.nbytes].numpy())
+        done = 0
+        while done < request.nbytes:
+            got = os.preadv(fd, [view[done:]], request.offset + done)
+            if got == 0:
+                raise OSError(f"{request.file}: unexpected end of file at byte {request.offset + done} "
+                              f"(reading {request.nbytes} bytes at {request.offset}); the store is truncated")
+            done += got
+        if self.mode is ReadMode.BUFFERED:
+            os.posix_fadvise(fd, request.offset, request.nbytes, os.POSIX_FADV_DONTNEED)
+        with self._lock:
+            self.bytes_read += request.nbytes
+
+    def _fd(self, file: Path) -> int:
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = open_for_reading(file, self.mode)
+            return fd
+
+    def close(self) -> None:
+        """Wait for reads in flight, close every file."""
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def open_for_reading(file: Path, mode: ReadMode) -> int:
+    """A read-only descriptor of ``file``, with O_DIRECT in DIRECT mode."""
+    flags = os.O_RDONLY | (os.O_DIRECT if mode is ReadMode.DIRECT else 0)
+    return os.open(file, flags)
+
+
+def direct_io_supported(file: Path) -> bool:
+    """Whether ``file``'s file system accepts O_DIRECT (tmpfs, for one, does not)."""
+    try:
+        fd = open_for_reading(file, ReadMode.DIRECT)
+    except OSError:
+        return False
+    try:
+        probe = aligned_empty(ALIGNMENT)
+        os.preadv(fd, [memoryview(probe.numpy())], 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def choose_read_mode(file: Path, offsets: list[int], nbytes: int, arena: SlotArena) -> ReadMode:
+    """Time one cold read of each mode on blobs of ``file`` (into ``arena``'s slot 0); the faster mode wins.
+
+    The buffered probe drops the blob's pages before and after reading, so both probes start from the disk.
+    Falls back to BUFFERED when O_DIRECT is not supported; with fewer than two blobs, DIRECT is assumed.
+    """
+    if not direct_io_supported(file):
+        logger.info("expert reads: O_DIRECT unsupported on %s; buffered reads + fadvise(DONTNEED)", file.parent)
+        return ReadMode.BUFFERED
+    if len(offsets) < 2:
+        return ReadMode.DIRECT
+    timings = {}
+    for mode, offset in zip(ReadMode, offsets[:2]):
+        reader = BlobReader(mode, io_threads=1)
+        fd = open_for_reading(file, ReadMode.BUFFERED)
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        start = time.perf_counter()
+        reader.read(ReadRequest(file, offset, nbytes, arena.slot(0)))
+        timings[mode] = time.perf_counter() - start
+        reader.close()
+    chosen = min(timings, key=timings.get)
+    logger.info("expert reads: %s (probe of %d bytes: %s)", chosen.value, nbytes,
+                ", ".join(f"{m.value} {t * 1e3:.1f} ms" for m, t in timings.items()))
+    return chosen

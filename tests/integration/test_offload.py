@@ -1,0 +1,119 @@
+"""Offload mode: experts on the meta device, read from a prepared store through a byte-budgeted cache.
+
+For every demo architecture, greedy tokens of a batch equal the all-resident engine's at budgets of 100 %, 50 %
+and the minimum (top_k blobs), with misses at 50 % and the minimum and exact byte accounting. A corrupted blob is
+an error naming file, layer and expert; a budget below the minimum is refused with the number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from engine import SamplingParams
+from engine.config import load_config
+from engine.engine import LLMEngine
+from engine.models.demo import ARCHITECTURES
+from engine.offload.layout import ExpertStore, StoreError, ensure_store
+from engine.offload.offloaded import BudgetTooSmall, expert_tensors_on_meta, minimum_budget
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "def fib(n):",
+    "import os\nimport sys\nfrom pathlib import Path\n\n\nclass Config:\n    def __init__(self, root):\n",
+    "for i in range(10):\n    print(i)",
+    "x",
+]
+LIMITS = dict(max_model_len=96, max_num_seqs=4, max_num_batched_tokens=32)
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def generate(engine: LLMEngine) -> list[list[int]]:
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"r{i}", prompt, GREEDY)
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+    return [finished[f"r{i}"].outputs[0].token_ids for i in range(len(PROMPTS))]
+
+
+def engine_for(model_dir: Path, **overrides) -> LLMEngine:
+    return LLMEngine(load_config(overrides=dict(model=str(model_dir), **LIMITS, **overrides)))
+
+
+def budgets(store: ExpertStore, top_k: int) -> dict[str, int]:
+    slot = store.max_blob_bytes
+    experts = sum(store.num_experts.values())
+    return {"100%": experts * slot, "50%": (experts // 2) * slot, "minimum": minimum_budget(store, top_k)}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_offloaded_greedy_equals_resident_at_every_budget(
+    arch: str, demo_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    model_dir = demo_model(arch)
+    expected = generate(engine_for(model_dir))
+    store = ensure_store(model_dir, tmp_path)
+    blobs = [store.blob(layer, e) for layer in store.moe_layers for e in range(store.num_experts[layer])]
+    assert {blob.padded_nbytes for blob in blobs} == {store.max_blob_bytes}, "equal slots: bytes = misses x slot"
+    for name, budget in budgets(store, _top_k(model_dir)).items():
+        engine = engine_for(model_dir, expert_cache_bytes=budget, offload_dir=str(tmp_path))
+        assert expert_tensors_on_meta(engine.runner.model)
+        assert generate(engine) == expected, f"{arch} at {name} of the experts"
+        stats = engine.stats()
+        offload = engine.offload
+        assert stats["expert_hits"] + stats["expert_misses"] > 0
+        assert stats["expert_bytes_read"]["disk"] == stats["expert_misses"] * store.max_blob_bytes
+        assert sum(stats["per_layer"]["misses"]) == stats["expert_misses"]
+        assert sum(stats["per_layer"]["hits"]) == stats["expert_hits"]
+        assert stats["expert_cache_bytes"]["host"] <= budget
+        assert not offload.cache.policy._pins, "every pin released after the step"
+        if name != "100%":
+            assert stats["expert_misses"] > len(offload._verified), f"{arch} at {name}: evictions caused re-reads"
+        else:
+            assert stats["expert_misses"] == len(offload._verified), "with every expert fitting, each is read once"
+        engine.close()
+
+
+def test_a_flipped_byte_names_file_layer_and_expert(demo_model: Callable[..., Path], tmp_path: Path) -> None:
+    model_dir = demo_model("mixtral")
+    store = ensure_store(model_dir, tmp_path)
+    layer = store.moe_layers[-1]
+    victim = store.blob(layer, 3)
+    with open(victim.file, "r+b") as handle:
+        handle.seek(victim.offset + 100)
+        byte = handle.read(1)
+        handle.seek(victim.offset + 100)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    engine = engine_for(model_dir, expert_cache_bytes=4 * store.max_blob_bytes, offload_dir=str(tmp_path))
+    offload = engine.offload
+    experts = next(m for m in engine.runner.model.modules() if getattr(m, "moeserve_layer", None) == layer)
+    with offload.hold(experts, layer, [2]):
+        pass
+    with pytest.raises(StoreError) as error:
+        with offload.hold(experts, layer, [2, 3]):
+            pass
+    message = str(error.value)
+    assert victim.file.name in message and f"layer {layer}" in message and "expert 3" in message
+    assert (layer, 3, "native") not in offload.cache, "a blob that failed its checksum is not cached"
+    assert (layer, 2, "native") in offload.cache and not offload.cache.policy._pins
+    assert len(offload._free_slots) + len(offload._slot_of) == offload.num_slots, "every slot accounted"
+
+
+def test_a_budget_below_top_k_blobs_is_refused_with_the_minimum(
+    demo_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    model_dir = demo_model("olmoe")
+    store = ensure_store(model_dir, tmp_path)
+    minimum = minimum_budget(store, _top_k(model_dir))
+    with pytest.raises(BudgetTooSmall, match=f"minimum of {minimum} bytes"):
+        engine_for(model_dir, expert_cache_bytes=minimum - 1, offload_dir=str(tmp_path))
+
+
+def _top_k(model_dir: Path) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir).get_text_config().num_experts_per_tok

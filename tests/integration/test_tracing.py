@@ -1,0 +1,112 @@
+"""Request-level activation traces from the engine: the routing transformers computes, one request at a time.
+
+A request's trace (merged prefill line with counts, one line per decode step) equals the top-k routing of
+transformers' own forward over the same tokens; batching, chunked prefill and preemption (recompute) leave each
+request's trace exactly as if it had run alone; dense layers are ``[]``; ``trace_dump_dir`` files parse.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine import SamplingParams
+from engine.config import load_config
+from engine.engine import LLMEngine
+from engine.trace.format import read_traces
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n\n",
+    "import os\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):",
+    "x = [i * i for i in range(10)]",
+]
+MAX_TOKENS = [24, 30, 20, 28]
+
+
+def run(model_dir: Path, dump: Path, prompts: list[str], max_tokens: list[int], **limits) -> LLMEngine:
+    """Greedy completions of ``prompts`` with traces dumped to ``dump``; the engine keeps ``outputs`` by id."""
+    engine = LLMEngine(load_config(overrides=dict(model=str(model_dir), trace_dump_dir=str(dump),
+                                                  enable_prefix_caching=False, max_model_len=96, **limits)))
+    for i, (prompt, n) in enumerate(zip(prompts, max_tokens)):
+        engine.add_request(f"req-{i}", prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    engine.outputs = {}
+    while engine.has_unfinished_requests():
+        engine.outputs.update({o.request_id: o for o in engine.step() if o.finished})
+    return engine
+
+
+def as_sets(trace) -> list:
+    """Each step's experts per layer as sets (order within a layer is the router's, not part of the contract)."""
+    return [(step.phase, [frozenset(ids) for ids in step.experts],
+             None if step.counts is None else [dict(zip(ids, c)) for ids, c in zip(step.experts, step.counts)])
+            for step in trace.steps]
+
+
+def test_trace_equals_transformers_routing(demo_model: Callable[..., Path], tmp_path: Path) -> None:
+    model_dir = demo_model("mixtral")
+    engine = run(model_dir, tmp_path, PROMPTS[:1], MAX_TOKENS[:1])
+    (trace,) = read_traces(tmp_path / "req-0.jsonl")
+    header = trace.header
+    assert (header.trace, header.num_layers, header.num_experts, header.top_k) == ("req-0", 4, 8, 2)
+    prompt = engine.tokenizer(PROMPTS[0]).input_ids
+    generated = [step for step in trace.steps if step.phase == "decode"]
+    assert len(generated) == MAX_TOKENS[0] - 1, "one line per token fed back; the last sampled one is never fed"
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # The tokens the engine ran: the prompt and every generated token but the last.
+    tokens = prompt + engine.outputs["req-0"].outputs[0].token_ids[:-1]
+    with torch.inference_mode():
+        router_logits = model(torch.tensor([tokens]), output_router_logits=True).router_logits  # L x [T, E]
+    top = [logits.topk(2, dim=-1).indices for logits in router_logits]  # L x [T, 2]
+    prefill = trace.steps[0]
+    assert prefill.phase == "prefill"
+    for layer in range(4):
+        expected = Counter(top[layer][: len(prompt)].flatten().tolist())
+        assert dict(zip(prefill.experts[layer], prefill.counts[layer])) == expected
+        for step, position in zip(generated, range(len(prompt), len(tokens))):
+            assert set(step.experts[layer]) == set(top[layer][position].tolist())
+            assert len(step.weights[layer]) == 2 and abs(sum(step.weights[layer]) - 1.0) < 1e-5
+
+
+def test_batching_chunking_and_preemption_leave_each_trace_as_alone(
+    demo_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    model_dir = demo_model("deepseek_v3")
+    alone = {}
+    for i, (prompt, n) in enumerate(zip(PROMPTS, MAX_TOKENS)):
+        run(model_dir, tmp_path / f"alone-{i}", [prompt], [n])
+        (alone[i],) = read_traces(tmp_path / f"alone-{i}" / "req-0.jsonl")
+    engine = run(model_dir, tmp_path / "batch", PROMPTS, MAX_TOKENS, max_num_seqs=4, max_num_batched_tokens=16,
+                 num_kv_blocks=6)
+    assert engine.scheduler.num_preemptions > 0, "the set-up must force recompute"
+    for i, n in enumerate(MAX_TOKENS):
+        (batched,) = read_traces(tmp_path / "batch" / f"req-{i}.jsonl")
+        assert batched.num_decode_steps == n - 1
+        assert as_sets(batched) == as_sets(alone[i]), f"request {i}: trace differs from the request alone"
+        assert all(ids == () for step in batched.steps for ids in step.experts[:1]), "layer 0 is dense: []"
+        prompt_len = len(engine.tokenizer(PROMPTS[i]).input_ids)
+        assert all(sum(counts) == prompt_len * 4 for counts in batched.steps[0].counts[1:])
+    assert engine.tracer.get("req-0") is None, "finished requests leave the tracer"
+
+
+def test_matrices_count_prefill_and_decode_apart(demo_model: Callable[..., Path], tmp_path: Path) -> None:
+    engine = LLMEngine(load_config(overrides=dict(model=str(demo_model("olmoe")), max_model_len=96,
+                                                  enable_prefix_caching=False)))
+    engine.add_request("r", PROMPTS[2], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    engine.step()
+    activations = engine.tracer.get("r")
+    prompt_len = len(engine.tokenizer(PROMPTS[2]).input_ids)
+    prefill, decode = activations.matrix("prefill", 16), activations.matrix("decode", 16)
+    assert prefill.sum(dim=1).tolist() == [prompt_len * 4] * 4 and decode.sum() == 0
+    engine.step()
+    engine.step()
+    assert engine.tracer.get("r").matrix("decode", 16).sum(dim=1).tolist() == [2 * 4] * 4
+    assert engine.abort("r") and engine.tracer.get("r") is None
