@@ -1,0 +1,152 @@
+"""Decode speed of the engine's experts forward against transformers' stock forward, as fractions of the bound.
+
+For each shape of benchmarks/bandwidth.py (random bf16 Mixtral-architecture models, all weights resident), in one
+run on the same machine:
+
+- ``engine``: moeserve's ``LLM.generate`` (registered experts forward, compiled kernel where built) at 1, 4 and
+  16 concurrent streams;
+- ``transformers``: the same checkpoint through transformers' own ``generate`` (its default experts
+  implementation), one stream.
+
+Decode tok/s per stream excludes the prefill: (tokens - 1) / (time to last token - time to first token), the
+first token's time taken from a run with ``max_tokens=1``. The bound is the RAM stream rate measured in the same
+run divided by the bytes a token touches in bf16 (benchmarks/bandwidth.py). Each model is written to a temporary
+directory and deleted after its shape. Results: benchmarks/results/experts_decode.json.
+
+Usage: python benchmarks/experts_decode.py [--shapes NAME ...] [--layers N] [--max-tokens 32]
+(``--layers`` trims every shape to N layers for a quick check; the bound is computed for the trimmed model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from bandwidth import bytes_per_token, stream_rate
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from engine import LLM, SamplingParams
+from engine.logs import configure_logging
+from engine.models.demo import build_model, build_tokenizer
+
+logger = logging.getLogger("benchmarks.experts_decode")
+
+RESULTS = Path(__file__).parent / "results" / "experts_decode.json"
+SHAPES = {
+    "mixtral_16x16_h1024_i3584": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=16,
+                                      num_local_experts=16, num_experts_per_tok=2),
+    "mixtral_32x8_h1024_i3584": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=32,
+                                     num_local_experts=8, num_experts_per_tok=2),
+    "mixtral_8x64_h2048_i768_top8": dict(hidden_size=2048, intermediate_size=768, num_hidden_layers=8,
+                                         num_local_experts=64, num_experts_per_tok=8),
+}
+PROMPT_LEN = 16
+
+
+def write_model(out: Path, shape: dict) -> AutoConfig:
+    """A random bf16 Mixtral of ``shape`` with the demo tokenizer (1024 entries) in ``out``; returns its config."""
+    tokenizer = build_tokenizer()
+    heads = shape["hidden_size"] // 128
+    config = AutoConfig.for_model("mixtral", **shape, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                                  vocab_size=len(tokenizer), pad_token_id=0, tie_word_embeddings=False)
+    build_model(config, seed=0).to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return config
+
+
+def prompts(count: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(count)
+    return torch.randint(8, 1000, (count, PROMPT_LEN), generator=generator).tolist()
+
+
+def engine_decode(llm: LLM, streams: int, max_tokens: int) -> float:
+    """Aggregate decode tok/s of ``streams`` concurrent greedy streams (prefill time subtracted)."""
+    batch = prompts(streams)
+    first = _seconds(lambda: llm.generate(batch, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)))
+    total = _seconds(lambda: llm.generate(batch, SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                                ignore_eos=True)))
+    return streams * (max_tokens - 1) / (total - first)
+
+
+def transformers_decode(model: torch.nn.Module, max_tokens: int) -> float:
+    """One-stream decode tok/s of transformers' generate (prefill time subtracted)."""
+    ids = torch.tensor(prompts(1))
+
+    def run(n: int) -> None:
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+
+    first = _seconds(lambda: run(1))
+    return (max_tokens - 1) / (_seconds(lambda: run(max_tokens)) - first)
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure_shape(name: str, shape: dict, rate: float, max_tokens: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = write_model(Path(tmp), shape)
+        bound = rate / bytes_per_token(config, torch.bfloat16)
+        llm = LLM(tmp, max_model_len=PROMPT_LEN + max_tokens + 16, max_num_seqs=16, max_num_batched_tokens=512)
+        engine_decode(llm, 1, 4)  # warm-up
+        engine = {streams: engine_decode(llm, streams, max_tokens) for streams in (1, 4, 16)}
+        del llm
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype="auto").eval()
+        transformers_decode(model, 4)  # warm-up
+        stock = transformers_decode(model, max_tokens)
+        del model
+    row = {
+        "bound_tok_per_s": round(bound, 2),
+        "engine_tok_per_s": {str(s): round(v, 2) for s, v in engine.items()},
+        "transformers_tok_per_s": round(stock, 2),
+        "engine_fraction_of_bound": round(engine[1] / bound, 3),
+        "transformers_fraction_of_bound": round(stock / bound, 3),
+        "engine_over_transformers": round(engine[1] / stock, 3),
+    }
+    logger.info("%s: bound %.1f tok/s, engine %.1f (%.2f of bound), transformers %.1f (%.2f)", name, bound,
+                engine[1], engine[1] / bound, stock, stock / bound)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--layers", type=int, help="trim every shape to this many layers (quick check)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    configure_logging("info")
+    load_before = os.getloadavg()
+    rate = stream_rate(int(1.5 * 2**30))
+    rows = {}
+    for name in args.shapes:
+        shape = dict(SHAPES[name], **({"num_hidden_layers": args.layers} if args.layers else {}))
+        rows[name] = measure_shape(name, shape, rate["best"], args.max_tokens)
+    result = {
+        "benchmark": "experts_decode",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "stream_bytes_per_s": {k: round(v) for k, v in rate.items()},
+        "layers_override": args.layers,
+        "max_tokens": args.max_tokens,
+        "shapes": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    logger.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()
