@@ -27,10 +27,9 @@ $(DEMO_MODEL)/config.json: | $(VENV)/.installed
 
 demo-model: $(DEMO_MODEL)/config.json
 
-# Until the HTTP server lands (issue #8) `make serve` runs an offline demo: one chat completion of the demo model.
-DEMO_PROMPT ?= Write a Python function that reverses a list.
+# The OpenAI-compatible server on 127.0.0.1:8000, serving the demo model (Ctrl-C or SIGTERM stops it).
 serve: install demo-model
-	$(VENV)/bin/moeserve generate $(DEMO_MODEL) --config configs/demo.yaml --chat --prompt "$(DEMO_PROMPT)"
+	$(VENV)/bin/moeserve serve $(DEMO_MODEL) --config configs/demo.yaml
 
 # pytest exits 5 when it collected no tests; for this project that is a broken suite, so it fails loudly.
 test: install

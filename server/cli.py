@@ -65,7 +65,7 @@ def _add_prepare(subparsers) -> None:
     parser.add_argument("model", help="Hugging Face model directory")
     parser.add_argument("--out", required=True, type=Path, help="store directory")
     parser.add_argument("--precisions", nargs="+", help="precisions to store per expert")
-    parser.set_defaults(handler=_unavailable("prepare", "#6 (expert offloading: prepared expert store)"))
+    parser.set_defaults(handler=_prepare)
 
 
 def _add_demo_model(subparsers) -> None:
@@ -137,10 +137,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _serve(args: argparse.Namespace, config: Config | None) -> int:
-    raise CommandUnavailable(
-        "`moeserve serve` is not available in this build yet: the HTTP server lands with issue #8; "
-        f"meanwhile `moeserve generate {args.model} --prompt TEXT` runs the model offline"
-    )
+    from server.app import run_server
+
+    if not Path(config.model).is_dir():
+        raise FileNotFoundError(f"model directory not found: {config.model}")
+    return run_server(config)
 
 
 def _generate(args: argparse.Namespace, config: Config | None) -> int:
@@ -150,6 +151,18 @@ def _generate(args: argparse.Namespace, config: Config | None) -> int:
         config.model, args.prompt, chat=args.chat, max_tokens=args.max_tokens, temperature=args.temperature,
         seed=args.seed, dtype=config.dtype, stream=sys.stdout,
     )
+    return 0
+
+
+def _prepare(args: argparse.Namespace, config: Config | None) -> int:
+    from engine.offload.layout import StoreError, prepare
+
+    try:
+        store = prepare(args.model, args.out, precisions=args.precisions or ("native",))
+    except (StoreError, ValueError) as exc:
+        sys.stderr.write(f"moeserve prepare: error: {exc}\n")
+        return EXIT_USAGE
+    sys.stdout.write(f"{store.root}\n")
     return 0
 
 

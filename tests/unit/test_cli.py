@@ -31,9 +31,7 @@ def test_console_script_entry_point_runs() -> None:
 @pytest.mark.parametrize(
     ("argv", "issue"),
     [
-        (["prepare", "model-dir", "--out", "store"], "#6"),
         (["bench"], "#6"),
-        (["serve", "model-dir"], "#8"),
     ],
 )
 def test_unlanded_subcommands_exit_2_and_name_their_issue(
@@ -43,6 +41,11 @@ def test_unlanded_subcommands_exit_2_and_name_their_issue(
     captured = capsys.readouterr()
     assert captured.out == "", "no made-up output"
     assert "not available in this build yet" in captured.err and issue in captured.err
+
+
+def test_serve_of_a_missing_model_directory_exits_2_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "no-such-model-dir", "--port", "8123"]) == EXIT_USAGE
+    assert "model directory not found: no-such-model-dir" in capsys.readouterr().err
 
 
 def test_serve_validates_configuration_before_anything_else(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,110 @@
+"""Prometheus metrics of the server, with the exact names of DESIGN's contract.
+
+Only what exists is exported: request, token, latency, KV-cache and preemption metrics, and the expert-cache
+counters the engine reports in offload mode (per-layer hits and misses, bytes loaded and cached per tier).
+Prefetch, stall-time histogram and trace-store metrics appear when the engine reports them (never as
+zero-valued stand-ins).
+Each `ServerMetrics` has its own registry, so several apps can live in one process (tests).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from engine.async_engine import RequestTimes
+from engine.request import RequestOutput
+
+PREFIX = "moeserve:"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class _EngineCollector(Collector):
+    """Gauges and counters read from the engine's stats snapshot at scrape time (nothing before it loads)."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any] | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        stats = self._stats()
+        if stats is None:
+            return
+        yield GaugeMetricFamily(f"{PREFIX}num_requests_running", "Sequences running in the engine.",
+                                value=stats["requests_running"])
+        yield GaugeMetricFamily(f"{PREFIX}num_requests_waiting", "Sequences waiting to be scheduled.",
+                                value=stats["requests_waiting"])
+        yield GaugeMetricFamily(f"{PREFIX}kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1).",
+                                value=stats["kv_cache_usage"])
+        yield CounterMetricFamily(f"{PREFIX}num_preemptions", "Sequences preempted for lack of KV blocks.",
+                                  value=stats["num_preemptions"])
+        yield from _expert_metrics(stats)
+
+
+def _expert_metrics(stats: dict[str, Any]) -> Iterator[Any]:
+    """Expert-cache metrics, for the keys the engine reports (only in offload mode)."""
+    per_layer = stats.get("per_layer", {})
+    for key, name, documentation in (("hits", "expert_cache_hits", "Expert lookups served from the cache."),
+                                     ("misses", "expert_cache_misses", "Expert lookups that had to load.")):
+        if key in per_layer:
+            family = CounterMetricFamily(f"{PREFIX}{name}", documentation, labels=["layer"])
+            for layer, value in enumerate(per_layer[key]):
+                family.add_metric([str(layer)], value)
+            yield family
+    if "expert_bytes_read" in stats:
+        family = CounterMetricFamily(f"{PREFIX}expert_load_bytes", "Expert bytes loaded, by source tier.",
+                                     labels=["tier"])
+        for tier, value in stats["expert_bytes_read"].items():
+            family.add_metric([tier], value)
+        yield family
+    if "expert_cache_bytes" in stats:
+        family = GaugeMetricFamily(f"{PREFIX}expert_cache_bytes", "Bytes of experts cached, by tier.",
+                                   labels=["tier"])
+        for tier, value in stats["expert_cache_bytes"].items():
+            family.add_metric([tier], value)
+        yield family
+
+
+class ServerMetrics:
+    """The server's metrics; `observe_finished` is called once per request when it ends."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any] | None]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(stats))
+        self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens processed.", registry=self.registry)
+        self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "Tokens generated.", registry=self.registry)
+        self.request_success = Counter(f"{PREFIX}request_success", "Requests finished, by finish reason.",
+                                       ["finished_reason"], registry=self.registry)
+        self.time_to_first_token = self._histogram("time_to_first_token_seconds", "Arrival to first token.")
+        self.inter_token_latency = self._histogram("inter_token_latency_seconds",
+                                                   "Mean gap between tokens, per request.")
+        self.e2e_latency = self._histogram("e2e_request_latency_seconds", "Arrival to the last token.")
+        self.queue_time = self._histogram("request_queue_time_seconds", "Arrival to first scheduled.")
+
+    def _histogram(self, name: str, documentation: str) -> Histogram:
+        return Histogram(f"{PREFIX}{name}", documentation, buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+    def observe_finished(self, output: RequestOutput, times: RequestTimes) -> None:
+        """Account one request that ended (finished, or cut short: its last output)."""
+        end = time.monotonic()
+        num_generated = sum(len(completion.token_ids) for completion in output.outputs)
+        self.prompt_tokens.inc(len(output.prompt_token_ids))
+        self.generation_tokens.inc(num_generated)
+        for completion in output.outputs:
+            self.request_success.labels(completion.finish_reason or "abort").inc()
+        self.e2e_latency.observe(end - times.arrival)
+        if times.scheduled is not None:
+            self.queue_time.observe(times.scheduled - times.arrival)
+        if times.first_token is not None:
+            self.time_to_first_token.observe(times.first_token - times.arrival)
+            per_sequence = num_generated / max(len(output.outputs), 1)
+            if per_sequence > 1:
+                self.inter_token_latency.observe((end - times.first_token) / (per_sequence - 1))
