@@ -18,7 +18,12 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from engine.attention import ATTENTION_NAME, BatchLayout, PagedKVStore
 from engine.kv_cache import DEFAULT_BLOCK_SIZE
-from engine.offload.experts import ExpertsForward, register_experts_forward, tag_experts_layers
+from engine.offload.experts import (
+    ExpertsForward,
+    lookahead_routers,
+    register_experts_forward,
+    tag_experts_layers,
+)
 from engine.offload.loader import is_experts_module, load_offloaded_model
 from engine.offload.offloaded import OffloadedExperts
 from engine.scheduler import ScheduledRequest
@@ -70,6 +75,8 @@ class ModelRunner:
         self.kv_store = PagedKVStore(self.config.num_hidden_layers, num_kv_blocks * block_size)
         self.experts_forward = ExpertsForward(source=offload)
         self.num_moe_layers = tag_experts_layers(self.model)
+        if offload is not None and offload.prefetch_limit > 0:
+            self.experts_forward.lookahead = lookahead_routers(self.model)
         self.num_experts = max((m.gate_up_proj.shape[0] for m in self.model.modules() if is_experts_module(m)),
                                default=0)
         # A name per runner: the registry is global, and two engines in one process must not share a forward.

@@ -87,6 +87,9 @@ class ExpertWeightSource(Protocol):
         Yields one ``ExpertWeights`` per id, in order, in the module's layout and dtype.
         """
 
+    def prefetch(self, layer: int, expert_ids: Sequence[int]) -> None:
+        """A hint that ``layer`` will soon route to ``expert_ids``: start loading what is missing, never block."""
+
 
 class StackedParameters:
     """The default source: views into the experts module's own stacked parameters."""
@@ -94,6 +97,9 @@ class StackedParameters:
     def max_group_size(self, layer: int | None) -> int | None:
         """No limit: every expert is resident."""
         return None
+
+    def prefetch(self, layer: int, expert_ids: Sequence[int]) -> None:
+        """Nothing to fetch: every expert is resident."""
 
     @contextmanager
     def hold(self, experts: nn.Module, layer: int | None, expert_ids: Sequence[int]) -> Iterator[list[ExpertWeights]]:
@@ -166,6 +172,20 @@ def _gate_kind(experts: nn.Module) -> GateKind:
     if apply_gate is _default_apply_gate and isinstance(experts.act_fn, (SiLUActivation, nn.SiLU)):
         return GateKind.SILU_HALVES
     return GateKind.MODULE
+
+
+@dataclass
+class LookaheadStats:
+    """Gate look-ahead accuracy: experts predicted, routed (where a prediction existed) and both."""
+
+    predicted: int = 0
+    routed: int = 0
+    correct: int = 0
+
+    @property
+    def recall(self) -> float | None:
+        """Fraction of routed experts that were predicted; None before any prediction was scored."""
+        return self.correct / self.routed if self.routed else None
 
 
 @dataclass(frozen=True)
@@ -250,6 +270,10 @@ class ExpertsForward:
         self._scratch = torch.empty(0)
         # Called with (layer, top_k_index, top_k_weights) at every MoE layer: the activation tracer's tap.
         self.routing_observer: Callable[[int | None, torch.Tensor, torch.Tensor], None] | None = None
+        # Gate look-ahead: layer -> (the next MoE layer, its router); see ``look_ahead``. Empty = off.
+        self.lookahead: dict[int, tuple[int, nn.Module]] = {}
+        self.lookahead_stats = LookaheadStats()
+        self._predicted: dict[int, set[int]] = {}
 
     def spec(self, experts: nn.Module) -> ExpertsSpec:
         """The module's layout, read once and cached."""
@@ -272,12 +296,37 @@ class ExpertsForward:
             self.routing_observer(spec.layer, top_k_index, top_k_weights)
         hidden = hidden_states.contiguous()  # [T, H]
         plan = plan_routing(top_k_index, top_k_weights, spec.num_experts)
+        self._score_prediction(spec.layer, plan.expert_ids)
         out = self._accumulator(hidden)  # [T, H] fp32, zeroed
-        for group in plan.groups(self.source.max_group_size(spec.layer)):
+        for number, group in enumerate(plan.groups(self.source.max_group_size(spec.layer))):
             ids = [plan.expert_ids[i] for i in group]
             with self.source.hold(experts, spec.layer, ids) as weights:
+                if number == 0:
+                    self.look_ahead(spec.layer, hidden)
                 self._run_group(experts, spec, hidden, plan, group, weights, out)
         return out if hidden.dtype == torch.float32 else out.to(hidden.dtype)
+
+    def look_ahead(self, layer: int | None, hidden: torch.Tensor) -> None:
+        """Gate look-ahead (HOBBIT): route this layer's input with the next MoE layer's router and ask the source
+        to prefetch those experts, so their reads overlap this layer's compute and the next layer's attention.
+
+        Called once this layer's first group is held (pinned), so a prefetch never evicts what it computes with.
+        """
+        if layer not in self.lookahead:
+            return
+        next_layer, router = self.lookahead[layer]
+        _, _, indices = router(hidden)  # [T, k] the next router's choice for this layer's input
+        predicted = sorted(set(indices.flatten().tolist()))
+        self._predicted[next_layer] = set(predicted)
+        self.source.prefetch(next_layer, predicted)
+
+    def _score_prediction(self, layer: int | None, routed: Sequence[int]) -> None:
+        """Compare the look-ahead's prediction for ``layer`` (if any) with the experts it routed to."""
+        predicted = self._predicted.pop(layer, None)
+        if predicted is not None:
+            self.lookahead_stats.routed += len(routed)
+            self.lookahead_stats.correct += len(predicted.intersection(routed))
+            self.lookahead_stats.predicted += len(predicted)
 
     def _accumulator(self, hidden: torch.Tensor) -> torch.Tensor:
         """A zeroed fp32 [T, H]: fresh when it is returned as is (fp32 input), else reused scratch."""
@@ -417,6 +466,22 @@ def register_experts_forward(forward: ExpertsForward, name: str = EXPERTS_IMPLEM
 
 
 _LAYER_IN_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def lookahead_routers(model: nn.Module) -> dict[int, tuple[int, nn.Module]]:
+    """For each MoE layer (tagged), the next MoE layer and its router: the module beside that layer's experts
+    (``gate`` or ``router``) that returns (logits, weights, indices), as every supported architecture's does."""
+    routers: dict[int, nn.Module] = {}
+    for name, module in model.named_modules():
+        layer = getattr(module, LAYER_ATTRIBUTE, None)
+        if layer is None:
+            continue
+        block = model.get_submodule(name.rsplit(".", 1)[0])
+        router = getattr(block, "gate", None) or getattr(block, "router", None)
+        if isinstance(router, nn.Module) and hasattr(router, "weight"):
+            routers[layer] = router
+    layers = sorted(routers)
+    return {layer: (following, routers[following]) for layer, following in zip(layers, layers[1:])}
 
 
 def tag_experts_layers(model: nn.Module) -> int:

@@ -10,6 +10,14 @@ and reported by ``LLM.stats()``.
 
 The budget is ``expert_cache_bytes``: ``budget // slot_bytes`` slots, where a slot holds the largest blob of the
 store. Below ``top_k`` slots a layer cannot hold one token's experts, so start-up is refused with the minimum.
+
+Prefetch (``prefetch(layer, ids)``, fed by the experts forward's gate look-ahead): a missing expert is admitted
+at once and its read starts; it stays pinned while the read is in flight (an in-flight slot is never a victim)
+and is unpinned when the read is reaped. At most ``num_slots - top_k`` (and MAX_PREFETCH_IN_FLIGHT) reads are in
+flight, so a demand group always finds victims once in-flight reads are drained — which ``hold`` does, waiting,
+only when every other slot is pinned. A demand use of a prefetched expert is a hit (``prefetch_used``; the
+forward waits if its read is still in flight, counted as stall); a prefetched expert evicted before any use is
+``prefetch_wasted``.
 """
 
 from __future__ import annotations
@@ -17,13 +25,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from engine.offload.cache import ExpertCache, Key, LRUPolicy
+from engine.offload.cache import ExpertCache, Key, LRUPolicy, NoVictimError
 from engine.offload.experts import ExpertWeights
 from engine.offload.layout import BlobEntry, ExpertStore, StoreError
 from engine.offload.tiers import BlobReader, ReadMode, ReadRequest, SlotArena, choose_read_mode
@@ -31,6 +40,7 @@ from engine.offload.tiers import BlobReader, ReadMode, ReadRequest, SlotArena, c
 logger = logging.getLogger(__name__)
 
 PRECISION = "native"
+MAX_PREFETCH_IN_FLIGHT = 8
 
 
 class BudgetTooSmall(ValueError):
@@ -46,6 +56,9 @@ class OffloadStats:
     misses: int = 0
     disk_bytes_read: int = 0
     stall_seconds: float = 0.0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0
     per_layer_hits: list[int] = field(default_factory=list)
     per_layer_misses: list[int] = field(default_factory=list)
 
@@ -79,6 +92,9 @@ class OffloadedExperts:
         self._slot_of: dict[Key, int] = {}
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._verified: set[Key] = set()
+        self._loading: dict[Key, Future] = {}  # prefetch reads in flight (their keys pinned)
+        self._prefetched_unused: set[Key] = set()
+        self.prefetch_limit = min(MAX_PREFETCH_IN_FLIGHT, num_slots - top_k)
         self._step = 0
         first = store.blob(store.moe_layers[0], 0, PRECISION)
         mode = read_mode or choose_read_mode(first.file, self._probe_offsets(first.file), first.padded_nbytes,
@@ -110,11 +126,12 @@ class OffloadedExperts:
         if layer is None:
             raise RuntimeError("offloaded experts need the layer index tagged on every experts module")
         keys = [(layer, expert, PRECISION) for expert in expert_ids]
-        loads: list[tuple[Key, object]] = []
+        loads: list[tuple[Key, Future]] = []
         pinned: list[Key] = []
+        self._reap_prefetches(block=False)
         try:
             for key in keys:
-                future = self._access(key)
+                future = self._demand_access(key)
                 self.cache.policy.pin(key)
                 pinned.append(key)
                 if future is not None:
@@ -125,26 +142,87 @@ class OffloadedExperts:
             for key in pinned:
                 self.cache.policy.unpin(key)
 
-    def _access(self, key: Key):
-        """Record a use of ``key``; on a miss, claim a slot and start its read (returns the read's future)."""
+    def prefetch(self, layer: int, expert_ids: Sequence[int]) -> None:
+        """Start reads for the experts of ``layer`` that are not cached, within the in-flight limit; never blocks."""
+        self._reap_prefetches(block=False)
+        for expert in expert_ids:
+            if len(self._loading) >= self.prefetch_limit:
+                return
+            key = (layer, expert, PRECISION)
+            if key in self.cache:
+                continue
+            try:
+                future = self._admit(key)
+            except NoVictimError:
+                return
+            self.cache.policy.pin(key)
+            self._loading[key] = future
+            self._prefetched_unused.add(key)
+            self.stats.prefetch_issued += 1
+
+    def _demand_access(self, key: Key) -> Future | None:
+        """A use of ``key`` by the forward: a hit (waiting on its prefetch read if in flight) or a miss that
+        claims a slot and starts the read. Returns the future to wait on, if any."""
         layer = key[0]
-        access = self.cache.access(key, self._step)
-        if access.hit:
+        if key in self.cache:
+            self.cache.access(key, self._step)
             self.stats.hits += 1
             self.stats.per_layer_hits[layer] += 1
-            return None
+            if key in self._prefetched_unused:
+                self._prefetched_unused.discard(key)
+                self.stats.prefetch_used += 1
+            return self._loading.get(key)
         self.stats.misses += 1
         self.stats.per_layer_misses[layer] += 1
-        slot = self._slot_of.pop(access.evicted) if access.evicted is not None else self._free_slots.pop()
+        try:
+            return self._admit(key)
+        except NoVictimError:
+            self._reap_prefetches(block=True)  # every other slot is pinned by reads in flight: let them land
+            return self._admit(key)
+
+    def _admit(self, key: Key) -> Future:
+        """Make ``key`` resident in the policy, claim its slot (free or the victim's) and start its read.
+
+        Raises NoVictimError, changing nothing, when the cache is full and every member is pinned."""
+        access = self.cache.access(key, self._step)
+        if access.evicted is not None:
+            slot = self._slot_of.pop(access.evicted)
+            if access.evicted in self._prefetched_unused:
+                self._prefetched_unused.discard(access.evicted)
+                self.stats.prefetch_wasted += 1
+        else:
+            slot = self._free_slots.pop()
         self._slot_of[key] = slot
         entry = self.store.blob(*key)
         return self.reader.submit(ReadRequest(entry.file, entry.offset, entry.padded_nbytes, self.arena.slot(slot)))
 
-    def _finish_loads(self, loads: list[tuple[Key, object]]) -> None:
-        """Wait for the group's reads (the wait is stall time); verify first loads; drop keys whose load failed."""
+    def _reap_prefetches(self, block: bool) -> None:
+        """Unpin prefetched keys whose reads finished (all of them, waiting, with ``block``); a failed or corrupt
+        read is forgotten and logged — the forward will read it again on demand and report the error there."""
+        for key, future in list(self._loading.items()):
+            if not (block or future.done()):
+                continue
+            del self._loading[key]
+            self.cache.policy.unpin(key)
+            try:
+                future.result()
+                self._verify_first_load(key)
+            except (OSError, StoreError) as error:
+                logger.warning("prefetch of expert %d of layer %d failed: %s", key[1], key[0], error)
+                self._prefetched_unused.discard(key)
+                self._forget(key)
+        self.stats.disk_bytes_read = self.reader.bytes_read
+
+    def _finish_loads(self, loads: list[tuple[Key, Future]]) -> None:
+        """Wait for the group's reads (the wait is stall time); verify first loads; drop keys whose load failed.
+
+        A key whose read was a prefetch still in flight is waited on here and then handed back to the reaper's
+        bookkeeping (unpinned once: the forward's own pin keeps it for the group)."""
         start = time.perf_counter()
         failed: list[tuple[Key, BaseException]] = []
         for key, future in loads:
+            if self._loading.pop(key, None) is not None:
+                self.cache.policy.unpin(key)
             try:
                 future.result()
                 self._verify_first_load(key)
@@ -186,7 +264,8 @@ class OffloadedExperts:
         return offsets
 
     def close(self) -> None:
-        """Release the reader's files and threads."""
+        """Release the reader's files and threads (after the reads in flight land)."""
+        self._reap_prefetches(block=True)
         self.reader.close()
 
 
