@@ -1,9 +1,9 @@
 """Prometheus metrics of the server, with the exact names of DESIGN's contract.
 
 Only what exists is exported: request, token, latency, KV-cache and preemption metrics, and the expert-cache
-counters the engine reports in offload mode (per-layer hits and misses, bytes loaded and cached per tier).
-Prefetch, stall-time histogram and trace-store metrics appear when the engine reports them (never as
-zero-valued stand-ins).
+metrics the engine reports in offload mode (per-layer hits and misses, bytes loaded and cached per tier,
+prefetch issued/used/wasted, the look-ahead's prediction recall once it has predicted). The stall-time histogram
+and trace-store metrics appear when the engine reports them (never as zero-valued stand-ins).
 Each `ServerMetrics` has its own registry, so several apps can live in one process (tests).
 """
 
@@ -55,6 +55,17 @@ def _expert_metrics(stats: dict[str, Any]) -> Iterator[Any]:
             for layer, value in enumerate(per_layer[key]):
                 family.add_metric([str(layer)], value)
             yield family
+    for key, name, documentation in (
+        ("expert_prefetch_issued", "expert_prefetch_issued", "Expert reads started by prefetch."),
+        ("expert_prefetch_used", "expert_prefetch_used", "Prefetched experts used before eviction."),
+        ("expert_prefetch_wasted", "expert_prefetch_wasted", "Prefetched experts evicted unused."),
+    ):
+        if key in stats:
+            yield CounterMetricFamily(f"{PREFIX}{name}", documentation, value=stats[key])
+    if stats.get("expert_prediction_recall") is not None:
+        yield GaugeMetricFamily(f"{PREFIX}expert_prediction_recall",
+                                "Share of routed experts the gate look-ahead predicted.",
+                                value=stats["expert_prediction_recall"])
     if "expert_bytes_read" in stats:
         family = CounterMetricFamily(f"{PREFIX}expert_load_bytes", "Expert bytes loaded, by source tier.",
                                      labels=["tier"])

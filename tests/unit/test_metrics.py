@@ -11,7 +11,8 @@ BASE_STATS = {"kv_blocks_used": 3, "kv_blocks_total": 12, "kv_cache_usage": 0.25
               "requests_waiting": 1, "num_preemptions": 4}
 OFFLOAD_STATS = {**BASE_STATS, "expert_hits": 5, "expert_misses": 2, "expert_bytes_read": {"disk": 4096},
                  "expert_stall_seconds": 0.5, "expert_cache_bytes": {"host": 8192}, "expert_cache_slots": 4,
-                 "per_layer": {"hits": [3, 2], "misses": [1, 1]}}
+                 "per_layer": {"hits": [3, 2], "misses": [1, 1]}, "expert_prefetch_issued": 6,
+                 "expert_prefetch_used": 4, "expert_prefetch_wasted": 1, "expert_prediction_recall": 0.75}
 
 
 def _samples(text: str) -> dict[str, float]:
@@ -37,6 +38,15 @@ def test_expert_metrics_in_offload_mode() -> None:
     assert samples['moeserve:expert_cache_misses_total{layer="1"}'] == 1
     assert samples['moeserve:expert_load_bytes_total{tier="disk"}'] == 4096
     assert samples['moeserve:expert_cache_bytes{tier="host"}'] == 8192
+    assert samples["moeserve:expert_prefetch_issued_total"] == 6
+    assert samples["moeserve:expert_prefetch_used_total"] == 4
+    assert samples["moeserve:expert_prefetch_wasted_total"] == 1
+    assert samples["moeserve:expert_prediction_recall"] == 0.75
+
+
+def test_no_recall_gauge_before_the_look_ahead_has_predicted() -> None:
+    samples = _samples(ServerMetrics(lambda: {**OFFLOAD_STATS, "expert_prediction_recall": None}).render().decode())
+    assert "moeserve:expert_prediction_recall" not in samples and "moeserve:expert_prefetch_issued_total" in samples
 
 
 def test_a_finished_request_is_accounted() -> None:
