@@ -25,11 +25,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from engine.engine import LLMEngine, Prompt
-from engine.request import RequestOutput
+from engine.request import RequestOutput, RequestTimes
 from engine.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -49,15 +49,6 @@ class RequestAbortedError(RuntimeError):
 
 class EngineStoppedError(RuntimeError):
     """The engine is shutting down or stopped: the request was not queued, or was aborted by the shutdown."""
-
-
-@dataclass
-class RequestTimes:
-    """Monotonic timestamps of one request, for latency metrics: arrival, first scheduled, first token."""
-
-    arrival: float = field(default_factory=time.monotonic)
-    scheduled: float | None = None
-    first_token: float | None = None
 
 
 class RequestStream:

@@ -191,3 +191,12 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return all(o.finished for o in self.outputs)
+
+
+@dataclass
+class RequestTimes:
+    """Monotonic timestamps of one request, for latency metrics: arrival, first scheduled, first token."""
+
+    arrival: float = field(default_factory=time.monotonic)
+    scheduled: float | None = None
+    first_token: float | None = None

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from engine.async_engine import RequestTimes
+from engine.request import RequestTimes
 from engine.request import RequestOutput
 
 PREFIX = "moeserve:"

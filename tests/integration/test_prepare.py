@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from engine.models.demo import ARCHITECTURES, DemoModelSpec, write_demo_model
 from engine.offload.layout import (
-    BLOB_ALIGN, MANIFEST, RESIDENT, TENSOR_ALIGN, BlobEntry, ExpertStore, StoreError, ensure_store, fingerprint,
+    BLOB_ALIGN, MANIFEST, TENSOR_ALIGN, BlobEntry, ExpertStore, StoreError, ensure_store, fingerprint,
     prepare,
 )
 from engine.offload.quant import FP4_VALUES

@@ -3,7 +3,7 @@ engine reports them."""
 
 from __future__ import annotations
 
-from engine.async_engine import RequestTimes
+from engine.request import RequestTimes
 from engine.request import CompletionOutput, RequestOutput
 from server.metrics import ServerMetrics
 
