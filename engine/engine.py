@@ -186,6 +186,7 @@ class LLMEngine:
                 "expert_misses": counters.misses,
                 "expert_bytes_read": {"disk": counters.disk_bytes_read},
                 "expert_stall_seconds": counters.stall_seconds,
+                "expert_stall_histogram": counters.stalls.snapshot(),
                 "expert_prefetch_issued": counters.prefetch_issued,
                 "expert_prefetch_used": counters.prefetch_used,
                 "expert_prefetch_wasted": counters.prefetch_wasted,

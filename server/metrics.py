@@ -2,8 +2,8 @@
 
 Only what exists is exported: request, token, latency, KV-cache and preemption metrics, and the expert-cache
 metrics the engine reports in offload mode (per-layer hits and misses, bytes loaded and cached per tier,
-prefetch issued/used/wasted, the look-ahead's prediction recall once it has predicted). The stall-time histogram
-and trace-store metrics appear when the engine reports them (never as zero-valued stand-ins).
+prefetch issued/used/wasted, the stall-time histogram, the look-ahead's prediction recall once it has predicted).
+Trace-store metrics appear when the engine reports them (never as zero-valued stand-ins).
 Each `ServerMetrics` has its own registry, so several apps can live in one process (tests).
 """
 
@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from itertools import accumulate
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from engine.request import RequestTimes
@@ -62,6 +63,8 @@ def _expert_metrics(stats: dict[str, Any]) -> Iterator[Any]:
     ):
         if key in stats:
             yield CounterMetricFamily(f"{PREFIX}{name}", documentation, value=stats[key])
+    if "expert_stall_histogram" in stats:
+        yield _stall_histogram(stats["expert_stall_histogram"])
     if stats.get("expert_prediction_recall") is not None:
         yield GaugeMetricFamily(f"{PREFIX}expert_prediction_recall",
                                 "Share of routed experts the gate look-ahead predicted.",
@@ -78,6 +81,14 @@ def _expert_metrics(stats: dict[str, Any]) -> Iterator[Any]:
         for tier, value in stats["expert_cache_bytes"].items():
             family.add_metric([tier], value)
         yield family
+
+
+def _stall_histogram(snapshot: dict[str, Any]) -> HistogramMetricFamily:
+    """The engine's stall histogram (per-bucket counts) as Prometheus cumulative buckets."""
+    bounds = [*(str(bound) for bound in snapshot["buckets"]), "+Inf"]
+    cumulative = list(accumulate(snapshot["counts"]))
+    return HistogramMetricFamily(f"{PREFIX}expert_stall_seconds", "Time the experts forward waited on expert reads.",
+                                 buckets=list(zip(bounds, cumulative)), sum_value=snapshot["sum"])
 
 
 class ServerMetrics:

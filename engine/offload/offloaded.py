@@ -47,6 +47,27 @@ class BudgetTooSmall(ValueError):
     """``expert_cache_bytes`` cannot hold one token's routed experts of a layer."""
 
 
+STALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+"""Upper bounds (seconds) of the stall histogram's buckets; a last, unbounded bucket follows."""
+
+
+@dataclass
+class StallHistogram:
+    """Durations of the forward's waits on expert reads, one observation per group that waited."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(STALL_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[next((i for i, bound in enumerate(STALL_BUCKETS) if seconds <= bound), len(STALL_BUCKETS))] += 1
+        self.total += seconds
+
+    def snapshot(self) -> dict:
+        """{"buckets": upper bounds, "counts": per bucket (the last unbounded), "sum": seconds, "count": waits}."""
+        return {"buckets": list(STALL_BUCKETS), "counts": list(self.counts), "sum": self.total,
+                "count": sum(self.counts)}
+
+
 @dataclass
 class OffloadStats:
     """Counters since start-up. ``per_layer_*`` are indexed by decoder layer (dense layers stay 0)."""
@@ -56,6 +77,7 @@ class OffloadStats:
     misses: int = 0
     disk_bytes_read: int = 0
     stall_seconds: float = 0.0
+    stalls: StallHistogram = field(default_factory=StallHistogram)
     prefetch_issued: int = 0
     prefetch_used: int = 0
     prefetch_wasted: int = 0
@@ -228,7 +250,10 @@ class OffloadedExperts:
                 self._verify_first_load(key)
             except (OSError, StoreError) as error:
                 failed.append((key, error))
-        self.stats.stall_seconds += time.perf_counter() - start
+        if loads:
+            waited = time.perf_counter() - start
+            self.stats.stall_seconds += waited
+            self.stats.stalls.observe(waited)
         self.stats.disk_bytes_read = self.reader.bytes_read
         for key, _ in failed:
             self._forget(key)

@@ -70,6 +70,8 @@ def test_offloaded_greedy_equals_resident_at_every_budget(
         assert stats["expert_bytes_read"]["disk"] == reads * store.max_blob_bytes
         assert stats["expert_prefetch_used"] + stats["expert_prefetch_wasted"] <= stats["expert_prefetch_issued"]
         assert sum(stats["per_layer"]["misses"]) == stats["expert_misses"]
+        stalls = stats["expert_stall_histogram"]
+        assert stalls["count"] > 0 and abs(stalls["sum"] - stats["expert_stall_seconds"]) < 1e-9
         assert sum(stats["per_layer"]["hits"]) == stats["expert_hits"]
         assert stats["expert_cache_bytes"]["host"] <= budget
         assert not offload.cache.policy._pins, "every pin released after the step"

@@ -12,7 +12,8 @@ BASE_STATS = {"kv_blocks_used": 3, "kv_blocks_total": 12, "kv_cache_usage": 0.25
 OFFLOAD_STATS = {**BASE_STATS, "expert_hits": 5, "expert_misses": 2, "expert_bytes_read": {"disk": 4096},
                  "expert_stall_seconds": 0.5, "expert_cache_bytes": {"host": 8192}, "expert_cache_slots": 4,
                  "per_layer": {"hits": [3, 2], "misses": [1, 1]}, "expert_prefetch_issued": 6,
-                 "expert_prefetch_used": 4, "expert_prefetch_wasted": 1, "expert_prediction_recall": 0.75}
+                 "expert_prefetch_used": 4, "expert_prefetch_wasted": 1, "expert_prediction_recall": 0.75,
+                 "expert_stall_histogram": {"buckets": [0.01, 0.1], "counts": [2, 0, 1], "sum": 3.5, "count": 3}}
 
 
 def _samples(text: str) -> dict[str, float]:
@@ -42,6 +43,10 @@ def test_expert_metrics_in_offload_mode() -> None:
     assert samples["moeserve:expert_prefetch_used_total"] == 4
     assert samples["moeserve:expert_prefetch_wasted_total"] == 1
     assert samples["moeserve:expert_prediction_recall"] == 0.75
+    assert samples['moeserve:expert_stall_seconds_bucket{le="0.01"}'] == 2
+    assert samples['moeserve:expert_stall_seconds_bucket{le="0.1"}'] == 2
+    assert samples['moeserve:expert_stall_seconds_bucket{le="+Inf"}'] == 3
+    assert samples["moeserve:expert_stall_seconds_count"] == 3 and samples["moeserve:expert_stall_seconds_sum"] == 3.5
 
 
 def test_no_recall_gauge_before_the_look_ahead_has_predicted() -> None:
