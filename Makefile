@@ -7,17 +7,16 @@ DEMO_MODEL ?= .demo-model/mixtral
 
 .PHONY: serve test install demo-model clean
 
-# The venv is rebuilt whenever pyproject.toml changes; the stamp file records a finished install.
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+# The install steps live in scripts/install.sh, which the Dockerfile runs too.
+# The venv is rebuilt whenever pyproject.toml (or the install script) changes; the stamp file records a finished install.
+$(VENV)/.installed: pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) EXTRAS=test bash scripts/install.sh deps
 	touch $@
 
 # The compiled CPU experts kernel (engine/offload/kernels/); without it the engine runs its pure-torch path.
 KERNEL_STAMP := engine/offload/kernels/_build/fingerprint.txt
 $(KERNEL_STAMP): engine/offload/kernels/experts_cpu.cpp $(VENV)/.installed
-	$(PY) -m engine.offload.kernels.build
+	VENV=$(VENV) bash scripts/install.sh kernel
 	touch $@
 
 install: $(VENV)/.installed $(KERNEL_STAMP)
