@@ -94,6 +94,10 @@ class EvictionPolicy(ABC):
         """Replace the keep-priorities (higher = keep longer; absent keys count 0.0). An empty map clears them."""
         self._priorities = dict(priorities)
 
+    def priority(self, key: Key) -> float:
+        """The keep-priority of ``key`` set by `set_priorities` (0.0 if it has none)."""
+        return self._priorities.get(key, 0.0)
+
     @abstractmethod
     def _choose(self, candidates: list[Key]) -> Key:
         """The policy's rule over a non-empty list of unpinned, equal-priority candidates."""
@@ -241,6 +245,34 @@ class ExpertCache:
             policy.admit(key)
             members.add(key)
         return CacheAccess(hit, evicted)
+
+    def victim_for(self, key: Key) -> Key | None:
+        """The key that admitting ``key`` now would evict: None if ``key`` is resident or its partition has room.
+
+        Raises NoVictimError when the partition is full of pinned keys. Changes nothing.
+        """
+        members = self._members[key[0] if self._per_layer else None]
+        if self.policy.lookup(key) or len(members) < self.capacity:
+            return None
+        return self.policy.victim(members)
+
+    def admit(self, key: Key) -> Key | None:
+        """Make a non-resident ``key`` resident without an access (a prefetch); returns the key it evicted.
+
+        The victim is `victim_for`'s; the policy sees `admit` (LRU counts it as a use) but no `on_access`.
+        ValueError if ``key`` is already resident; NoVictimError (nothing changed) if every member is pinned.
+        """
+        if self.policy.lookup(key):
+            raise ValueError(f"admit of {key}, which is already resident")
+        evicted = self.victim_for(key)
+        members = self._members[key[0] if self._per_layer else None]
+        if evicted is not None:
+            self.policy.evict(evicted)
+            members.remove(evicted)
+            logger.debug("evict %s for prefetch of %s", evicted, key)
+        self.policy.admit(key)
+        members.add(key)
+        return evicted
 
     def remove(self, key: Key) -> None:
         """Make a resident ``key`` non-resident outside any eviction (its load failed); KeyError if absent."""

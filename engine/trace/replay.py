@@ -1,6 +1,10 @@
-"""Offline replay: run recorded routing traces through an expert cache and measure it (demand paging).
+"""Offline replay: run recorded routing traces through an expert cache and measure it.
 
-The access sequence — the conventions that reproduce the reference hit rates of tests/data/README.md exactly:
+Two kinds of policy: the demand-paging ones of engine.offload.cache (POLICY_NAMES: an expert is read when a
+layer needs it), and `PREDICTIVE_POLICY` (``"default"``, the engine's): a global cache whose priorities come
+from engine.trace.predictor, with prefetches through engine.offload.prefetch and a modelled clock
+(`ClockModel`, `_PredictiveReplay`). Both follow the access sequence and counting conventions below — those
+that reproduce the reference hit rates of tests/data/README.md exactly:
 
 - Requests are replayed in the order given, through ONE cache (nothing is reset between them).
 - Within a request, steps in order; within a step, layers 0..L-1; within a layer, the expert ids in the order
@@ -10,7 +14,8 @@ The access sequence — the conventions that reproduce the reference hit rates o
   LRU recency and LFU frequencies, and are part of Belady's future — but count neither as hits nor as misses.
 - LFU frequencies count every access (prefill included) and survive eviction; ties go to the least recently
   used (`LFUPolicy`). Belady looks ahead over the whole sequence, across request boundaries (`BeladyPolicy`).
-- Loads: every miss, prefill included, loads one expert blob; ``bytes_loaded`` counts them in blobs.
+- Loads: every miss, prefill included, loads one expert blob; ``bytes_loaded`` counts them in blobs (with
+  `PREDICTIVE_POLICY`, prefetches too). A prefetching replay predicts and prefetches during decode steps only.
 
 Capacity is ``slots_per_layer`` K (per-layer policies hold K per layer, global ones K * num_layers in all) or
 ``capacity`` N in total (per-layer policies hold N // num_layers per layer; N must be a positive multiple of
@@ -28,12 +33,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from engine.offload.cache import POLICY_NAMES, Key, build_cache, policy_scope
+from engine.offload.cache import POLICY_NAMES, ExpertCache, Key, LRUPolicy, NoVictimError, build_cache, policy_scope
+from engine.offload.prefetch import Load, PrefetchQueue
 from engine.trace.format import RequestTrace, read_traces
+from engine.trace.predictor import (
+    DEFAULT_MAX_OFFSET,
+    DEFAULT_MISS_STEPS,
+    SOURCES,
+    Predictor,
+    RequestState,
+    TransitionStatistics,
+    any_request,
+    batch_priorities,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_POLICY = "lru"
+PREDICTIVE_POLICY = "default"
+"""The engine's default policy: global LRU under predicted priorities, with prefetch (`PrefetchSettings`)."""
+REPLAY_POLICY_NAMES: tuple[str, ...] = (*POLICY_NAMES, PREDICTIVE_POLICY)
 DEFAULT_SLOTS_PER_LAYER = 4
 TRACE_PRECISION = "native"
 """Routing traces record no precision; replay keys every expert with this one."""
@@ -44,18 +63,24 @@ MIXTRAL_EXPERT_BYTES = 3 * 4096 * 14336 * 2
 
 @dataclass(frozen=True)
 class ClockModel:
-    """Modelled time under demand paging: a miss blocks its layer until the blob is read, reads run one at a time.
+    """Modelled time: one device reads blobs one after another at ``load_bandwidth``, in the order they were issued.
 
-    So ``stall_seconds = loads * expert_load_seconds``, and the modelled run takes ``stall_seconds`` plus
-    ``layer_compute_seconds`` per (step, layer) that uses experts (prefill layers cost the same as decode ones:
-    the trace records no prompt length). Defaults: a Mixtral-8x7B bf16 expert read from disk at 1.5 GB/s
-    (~0.235 s, DESIGN.md's 1-2 GB/s) and 35 ms per layer (a decode token's two experts streamed from RAM at
-    ~20 GB/s), i.e. a miss costs ~13x the compute of the expert it feeds.
+    Demand paging: a miss blocks its layer until the blob is read, so ``stall_seconds = loads *
+    expert_load_seconds``, and the modelled run takes ``stall_seconds`` plus ``layer_compute_seconds`` per
+    (step, layer) that uses experts (prefill layers cost the same as decode ones: the trace records no prompt
+    length). With prefetch (`PREDICTIVE_POLICY`), at most ``max_bytes_in_flight`` bytes of reads are issued and
+    unfinished at once; a layer starts when the last of its experts is read, and an expert counts as a hit only
+    if its read finished before the layer arrived (a late prefetch is a miss that stalls less). Defaults: a
+    Mixtral-8x7B bf16 expert read from disk at 1.5 GB/s (~0.235 s, DESIGN.md's 1-2 GB/s) and 35 ms per layer
+    (a decode token's two experts streamed from RAM at ~20 GB/s), i.e. a miss costs ~13x the compute of the
+    expert it feeds.
     """
 
     expert_bytes: int = MIXTRAL_EXPERT_BYTES
     load_bandwidth: float = 1.5e9
     layer_compute_seconds: float = 0.035
+    max_bytes_in_flight: int = 2 * MIXTRAL_EXPERT_BYTES
+    """Reads issued and not finished (the prefetching policy's bound; demand paging has one read at a time)."""
 
     @property
     def expert_load_seconds(self) -> float:
@@ -102,6 +127,9 @@ class ReplayResult:
     belady_hit_rate: float | None
     global_belady_hit_rate: float
     per_layer_hit_rate: tuple[float | None, ...]
+    prefetch_precision: float | None = None
+    prefetch_recall: float | None = None
+    prefetches: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -115,13 +143,13 @@ class ReplayResult:
 
     def to_json(self) -> dict[str, Any]:
         """The contract keys, then extras. ``belady_hit_rate`` is None when the capacity does not divide evenly
-        over the layers; the prefetch keys are None until a prefetching policy exists (never a made-up 0)."""
+        over the layers; the prefetch keys are None for a policy that does not prefetch (never a made-up 0)."""
         return {
             "hit_rate": self.hit_rate,
             "belady_hit_rate": self.belady_hit_rate,
             "global_belady_hit_rate": self.global_belady_hit_rate,
-            "prefetch_precision": None,
-            "prefetch_recall": None,
+            "prefetch_precision": self.prefetch_precision,
+            "prefetch_recall": self.prefetch_recall,
             "bytes_loaded": self.bytes_loaded,
             "stall_seconds": self.stall_seconds,
             "policy": self.policy,
@@ -133,6 +161,7 @@ class ReplayResult:
             "accesses": self.accesses,
             "hits": self.hits,
             "modelled_seconds": self.modelled_seconds,
+            "prefetches": self.prefetches,
             "per_layer_hit_rate": list(self.per_layer_hit_rate),
         }
 
@@ -143,22 +172,30 @@ def replay(
     slots_per_layer: int | None = None,
     capacity: int | None = None,
     clock: ClockModel = ClockModel(),
+    settings: PrefetchSettings | None = None,
 ) -> ReplayResult:
-    """Replay ``requests`` in order through one cache of policy ``policy`` (one of POLICY_NAMES).
+    """Replay ``requests`` in order through one cache of policy ``policy`` (one of REPLAY_POLICY_NAMES).
 
-    Give at most one of ``slots_per_layer`` and ``capacity`` (neither: DEFAULT_SLOTS_PER_LAYER). ValueError for
-    an unknown policy, both or a non-positive capacity, a per-layer policy whose capacity is not a positive
-    multiple of num_layers, requests of different layer/expert counts, or no decode access to measure.
+    Give at most one of ``slots_per_layer`` and ``capacity`` (neither: DEFAULT_SLOTS_PER_LAYER). ``settings``
+    tune `PREDICTIVE_POLICY` (default `PrefetchSettings()`). ValueError for an unknown policy, both or a
+    non-positive capacity, a per-layer policy whose capacity is not a positive multiple of num_layers, requests
+    of different layer/expert counts, or no decode access to measure.
     """
     num_layers = _shared_num_layers(requests)
     total = resolve_capacity(num_layers, slots_per_layer, capacity)
     accesses = _access_sequence(requests)
-    tally = _simulate(policy, _partition_capacity(policy, total, num_layers), accesses, num_layers)
+    if policy == PREDICTIVE_POLICY:
+        tally = _PredictiveReplay(requests, total, clock, settings or PrefetchSettings()).run(requests)
+        stall, modelled = tally.stall_seconds, tally.modelled_seconds
+    else:
+        tally = _simulate(policy, _partition_capacity(policy, total, num_layers), accesses, num_layers)
+        stall = tally.loads * clock.expert_load_seconds
+        modelled = stall + _computed_layers(requests) * clock.layer_compute_seconds
     belady = _baseline("belady", policy, tally, total, accesses, num_layers)
     global_belady = _baseline("global-belady", policy, tally, total, accesses, num_layers)
-    stall = tally.loads * clock.expert_load_seconds
     logger.info("replayed %d accesses with %s at capacity %d: hit rate %.3f", len(accesses), policy, total,
                 tally.hit_rate)
+    prefetch = tally if isinstance(tally, PrefetchTally) else None
     return ReplayResult(
         policy=policy,
         num_layers=num_layers,
@@ -169,10 +206,13 @@ def replay(
         hits=sum(tally.hits),
         bytes_loaded=tally.loads,
         stall_seconds=stall,
-        modelled_seconds=stall + _computed_layers(requests) * clock.layer_compute_seconds,
+        modelled_seconds=modelled,
         belady_hit_rate=belady.hit_rate if belady is not None else None,
         global_belady_hit_rate=global_belady.hit_rate,
         per_layer_hit_rate=tuple(hit / n if n else None for hit, n in zip(tally.hits, tally.accesses)),
+        prefetch_precision=prefetch.prefetch_precision if prefetch else None,
+        prefetch_recall=prefetch.prefetch_recall if prefetch else None,
+        prefetches=prefetch.prefetches if prefetch else 0,
     )
 
 
@@ -248,6 +288,226 @@ def _simulate(policy: str, partition_capacity: int, accesses: list[_Access], num
     return CacheTally(hits=tuple(hits), accesses=tuple(counted), loads=loads)
 
 
+@dataclass(frozen=True)
+class PrefetchSettings:
+    """The tuning of `PREDICTIVE_POLICY` (chosen on mixtral-h39s-prompt1 only; see benchmarks/replay_policies.py).
+
+    ``sources``: the predictor's (engine.trace.predictor.SOURCES); ``max_offset``: layers back the transition
+    statistics look; ``miss_steps``: `batch_priorities`' assumed wait after a missed visit;
+    ``min_probability``: the least predicted probability of use worth a prefetch; ``horizon``: how many layers
+    ahead of the frontier prefetches may target.
+    """
+
+    sources: tuple[str, ...] = SOURCES
+    max_offset: int = DEFAULT_MAX_OFFSET
+    miss_steps: float = DEFAULT_MISS_STEPS
+    min_probability: float = 0.6
+    horizon: int = 8
+
+
+@dataclass(frozen=True)
+class PrefetchTally(CacheTally):
+    """`CacheTally` of a prefetching replay, with its prefetch counts and modelled times.
+
+    ``prefetch_served``: decode accesses of a key a prefetch brought in (in time or late); ``demand_misses``:
+    decode accesses that found the key neither resident nor in flight.
+    """
+
+    prefetches: int
+    prefetches_used: int
+    prefetch_served: int
+    demand_misses: int
+    stall_seconds: float
+    modelled_seconds: float
+
+    @property
+    def prefetch_precision(self) -> float | None:
+        """Prefetched experts accessed before their eviction over prefetches issued (None: none issued)."""
+        return self.prefetches_used / self.prefetches if self.prefetches else None
+
+    @property
+    def prefetch_recall(self) -> float | None:
+        """Decode accesses served by a prefetch over those that needed a load (None: none needed one)."""
+        needed = self.prefetch_served + self.demand_misses
+        return self.prefetch_served / needed if needed else None
+
+
+class _ModelledDevice:
+    """One read at a time, first issued first served, each ``load_seconds`` long."""
+
+    def __init__(self, load_seconds: float) -> None:
+        self.load_seconds = load_seconds
+        self.done: dict[Key, float] = {}
+        self._free_at = 0.0
+
+    def start(self, key: Key, now: float) -> None:
+        self._free_at = max(now, self._free_at) + self.load_seconds
+        self.done[key] = self._free_at
+
+    def finished(self, now: float) -> list[Key]:
+        """The reads done by ``now``, earliest first; they leave the device."""
+        keys = sorted((done, key) for key, done in self.done.items() if done <= now)
+        for _, key in keys:
+            del self.done[key]
+        return [key for _, key in keys]
+
+
+class _PredictiveReplay:
+    """`PREDICTIVE_POLICY` over a trace: one global `ExpertCache` (LRU under the predictor's priorities), one
+    `PrefetchQueue`, one `Predictor` (its store and statistics span the requests), one modelled device."""
+
+    def __init__(self, requests: Sequence[RequestTrace], capacity: int, clock: ClockModel,
+                 settings: PrefetchSettings) -> None:
+        header = requests[0].header
+        self.num_layers = header.num_layers
+        self.clock = clock
+        self.settings = settings
+        self.cache = ExpertCache(LRUPolicy(), capacity, scope="global")
+        self.queue = PrefetchQueue(self.cache, clock.expert_bytes, clock.max_bytes_in_flight)
+        transitions = TransitionStatistics(header.num_layers, header.num_experts, max_offset=settings.max_offset)
+        self.predictor = Predictor(header.num_layers, header.num_experts, header.top_k or 2, settings.sources,
+                                   transitions=transitions)
+        self.device = _ModelledDevice(clock.expert_load_seconds)
+        self.now = 0.0
+        self.stall = 0.0
+        self.hits = [0] * header.num_layers
+        self.accesses = [0] * header.num_layers
+        self.loads = 0
+        self.prefetched: set[Key] = set()  # resident by a prefetch, not accessed since
+        self.counts = {"prefetches": 0, "prefetches_used": 0, "prefetch_served": 0, "demand_misses": 0}
+
+    def run(self, requests: Sequence[RequestTrace]) -> PrefetchTally:
+        step_index = 0
+        for request in requests:
+            state = self.predictor.new_request()
+            for step in request.steps:
+                decode = step.phase == "decode"
+                self.predictor.begin_step(state, decode)
+                for layer, experts in enumerate(step.experts):
+                    self._layer(state, step_index, layer, experts, decode)
+                self.predictor.end_step(state)
+                step_index += 1
+            self.predictor.finish(state)
+        return PrefetchTally(hits=tuple(self.hits), accesses=tuple(self.accesses), loads=self.loads,
+                             stall_seconds=self.stall, modelled_seconds=self.now, **self.counts)
+
+    def _layer(self, state: RequestState, step: int, layer: int, experts: Sequence[int], decode: bool) -> None:
+        """Run one layer: its accesses (stalling on reads), then the plan for what comes next, then its compute."""
+        position = step * self.num_layers + layer
+        self.queue.drop_stale(position)
+        self._complete(self.now)
+        keys = [(layer, expert, TRACE_PRECISION) for expert in experts]
+        ready = self.now
+        for key in keys:
+            ready = max(ready, self._access(key, step, decode))
+        self.stall += ready - self.now
+        self.now = ready
+        self._complete(self.now)
+        self.predictor.observe_layer(state, layer, experts)
+        for key in keys:
+            self.cache.policy.pin(key)  # in use while it computes: no prefetch may take its slot
+        if decode:
+            self._plan(state, layer, position)
+        for key in keys:
+            self.cache.policy.unpin(key)
+        if keys:
+            self.now += self.clock.layer_compute_seconds
+
+    def _access(self, key: Key, step: int, decode: bool) -> float:
+        """Use ``key``: a hit, a late prefetch or a demand read; returns when its bytes are ready."""
+        ready = self.now
+        if self.queue.in_flight(key):
+            ready = self.device.done[key]
+        elif key not in self.cache:
+            ready = self._demand(key)
+            self.counts["demand_misses"] += decode
+        elif decode:
+            self.hits[key[0]] += 1
+        if key in self.prefetched:
+            self.prefetched.remove(key)
+            self.counts["prefetches_used"] += 1
+            self.counts["prefetch_served"] += decode
+        self.accesses[key[0]] += decode
+        self.cache.access(key, step)
+        return ready
+
+    def _demand(self, key: Key) -> float:
+        """Issue the on-demand read of ``key`` (waiting for reads in flight to free bytes or a slot)."""
+        self.queue.push_demand(key)
+        issue_time = self.now
+        while not self.queue.in_flight(key):
+            load = self.queue.next_load()
+            if load is not None:
+                self._start(load, issue_time)
+                continue
+            if not self.device.done:
+                raise NoVictimError(f"no slot for {key}: every resident key is pinned (capacity too small)")
+            issue_time = max(issue_time, min(self.device.done.values()))
+            self._complete(issue_time)
+        return self.device.done[key]
+
+    def _plan(self, state: RequestState, layer: int, position: int) -> None:
+        """Set the priorities from the predictions and queue (and issue) the prefetches worth their slot."""
+        next_visit = any_request([self.predictor.predict(state)])
+        priorities = batch_priorities(next_visit, layer + 1, self.settings.miss_steps)
+        self.cache.policy.set_priorities(priorities)
+        for ahead in range(1, self.settings.horizon + 1):
+            target = (layer + ahead) % self.num_layers
+            for expert, probability in enumerate(next_visit[target]):
+                key = (target, expert, TRACE_PRECISION)
+                if probability >= self.settings.min_probability and key not in self.cache:
+                    self.queue.push_prefetch(key, priorities[key], position + ahead)
+        while (load := self.queue.next_load()) is not None:
+            self._start(load, self.now)
+
+    def _start(self, load: Load, now: float) -> None:
+        self.device.start(load.key, now)
+        self.loads += 1
+        self.prefetched.discard(load.evicted)
+        if not load.demand:
+            self.prefetched.add(load.key)
+            self.counts["prefetches"] += 1
+
+    def _complete(self, now: float) -> None:
+        for key in self.device.finished(now):
+            self.queue.complete(key)
+
+
+def next_layer_recall(
+    requests: Sequence[RequestTrace], sources: Sequence[str], predicted: int | None = None,
+    max_offset: int = DEFAULT_MAX_OFFSET,
+) -> float:
+    """Share of decode experts at layers 1..L-1 found among the ``predicted`` (default 2 * top_k) most probable
+    experts that `Predictor` with ``sources`` gave after the layer before ran (no source: the per-layer
+    frequency baseline). The requests run in order through one predictor (one store, one set of statistics).
+
+    ValueError if the requests hold no decode step.
+    """
+    header = requests[0].header
+    top_k = header.top_k or 2
+    count = 2 * top_k if predicted is None else predicted
+    predictor = Predictor(header.num_layers, header.num_experts, top_k, sources,
+                          transitions=TransitionStatistics(header.num_layers, header.num_experts, max_offset))
+    found = total = 0
+    for request in requests:
+        state = predictor.new_request()
+        for step in request.steps:
+            decode = step.phase == "decode"
+            predictor.begin_step(state, decode)
+            for layer, experts in enumerate(step.experts):
+                if decode and layer:
+                    row = predictor.predict(state)[layer]
+                    best = sorted(range(len(row)), key=lambda expert: (-row[expert], expert))[:count]
+                    found += len(set(best) & set(experts))
+                    total += len(experts)
+                predictor.observe_layer(state, layer, experts)
+            predictor.end_step(state)
+        predictor.finish(state)
+    if not total:
+        raise ValueError("the traces hold no decode step: there is no recall to measure")
+    return found / total
+
+
 def _access_sequence(requests: Sequence[RequestTrace]) -> list[_Access]:
     """Every expert use of ``requests``, in replay order (module docstring); steps numbered across requests.
 
@@ -282,11 +542,13 @@ def _shared_num_layers(requests: Sequence[RequestTrace]) -> int:
 
 
 def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``TRACE... [--policy NAME] [--slots-per-layer K | --capacity N] [--json]`` to ``parser``."""
+    """Add ``TRACE... [--policy NAME] [--slots-per-layer K | --capacity N] [--json]`` and the clock's
+    ``[--load-bandwidth B] [--layer-compute-seconds S] [--loads-in-flight N]`` to ``parser``."""
     parser.add_argument("traces", nargs="+", type=Path, metavar="TRACE", help="routing trace files (JSONL), "
                         "replayed in order through one cache")
-    parser.add_argument("--policy", choices=POLICY_NAMES, default=DEFAULT_POLICY,
-                        help=f"eviction policy (default {DEFAULT_POLICY})")
+    parser.add_argument("--policy", choices=REPLAY_POLICY_NAMES, default=DEFAULT_POLICY,
+                        help=f"eviction policy (default {DEFAULT_POLICY}); {PREDICTIVE_POLICY!r} is the engine's: "
+                        "predicted priorities and prefetch over a global cache")
     capacity = parser.add_mutually_exclusive_group()
     capacity.add_argument("--slots-per-layer", type=int, metavar="K",
                           help=f"cache slots per layer (default {DEFAULT_SLOTS_PER_LAYER}); global policies "
@@ -294,6 +556,13 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     capacity.add_argument("--capacity", type=int, metavar="N",
                           help="cache slots in total; per-layer policies need a multiple of num_layers")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    clock = parser.add_argument_group("modelled clock")
+    clock.add_argument("--load-bandwidth", type=float, default=ClockModel.load_bandwidth, metavar="BYTES_PER_S",
+                       help=f"expert reads (default {ClockModel.load_bandwidth:g}, a disk)")
+    clock.add_argument("--layer-compute-seconds", type=float, default=ClockModel.layer_compute_seconds,
+                       metavar="S", help=f"compute per layer (default {ClockModel.layer_compute_seconds})")
+    clock.add_argument("--loads-in-flight", type=int, default=ClockModel.max_bytes_in_flight // MIXTRAL_EXPERT_BYTES,
+                       metavar="N", help="expert reads issued and unfinished at most (default %(default)s)")
 
 
 def run_replay_command(args: argparse.Namespace) -> int:
@@ -304,12 +573,20 @@ def run_replay_command(args: argparse.Namespace) -> int:
     """
     try:
         requests = [request for path in args.traces for request in read_traces(path)]
-        result = replay(requests, args.policy, args.slots_per_layer, args.capacity)
+        result = replay(requests, args.policy, args.slots_per_layer, args.capacity, clock_from_arguments(args))
     except (OSError, ValueError) as error:
         sys.stderr.write(f"moeserve replay: error: {error}\n")
         return 2
     sys.stdout.write((json.dumps(result.to_json(), indent=2) if args.json else format_table(result)) + "\n")
     return 0
+
+
+def clock_from_arguments(args: argparse.Namespace) -> ClockModel:
+    """The `ClockModel` of parsed replay arguments; ValueError for a non-positive value."""
+    if args.load_bandwidth <= 0 or args.layer_compute_seconds < 0 or args.loads_in_flight < 1:
+        raise ValueError("--load-bandwidth and --loads-in-flight must be positive, --layer-compute-seconds >= 0")
+    return ClockModel(load_bandwidth=args.load_bandwidth, layer_compute_seconds=args.layer_compute_seconds,
+                      max_bytes_in_flight=args.loads_in_flight * ClockModel.expert_bytes)
 
 
 def format_table(result: ReplayResult) -> str:
@@ -322,13 +599,17 @@ def format_table(result: ReplayResult) -> str:
         ("hit rate", f"{result.hit_rate:.3f}"),
         ("per-layer Belady", _rate(result.belady_hit_rate)),
         ("global Belady", _rate(result.global_belady_hit_rate)),
-        ("prefetch precision", "n/a (no prefetching policy)"),
-        ("prefetch recall", "n/a (no prefetching policy)"),
+        ("prefetch precision", _share(result.prefetch_precision)),
+        ("prefetch recall", _share(result.prefetch_recall)),
         ("expert blobs loaded", str(result.bytes_loaded)),
         ("stall seconds", f"{result.stall_seconds:.1f} (modelled; run {result.modelled_seconds:.1f})"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _share(share: float | None) -> str:
+    return "n/a (no prefetching policy)" if share is None else f"{share:.3f}"
 
 
 def _rate(rate: float | None) -> str:

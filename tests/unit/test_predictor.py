@@ -1,0 +1,106 @@
+"""The predictor's sources on hand-made routings, and the batch-aware priorities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.trace.predictor import Predictor, TransitionStatistics, any_request, batch_priorities
+from engine.trace.store import TraceStore
+
+LAYERS, EXPERTS = 4, 8
+
+
+def run_token(predictor: Predictor, state, token: list[list[int]]) -> None:
+    predictor.begin_step(state, decode=True)
+    for layer, experts in enumerate(token):
+        predictor.observe_layer(state, layer, experts)
+    predictor.end_step(state)
+
+
+def chain(start: int) -> list[list[int]]:
+    """Expert e at layer l is followed by e + 1 at layer l + 1 (mod 8)."""
+    return [[(start + layer) % EXPERTS] for layer in range(LAYERS)]
+
+
+def top(row: list[float], count: int = 1) -> list[int]:
+    return sorted(range(len(row)), key=lambda expert: -row[expert])[:count]
+
+
+def test_transition_statistics_learn_a_layer_chain_that_frequency_cannot_see() -> None:
+    with_transitions = Predictor(LAYERS, EXPERTS, top_k=1, sources=["transitions"])
+    frequency_only = Predictor(LAYERS, EXPERTS, top_k=1, sources=[])
+    for predictor in (with_transitions, frequency_only):
+        state = predictor.new_request()
+        for start in range(EXPERTS * 8):
+            run_token(predictor, state, chain(start))
+    for predictor, expected in ((with_transitions, [5]), (frequency_only, None)):
+        state = predictor.new_request()
+        predictor.begin_step(state, decode=True)
+        predictor.observe_layer(state, 0, [4])
+        row = predictor.predict(state)[1]
+        if expected is None:  # every expert equally frequent at layer 1: no preference
+            assert max(row) == pytest.approx(min(row))
+        else:
+            assert top(row) == expected and row[5] > 2.5 * max(row[:5] + row[6:])
+
+
+def test_the_temporal_transition_predicts_next_steps_layers_from_this_token() -> None:
+    predictor = Predictor(LAYERS, EXPERTS, top_k=1, sources=["transitions"],
+                          transitions=TransitionStatistics(LAYERS, EXPERTS, max_offset=0))
+    state = predictor.new_request()
+    for token in range(24):  # layer 0 alternates between experts 1 and 6 from token to token
+        run_token(predictor, state, [[1 if token % 2 else 6], [0], [0], [0]])
+    state = predictor.new_request()
+    predictor.begin_step(state, decode=True)
+    predictor.observe_layer(state, 0, [6])
+    assert top(predictor.predict(state)[0]) == [1]  # layer 0's next visit is the next token's
+
+
+def test_the_store_alone_predicts_a_request_like_a_stored_one() -> None:
+    store = TraceStore(LAYERS, EXPERTS)
+    store.add(torch.tensor([[5.0 if e == 2 else 0.0 for e in range(EXPERTS)]] * LAYERS))
+    store.add(torch.tensor([[5.0 if e == 7 else 0.0 for e in range(EXPERTS)]] * LAYERS))
+    predictor = Predictor(LAYERS, EXPERTS, top_k=1, sources=["store"], store=store)
+    state = predictor.new_request()
+    run_token(predictor, state, [[7]] * LAYERS)
+    predictor.begin_step(state, decode=True)
+    assert [top(row) for row in predictor.predict(state)] == [[7]] * LAYERS
+    assert Predictor(LAYERS, EXPERTS, 1, sources=["store"]).predict(predictor.new_request()) == []
+
+
+def test_finished_requests_enter_the_store() -> None:
+    predictor = Predictor(LAYERS, EXPERTS, top_k=1)
+    for start in (0, 4):
+        state = predictor.new_request()
+        run_token(predictor, state, chain(start))
+        predictor.finish(state)
+    assert len(predictor.store) == 2
+
+
+def test_contract_errors() -> None:
+    with pytest.raises(ValueError, match="unknown prediction source"):
+        Predictor(LAYERS, EXPERTS, 1, sources=["gate"])
+    predictor = Predictor(LAYERS, EXPERTS, 1)
+    state = predictor.new_request()
+    predictor.begin_step(state, decode=True)
+    with pytest.raises(ValueError, match="layers run in order"):
+        predictor.observe_layer(state, 2, [0])
+
+
+def test_any_request_combines_the_batch() -> None:
+    first = [[0.5, 0.0], [1.0, 0.2]]
+    second = [[0.5, 0.1], [0.0, 0.5]]
+    combined = any_request([first, second])
+    assert [value for row in combined for value in row] == pytest.approx([0.75, 0.1, 1.0, 0.6])
+    assert any_request([]) == []
+
+
+def test_priorities_order_by_probability_then_by_how_soon_the_layer_comes() -> None:
+    probabilities = [[0.9, 0.2], [0.9, 0.2], [0.9, 0.2]]
+    priorities = batch_priorities(probabilities, layers_seen=1)
+    assert set(priorities) == {(layer, expert, "native") for layer in range(3) for expert in range(2)}
+    # Layer 1 runs next, then 2, then 0 (next step): the same probability ranks sooner first.
+    assert priorities[(1, 0, "native")] > priorities[(2, 0, "native")] > priorities[(0, 0, "native")]
+    assert priorities[(1, 0, "native")] > priorities[(1, 1, "native")]
+    assert batch_priorities([], 0) == {}

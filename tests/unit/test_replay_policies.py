@@ -1,0 +1,110 @@
+"""Replay with prediction and prefetch: the clock's hit rule on a hand-made trace, and the figures that
+README.md and benchmarks/results/replay_policies.json claim on the real Mixtral traces (replay is deterministic)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.trace.format import RequestTrace, TraceHeader, TraceStep, read_traces
+from engine.trace.replay import (
+    PREDICTIVE_POLICY,
+    ClockModel,
+    add_replay_arguments,
+    next_layer_recall,
+    replay,
+    run_replay_command,
+)
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+H39S = DATA / "mixtral-h39s-prompt1.jsonl"
+MARIO = DATA / "mixtral-mario-2req.jsonl"
+INSTANT = ClockModel(expert_bytes=10, load_bandwidth=1e9, layer_compute_seconds=1.0)
+SLOW = ClockModel(expert_bytes=10, load_bandwidth=10.0, layer_compute_seconds=0.5, max_bytes_in_flight=20)
+CLOCKS = {"unbounded": ClockModel(load_bandwidth=1e18), "nvme": ClockModel(load_bandwidth=7e9), "disk": ClockModel()}
+
+
+def cycle(tokens: int = 60, layers: int = 4) -> RequestTrace:
+    """Token t uses expert (t + l) % 4 at layer l: each layer's expert follows from the layer before."""
+    header = TraceHeader(trace="cycle", num_layers=layers, num_experts=4, top_k=1)
+    steps = tuple(TraceStep(t, "decode", tuple(((t + layer) % 4,) for layer in range(layers)))
+                  for t in range(tokens))
+    return RequestTrace(header, steps)
+
+
+def test_timely_prefetch_beats_even_the_demand_optimum() -> None:
+    lru = replay([cycle()], "lru", slots_per_layer=1, clock=INSTANT)
+    result = replay([cycle()], PREDICTIVE_POLICY, slots_per_layer=1, clock=INSTANT)
+    assert (lru.hit_rate, lru.global_belady_hit_rate) == (0.0, 0.1875)
+    assert result.hit_rate > 0.6 > result.global_belady_hit_rate
+    assert result.prefetch_precision > 0.95 and result.prefetch_recall > 0.6
+    # Correct prefetches replace demand reads instead of adding to them.
+    assert result.bytes_loaded <= lru.bytes_loaded
+
+
+def test_a_late_prefetch_is_a_miss_that_stalls_less() -> None:
+    # Reads take 1 s, a layer computes 0.5 s: a prefetch issued one layer ahead lands after its layer arrives.
+    lru = replay([cycle()], "lru", slots_per_layer=1, clock=SLOW)
+    result = replay([cycle()], PREDICTIVE_POLICY, slots_per_layer=1, clock=SLOW)
+    assert lru.stall_seconds == 240.0 and lru.modelled_seconds == 360.0
+    assert result.hit_rate < 0.05
+    assert result.prefetch_recall > 0.6
+    assert result.stall_seconds == pytest.approx(159.0)
+    assert result.modelled_seconds == pytest.approx(159.0 + 240 * 0.5)
+
+
+def test_the_default_policy_reports_prefetch_keys_and_the_cli_accepts_it(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="moeserve replay")
+    add_replay_arguments(parser)
+    args = parser.parse_args([str(MARIO), "--policy", PREDICTIVE_POLICY, "--json", "--load-bandwidth", "1e18"])
+    assert run_replay_command(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["policy"] == "default" and result["prefetches"] > 0
+    assert 0 < result["prefetch_precision"] <= 1 and 0 < result["prefetch_recall"] <= 1
+    assert result["stall_seconds"] < 1e-3  # reads of ~0.35 ns each
+    assert run_replay_command(parser.parse_args([str(MARIO), "--loads-in-flight", "0"])) == 2
+    assert "--loads-in-flight must be positive" in capsys.readouterr().err
+
+
+# Next-layer recall at M = 2 * top_k (README "Replay and prediction"): tuned on h39s, mario held out.
+RECALL = {
+    "h39s": {"frequency": 0.571, "transitions": 0.799, "store": 0.571},
+    "mario": {"frequency": 0.570, "transitions": 0.707, "store": 0.547},
+}
+SOURCES = {"frequency": (), "transitions": ("transitions",), "store": ("store",)}
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_next_layer_recall_on_the_held_out_traces(source: str) -> None:
+    assert round(next_layer_recall(read_traces(MARIO), SOURCES[source]), 3) == RECALL["mario"][source]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_next_layer_recall_on_the_tuning_trace(source: str) -> None:
+    assert round(next_layer_recall(read_traces(H39S), SOURCES[source]), 3) == RECALL["h39s"][source]
+
+
+# The default policy at 4 slots per layer: (hit rate, expert blobs loaded, stall seconds) per clock.
+DEFAULT_FIGURES = {
+    "h39s": {"unbounded": (0.698, 22306, 0), "nvme": (0.665, 22247, 872), "disk": (0.643, 22234, 4933)},
+    "mario": {"unbounded": (0.629, 5211, 0), "nvme": (0.606, 5184, 212), "disk": (0.596, 5159, 1155)},
+}
+
+
+@pytest.mark.parametrize("clock", sorted(CLOCKS))
+def test_default_policy_figures_on_the_held_out_traces(clock: str) -> None:
+    result = replay(read_traces(MARIO), PREDICTIVE_POLICY, slots_per_layer=4, clock=CLOCKS[clock])
+    hit_rate, blobs, stall = DEFAULT_FIGURES["mario"][clock]
+    assert (round(result.hit_rate, 3), result.bytes_loaded, round(result.stall_seconds)) == (hit_rate, blobs, stall)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("clock", sorted(CLOCKS))
+def test_default_policy_figures_on_the_tuning_trace(clock: str) -> None:
+    result = replay(read_traces(H39S), PREDICTIVE_POLICY, slots_per_layer=4, clock=CLOCKS[clock])
+    hit_rate, blobs, stall = DEFAULT_FIGURES["h39s"][clock]
+    assert (round(result.hit_rate, 3), result.bytes_loaded, round(result.stall_seconds)) == (hit_rate, blobs, stall)
