@@ -28,6 +28,7 @@ from engine.sampling import SamplingParams
 from engine.scheduler import ModelOutput, Scheduler, SchedulerConfig
 from engine.trace.eam import ActivationTracer, TracedRequest
 from engine.trace.format import TraceHeader
+from engine.trace.store import TraceStore
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ Prompt = str | Sequence[int]
 DEFAULT_KV_TOKENS_PER_SEQ = 1024
 # Prepared expert stores, one subdirectory per source fingerprint, when offload_dir is not set.
 DEFAULT_OFFLOAD_DIR = Path.home() / ".cache" / "moeserve"
+# The trace store is written to trace_store_path after this many finished sequences changed it (and at close).
+TRACE_SAVE_EVERY = 32
 
 
 @dataclass
@@ -86,6 +89,8 @@ class LLMEngine:
         self.sampler = Sampler()
         self.tracer = ActivationTracer(self._trace_header(), config.trace_dump_dir)
         self.runner.experts_forward.routing_observer = self.tracer.routing.observe
+        self.trace_store = self._open_trace_store()
+        self._unsaved_traces = 0
         self.eos_token_ids = _eos_token_ids(config.model, self.tokenizer)
         self._requests: dict[str, _UserRequest] = {}
         self._sequence_owner: dict[str, _UserRequest] = {}
@@ -143,7 +148,7 @@ class LLMEngine:
             if stop is not None and not seq.is_finished:
                 self.scheduler.finish(seq.request_id, "stop", stop)
             if seq.is_finished:
-                self.tracer.finish(seq.request_id)
+                self._store_trace(seq.request_id)
             touched[user.request_id] = user
         outputs = [user.output() for user in touched.values()]
         for output in outputs:
@@ -178,6 +183,7 @@ class LLMEngine:
             "requests_running": self.scheduler.num_running,
             "requests_waiting": self.scheduler.num_waiting,
             "num_preemptions": self.scheduler.num_preemptions,
+            "trace_store_entries": len(self.trace_store),
         }
         if self.offload is not None:
             counters = self.offload.stats
@@ -198,9 +204,35 @@ class LLMEngine:
         return stats
 
     def close(self) -> None:
-        """Release the expert reader's files and threads (offload mode); the engine is unusable afterwards."""
+        """Persist the trace store (when ``trace_store_path`` is set) and release the expert reader's files and
+        threads (offload mode); the engine is unusable afterwards."""
+        self.save_trace_store()
         if self.offload is not None:
             self.offload.close()
+
+    def save_trace_store(self) -> None:
+        """Write the trace store to ``trace_store_path`` (atomically) if it has changed since the last save."""
+        if self.config.trace_store_path is not None and self._unsaved_traces:
+            self.trace_store.save(self.config.trace_store_path)
+            self._unsaved_traces = 0
+
+    def _open_trace_store(self) -> TraceStore:
+        """The shared trace store: loaded from ``trace_store_path`` when set (a corrupt file is moved aside)."""
+        shape = (self.runner.config.num_hidden_layers, max(self.runner.num_experts, 1))
+        if self.config.trace_store_path is None:
+            return TraceStore(*shape)
+        return TraceStore.load(self.config.trace_store_path, *shape)
+
+    def _store_trace(self, request_id: str) -> None:
+        """A finished sequence's trace: dumped (trace_dump_dir) and its decode matrix entered into the store,
+        which is saved every TRACE_SAVE_EVERY finished sequences."""
+        activations = self.tracer.finish(request_id)
+        if activations is None or not self.runner.num_experts:
+            return
+        if self.trace_store.add(activations.matrix("decode", self.runner.num_experts)) >= 0:
+            self._unsaved_traces += 1
+        if self._unsaved_traces >= TRACE_SAVE_EVERY:
+            self.save_trace_store()
 
 
 def default_num_kv_blocks(max_model_len: int, max_num_seqs: int) -> int:
@@ -274,6 +306,7 @@ class LLM:
             for output in self.engine.step():
                 if output.finished:
                     finished[output.request_id] = output
+        self.engine.save_trace_store()
         return [finished[request_id] for request_id in ids]
 
     def stats(self) -> dict[str, Any]:

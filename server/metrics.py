@@ -3,7 +3,7 @@
 Only what exists is exported: request, token, latency, KV-cache and preemption metrics, and the expert-cache
 metrics the engine reports in offload mode (per-layer hits and misses, bytes loaded and cached per tier,
 prefetch issued/used/wasted, the stall-time histogram, the look-ahead's prediction recall once it has predicted).
-Trace-store metrics appear when the engine reports them (never as zero-valued stand-ins).
+The trace store's size is exported always (the store exists in every mode); nothing is a zero-valued stand-in.
 Each `ServerMetrics` has its own registry, so several apps can live in one process (tests).
 """
 
@@ -43,6 +43,8 @@ class _EngineCollector(Collector):
                                 value=stats["kv_cache_usage"])
         yield CounterMetricFamily(f"{PREFIX}num_preemptions", "Sequences preempted for lack of KV blocks.",
                                   value=stats["num_preemptions"])
+        yield GaugeMetricFamily(f"{PREFIX}trace_store_entries", "Entries of the shared trace store.",
+                                value=stats["trace_store_entries"])
         yield from _expert_metrics(stats)
 
 

@@ -110,3 +110,24 @@ def test_matrices_count_prefill_and_decode_apart(demo_model: Callable[..., Path]
     engine.step()
     assert engine.tracer.get("r").matrix("decode", 16).sum(dim=1).tolist() == [2 * 4] * 4
     assert engine.abort("r") and engine.tracer.get("r") is None
+
+
+def test_trace_store_grows_across_requests_and_survives_a_restart(
+    demo_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    from engine import LLM
+
+    path = tmp_path / "traces.safetensors"
+    llm = LLM(demo_model("mixtral"), max_model_len=96, trace_store_path=str(path))
+    assert llm.stats()["trace_store_entries"] == 0 and not path.exists()
+    llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    entries = llm.stats()["trace_store_entries"]
+    assert 1 <= entries <= len(PROMPTS) and path.exists(), "finished requests enter the store, which is saved"
+    assert llm.engine.trace_store.requests_seen == len(PROMPTS)
+    restarted = LLM(demo_model("mixtral"), max_model_len=96, trace_store_path=str(path))
+    assert restarted.stats()["trace_store_entries"] == entries
+    assert restarted.engine.trace_store.requests_seen == len(PROMPTS)
+    path.write_bytes(b"not a trace store")
+    fresh = LLM(demo_model("mixtral"), max_model_len=96, trace_store_path=str(path))
+    assert fresh.stats()["trace_store_entries"] == 0 and not path.exists()
+    assert len(list(tmp_path.glob("traces.safetensors.corrupt-*"))) == 1

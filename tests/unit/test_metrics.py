@@ -8,7 +8,7 @@ from engine.request import CompletionOutput, RequestOutput
 from server.metrics import ServerMetrics
 
 BASE_STATS = {"kv_blocks_used": 3, "kv_blocks_total": 12, "kv_cache_usage": 0.25, "requests_running": 2,
-              "requests_waiting": 1, "num_preemptions": 4}
+              "requests_waiting": 1, "num_preemptions": 4, "trace_store_entries": 7}
 OFFLOAD_STATS = {**BASE_STATS, "expert_hits": 5, "expert_misses": 2, "expert_bytes_read": {"disk": 4096},
                  "expert_stall_seconds": 0.5, "expert_cache_bytes": {"host": 8192}, "expert_cache_slots": 4,
                  "per_layer": {"hits": [3, 2], "misses": [1, 1]}, "expert_prefetch_issued": 6,
@@ -30,6 +30,7 @@ def test_engine_gauges_and_counters_and_no_expert_metrics_without_offload() -> N
     samples = _samples(ServerMetrics(lambda: BASE_STATS).render().decode())
     assert samples["moeserve:num_requests_running"] == 2 and samples["moeserve:num_requests_waiting"] == 1
     assert samples["moeserve:kv_cache_usage_perc"] == 0.25 and samples["moeserve:num_preemptions_total"] == 4
+    assert samples["moeserve:trace_store_entries"] == 7
     assert not any("expert" in name for name in samples)
 
 
