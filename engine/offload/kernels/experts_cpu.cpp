@@ -279,30 +279,6 @@ const T* optional_ptr(const std::optional<Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
 }
 
-template <typename W>
-void run_expert(const float* x, int64_t n, int64_t H, int64_t I, const ExpertArgs& e, bool transposed,
-                const GateSpec& gate, const int64_t* tok, const float* rw, float* out) {
-  static thread_local std::vector<float> h_buf, g_buf, y_buf;
-  float* h = scratch(h_buf, n * 2 * I);
-  float* g = scratch(g_buf, n * I);
-  float* y = scratch(y_buf, n * H);
-  const W* gu = e.gate_up.const_data_ptr<W>();
-  const W* dn = e.down.const_data_ptr<W>();
-  const int64_t ld_gu = e.gate_up.stride(0);
-  const int64_t ld_dn = e.down.stride(0);
-  const W* gu_bias = optional_ptr<W>(e.gate_up_bias);
-  const W* dn_bias = optional_ptr<W>(e.down_bias);
-
-  for_each_chunk((I + kUnitsPerChunk - 1) / kUnitsPerChunk, [&](int64_t c) {
-    const int64_t j0 = c * kUnitsPerChunk, j1 = std::min(I, j0 + kUnitsPerChunk);
-    gate_up_chunk(x, n, H, I, gu, ld_gu, gu_bias, transposed, gate, j0, j1, h, g);
-  });
-  for_each_chunk((H + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
-    const int64_t c0 = c * kRowsPerChunk, c1 = std::min(H, c0 + kRowsPerChunk);
-    down_chunk(g, n, H, I, dn, ld_dn, dn_bias, transposed, c0, c1, tok, rw, y, out);
-  });
-}
-
 void check_expert(const ExpertArgs& e, at::ScalarType dtype, int64_t H, int64_t I, bool transposed) {
   const int64_t gu_rows = transposed ? H : 2 * I, gu_cols = transposed ? 2 * I : H;
   const int64_t dn_rows = transposed ? I : H, dn_cols = transposed ? H : I;
@@ -317,19 +293,59 @@ void check_expert(const ExpertArgs& e, at::ScalarType dtype, int64_t H, int64_t 
                                             e.down_bias->scalar_type() == dtype), "bad down bias");
 }
 
+// One expert's weights and its slice of the group's tokens, as raw pointers for the hot loops.
 template <typename W>
-void run_group(const float* x_all, int64_t H, int64_t I, const Tensor& token_ids, const Tensor& route_weights,
+struct ExpertPtrs {
+  const W* gate_up;
+  const W* down;
+  int64_t ld_gate_up;
+  int64_t ld_down;
+  const W* gate_up_bias;
+  const W* down_bias;
+  int64_t row;    // first row of this expert's tokens in x, h, g, y
+  int64_t count;  // its tokens
+  const int64_t* tok;
+  const float* rw;
+};
+
+// The whole group in two parallel phases (two barriers per call, however many experts): gate/up projections and
+// gating over (expert, unit chunk) pairs, then the down projections over output-column chunks, each chunk running
+// every expert in turn so that no two threads ever add into the same out[token][column].
+template <typename W>
+void run_group(const float* x, int64_t H, int64_t I, const Tensor& token_ids, const Tensor& route_weights,
                at::IntArrayRef starts, at::IntArrayRef counts, at::TensorList gate_up, at::TensorList down,
                const c10::List<std::optional<Tensor>>& gate_up_bias, const c10::List<std::optional<Tensor>>& down_bias,
-               bool transposed, const GateSpec& gate, float* out, const std::vector<int64_t>& x_rows) {
+               bool transposed, const GateSpec& gate, float* out, const std::vector<int64_t>& x_rows, int64_t rows) {
+  const int64_t G = static_cast<int64_t>(gate_up.size());
   const int64_t* tok = token_ids.const_data_ptr<int64_t>();
   const float* rw = route_weights.const_data_ptr<float>();
-  for (size_t e = 0; e < gate_up.size(); ++e) {
-    const std::optional<Tensor> gu_bias = gate_up_bias.get(e), dn_bias = down_bias.get(e);
-    const ExpertArgs args{gate_up[e], down[e], gu_bias, dn_bias};
-    run_expert<W>(x_all + x_rows[e] * H, counts[e], H, I, args, transposed, gate, tok + starts[e], rw + starts[e],
-                  out);
+  std::vector<ExpertPtrs<W>> experts(G);
+  for (int64_t e = 0; e < G; ++e) {
+    experts[e] = {gate_up[e].const_data_ptr<W>(), down[e].const_data_ptr<W>(), gate_up[e].stride(0),
+                  down[e].stride(0), optional_ptr<W>(gate_up_bias.get(e)), optional_ptr<W>(down_bias.get(e)),
+                  x_rows[e], counts[e], tok + starts[e], rw + starts[e]};
   }
+  static thread_local std::vector<float> h_buf, g_buf, y_buf;
+  float* h = scratch(h_buf, rows * 2 * I);
+  float* g = scratch(g_buf, rows * I);
+  float* y = scratch(y_buf, rows * H);
+
+  const int64_t unit_chunks = (I + kUnitsPerChunk - 1) / kUnitsPerChunk;
+  for_each_chunk(G * unit_chunks, [&](int64_t c) {
+    const ExpertPtrs<W>& e = experts[c / unit_chunks];
+    if (e.count == 0) return;
+    const int64_t j0 = (c % unit_chunks) * kUnitsPerChunk, j1 = std::min(I, j0 + kUnitsPerChunk);
+    gate_up_chunk(x + e.row * H, e.count, H, I, e.gate_up, e.ld_gate_up, e.gate_up_bias, transposed, gate, j0, j1,
+                  h + e.row * 2 * I, g + e.row * I);
+  });
+  for_each_chunk((H + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
+    const int64_t c0 = c * kRowsPerChunk, c1 = std::min(H, c0 + kRowsPerChunk);
+    for (const ExpertPtrs<W>& e : experts) {
+      if (e.count == 0) continue;
+      down_chunk(g + e.row * I, e.count, H, I, e.down, e.ld_down, e.down_bias, transposed, c0, c1, e.tok, e.rw,
+                 y + e.row * H, out);
+    }
+  });
 }
 
 // The op. hidden [T, H] (fp32|bf16|fp16, contiguous); token_ids [S] int64 and route_weights [S] fp32, grouped
@@ -375,13 +391,13 @@ void experts_group(const Tensor& hidden, const Tensor& token_ids, const Tensor& 
   float* o = out.data_ptr<float>();
   if (dtype == at::kFloat) {
     run_group<float>(x, H, I, token_ids, route_weights, starts, counts, gate_up, down, gate_up_bias, down_bias,
-                     transposed, gate, o, x_rows);
+                     transposed, gate, o, x_rows, rows);
   } else if (dtype == at::kBFloat16) {
     run_group<c10::BFloat16>(x, H, I, token_ids, route_weights, starts, counts, gate_up, down, gate_up_bias,
-                             down_bias, transposed, gate, o, x_rows);
+                             down_bias, transposed, gate, o, x_rows, rows);
   } else {
     run_group<c10::Half>(x, H, I, token_ids, route_weights, starts, counts, gate_up, down, gate_up_bias, down_bias,
-                         transposed, gate, o, x_rows);
+                         transposed, gate, o, x_rows, rows);
   }
 }
 
