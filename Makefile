@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The embedded demo model: a tiny random Mixtral-architecture checkpoint, generated locally when missing.
-DEMO_MODEL ?= .demo-model/mixtral
+# The embedded demo model: the trained demo MoE committed in models/demo-moe (see its README.md). A DEMO_MODEL
+# directory that does not exist (e.g. DEMO_MODEL=.demo-model/mixtral) gets a tiny random Mixtral checkpoint.
+DEMO_MODEL ?= models/demo-moe
 
 .PHONY: serve test install demo-model clean
 

@@ -81,7 +81,7 @@ def _add_demo_model(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
     train = parser.add_argument_group("training (--train: a Mixtral-architecture MoE on the standard library)")
     train.add_argument("--train", action="store_true", help="train the model on local text")
-    train.add_argument("--max-steps", type=int, help="training steps, the length of the LR schedule (default 800)")
+    train.add_argument("--max-steps", type=int, help="training steps, the length of the LR schedule (default 560)")
     train.add_argument("--size", choices=["demo", "tiny"], default="demo", help="demo (default) or tiny (tests)")
     train.add_argument("--dense", action="store_true",
                        help="train the dense baseline of the same active size (Mistral architecture) instead")

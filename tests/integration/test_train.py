@@ -18,6 +18,7 @@ from engine.models.train import (
     TrainConfig,
     batch_at,
     is_validation_file,
+    load_balancing_loss,
     split_files,
 )
 from server.cli import EXIT_USAGE, main
@@ -47,6 +48,19 @@ def test_batches_depend_only_on_seed_and_step() -> None:
     assert torch.equal(batch_at(tokens, config, 5), batch_at(tokens, config, 5))
     assert not torch.equal(batch_at(tokens, config, 5), batch_at(tokens, config, 6))
     assert batch_at(tokens, config, 0).shape == (config.batch_size, config.seq_len)
+
+
+def test_load_balancing_loss_balances_each_layer_not_their_pool() -> None:
+    """Two layers that each send every token to two of four experts, opposite ones: pooled, transformers' loss
+    sees perfect balance (its minimum, top_k); per layer, the loss trained here sees each layer collapsed."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    favour_low = torch.tensor([8.0, 8.0, 0.0, 0.0]).repeat(64, 1)  # (tokens, E)
+    favour_high = favour_low.flip(-1)
+    uniform = torch.zeros(64, 4)
+    assert load_balancing_loss_func((favour_low, favour_high), 4, 2).item() == pytest.approx(2.0, abs=1e-3)
+    assert load_balancing_loss((favour_low, favour_high), 2).item() == pytest.approx(4.0, abs=1e-2)
+    assert load_balancing_loss((uniform, uniform), 2).item() == pytest.approx(2.0)
 
 
 def test_train_checkpoint_resume_and_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
