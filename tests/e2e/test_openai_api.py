@@ -256,7 +256,8 @@ def test_health_version_and_contract_metrics(server: Server) -> None:
                  "moeserve:time_to_first_token_seconds_bucket", "moeserve:inter_token_latency_seconds_bucket",
                  "moeserve:e2e_request_latency_seconds_bucket", "moeserve:request_queue_time_seconds_bucket"):
         assert name in text, name
-    assert "moeserve:expert" not in text and "moeserve:trace" not in text  # those parts do not exist yet
+    assert "moeserve:trace_store_entries" in text, "the trace store exists in every mode"
+    assert "moeserve:expert" not in text, "expert-cache metrics exist only in offload mode"
 
 
 def test_metrics_count_tokens_of_a_request(server: Server) -> None:
