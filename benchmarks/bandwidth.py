@@ -16,7 +16,6 @@ Usage: python benchmarks/bandwidth.py [--gib 1.5] [--threads 2]; writes benchmar
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import write_result
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from engine.logs import configure_logging
@@ -117,19 +117,12 @@ def main() -> None:
         touched = bytes_per_token(config, torch.bfloat16)
         bounds[name] = {"bytes_per_token_bf16": touched, "bound_tok_per_s": round(rates["best"] / touched, 2)}
         logger.info("%s: %.1f MB per token, bound %.1f tok/s", name, touched / 1e6, rates["best"] / touched)
-    result = {
-        "benchmark": "bandwidth",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    logger.info("stream rate: triad %.1f GB/s, fp32 GEMV %.1f GB/s", rates["triad"] / 1e9, rates["gemv_fp32"] / 1e9)
+    write_result(args.out, "bandwidth", load_before, {
         "threads": args.threads,
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "stream_bytes_per_s": {k: round(v) for k, v in rates.items()},
         "shapes": bounds,
-    }
-    logger.info("stream rate: triad %.1f GB/s, fp32 GEMV %.1f GB/s", rates["triad"] / 1e9, rates["gemv_fp32"] / 1e9)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    logger.info("wrote %s", args.out)
+    })
 
 
 if __name__ == "__main__":

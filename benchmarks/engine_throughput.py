@@ -18,21 +18,19 @@ Usage: python benchmarks/engine_throughput.py [--concurrency 1 4 16] [--max-toke
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+from common import write_mixtral, write_result
+from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 
 from engine import LLM, SamplingParams
 from engine.logs import configure_logging
-from engine.models.demo import build_model, build_tokenizer
 
 logger = logging.getLogger("benchmarks.engine_throughput")
 
@@ -42,16 +40,6 @@ MODEL_SHAPE = dict(
     hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
     num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096,
 )
-
-
-def write_model(out: Path, dtype: str) -> Path:
-    """A random MODEL_SHAPE Mixtral with the demo tokenizer, saved in ``dtype``."""
-    tokenizer = build_tokenizer()
-    config = AutoConfig.for_model("mixtral", **MODEL_SHAPE, vocab_size=len(tokenizer), pad_token_id=0,
-                                  tie_word_embeddings=False)
-    build_model(config, seed=0).to(getattr(torch, dtype)).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def prompts_for(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -130,23 +118,15 @@ def main() -> None:
     configure_logging("info")
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_model(Path(tmp), args.dtype)
+        model_dir = Path(tmp)
+        write_mixtral(model_dir, MODEL_SHAPE, getattr(torch, args.dtype))
         rows = measure(model_dir, args.concurrency, args.prompt_len, args.max_tokens)
-    result = {
-        "benchmark": "engine_throughput",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "torch": torch.__version__},
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+    write_result(args.out, "engine_throughput", load_before, {
         "model": {"arch": "mixtral", "dtype": args.dtype, **MODEL_SHAPE},
         "prompt_len": args.prompt_len,
         "max_tokens": args.max_tokens,
         "results": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    logger.info("wrote %s", args.out)
+    })
 
 
 if __name__ == "__main__":

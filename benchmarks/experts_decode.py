@@ -20,7 +20,6 @@ Usage: python benchmarks/experts_decode.py [--shapes NAME ...] [--layers N] [--m
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import tempfile
@@ -29,11 +28,11 @@ from pathlib import Path
 
 import torch
 from bandwidth import bytes_per_token, stream_rate
-from transformers import AutoConfig, AutoModelForCausalLM
+from common import write_mixtral, write_result
+from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
 from engine.logs import configure_logging
-from engine.models.demo import build_model, build_tokenizer
 
 logger = logging.getLogger("benchmarks.experts_decode")
 
@@ -49,15 +48,10 @@ SHAPES = {
 PROMPT_LEN = 16
 
 
-def write_model(out: Path, shape: dict) -> AutoConfig:
-    """A random bf16 Mixtral of ``shape`` with the demo tokenizer (1024 entries) in ``out``; returns its config."""
-    tokenizer = build_tokenizer()
+def with_heads(shape: dict) -> dict:
+    """``shape`` with attention heads of 128 dimensions and half as many key/value heads."""
     heads = shape["hidden_size"] // 128
-    config = AutoConfig.for_model("mixtral", **shape, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                                  vocab_size=len(tokenizer), pad_token_id=0, tie_word_embeddings=False)
-    build_model(config, seed=0).to(torch.bfloat16).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return config
+    return {**shape, "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2)}
 
 
 def prompts(count: int) -> list[list[int]]:
@@ -95,7 +89,7 @@ def _seconds(fn) -> float:
 
 def measure_shape(name: str, shape: dict, rate: float, max_tokens: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        config = write_model(Path(tmp), shape)
+        config = write_mixtral(Path(tmp), with_heads(shape), torch.bfloat16)
         bound = rate / bytes_per_token(config, torch.bfloat16)
         llm = LLM(tmp, max_model_len=PROMPT_LEN + max_tokens + 16, max_num_seqs=16, max_num_batched_tokens=512)
         engine_decode(llm, 1, 4)  # warm-up
@@ -132,20 +126,12 @@ def main() -> None:
     for name in args.shapes:
         shape = dict(SHAPES[name], **({"num_hidden_layers": args.layers} if args.layers else {}))
         rows[name] = measure_shape(name, shape, rate["best"], args.max_tokens)
-    result = {
-        "benchmark": "experts_decode",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+    write_result(args.out, "experts_decode", load_before, {
         "stream_bytes_per_s": {k: round(v) for k, v in rate.items()},
         "layers_override": args.layers,
         "max_tokens": args.max_tokens,
         "shapes": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    logger.info("wrote %s", args.out)
+    })
 
 
 if __name__ == "__main__":
