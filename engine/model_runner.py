@@ -20,11 +20,12 @@ from engine.attention import ATTENTION_NAME, BatchLayout, PagedKVStore
 from engine.kv_cache import DEFAULT_BLOCK_SIZE
 from engine.offload.experts import (
     ExpertsForward,
+    is_experts_module,
     lookahead_routers,
     register_experts_forward,
     tag_experts_layers,
 )
-from engine.offload.loader import is_experts_module, load_offloaded_model
+from engine.offload.loader import load_offloaded_model
 from engine.offload.offloaded import OffloadedExperts
 from engine.scheduler import ScheduledRequest
 
@@ -77,7 +78,7 @@ class ModelRunner:
         self.num_moe_layers = tag_experts_layers(self.model)
         if offload is not None and offload.prefetch_limit > 0:
             self.experts_forward.lookahead = lookahead_routers(self.model)
-        self.num_experts = max((m.gate_up_proj.shape[0] for m in self.model.modules() if is_experts_module(m)),
+        self.num_experts = max((m.down_proj.shape[0] for m in self.model.modules() if is_experts_module(m)),
                                default=0)
         # A name per runner: the registry is global, and two engines in one process must not share a forward.
         name = f"moeserve_{id(self.experts_forward):x}"

@@ -484,6 +484,11 @@ def lookahead_routers(model: nn.Module) -> dict[int, tuple[int, nn.Module]]:
     return {layer: (following, routers[following]) for layer, following in zip(layers, layers[1:])}
 
 
+def is_experts_module(module: nn.Module) -> bool:
+    """Modules decorated by transformers' ``use_experts_implementation`` (the ones our experts forward replaces)."""
+    return hasattr(module, "has_gate") and hasattr(module, "is_transposed")
+
+
 def tag_experts_layers(model: nn.Module) -> int:
     """Set ``moeserve_layer`` (the decoder layer index) on every experts module of ``model``; return how many.
 
@@ -493,7 +498,7 @@ def tag_experts_layers(model: nn.Module) -> int:
     tagged = 0
     for name, module in model.named_modules():
         match = _LAYER_IN_NAME.search(name)
-        if match and hasattr(module, "has_gate") and hasattr(module, "is_transposed"):
+        if match and is_experts_module(module):
             setattr(module, LAYER_ATTRIBUTE, int(match.group(1)))
             tagged += 1
     return tagged

@@ -27,12 +27,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
+from engine.offload.experts import is_experts_module
+
 logger = logging.getLogger(__name__)
-
-
-def is_experts_module(module: nn.Module) -> bool:
-    """Modules decorated by transformers' ``use_experts_implementation`` (the ones our experts forward replaces)."""
-    return hasattr(module, "has_gate") and hasattr(module, "gate_up_proj")
 
 
 def load_offloaded_model(

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from engine.offload.cache import ExpertCache, Key, LRUPolicy, NoVictimError
-from engine.offload.experts import ExpertWeights
+from engine.offload.experts import LAYER_ATTRIBUTE, ExpertWeights
 from engine.offload.layout import BlobEntry, ExpertStore, StoreError
 from engine.offload.tiers import BlobReader, ReadMode, ReadRequest, SlotArena, choose_read_mode
 
@@ -224,16 +224,24 @@ class OffloadedExperts:
         for key, future in list(self._loading.items()):
             if not (block or future.done()):
                 continue
-            del self._loading[key]
-            self.cache.policy.unpin(key)
-            try:
-                future.result()
-                self._verify_first_load(key)
-            except (OSError, StoreError) as error:
+            error = self._land(key, future)
+            if error is not None:
                 logger.warning("prefetch of expert %d of layer %d failed: %s", key[1], key[0], error)
                 self._prefetched_unused.discard(key)
                 self._forget(key)
         self.stats.disk_bytes_read = self.reader.bytes_read
+
+    def _land(self, key: Key, future: Future) -> OSError | StoreError | None:
+        """Wait for ``key``'s read and verify a first load; a prefetch's in-flight pin is released. Returns the
+        read's or the checksum's error instead of raising it (the caller decides what a failure means)."""
+        if self._loading.pop(key, None) is not None:
+            self.cache.policy.unpin(key)
+        try:
+            future.result()
+            self._verify_first_load(key)
+        except (OSError, StoreError) as error:
+            return error
+        return None
 
     def _finish_loads(self, loads: list[tuple[Key, Future]]) -> None:
         """Wait for the group's reads (the wait is stall time); verify first loads; drop keys whose load failed.
@@ -241,15 +249,7 @@ class OffloadedExperts:
         A key whose read was a prefetch still in flight is waited on here and then handed back to the reaper's
         bookkeeping (unpinned once: the forward's own pin keeps it for the group)."""
         start = time.perf_counter()
-        failed: list[tuple[Key, BaseException]] = []
-        for key, future in loads:
-            if self._loading.pop(key, None) is not None:
-                self.cache.policy.unpin(key)
-            try:
-                future.result()
-                self._verify_first_load(key)
-            except (OSError, StoreError) as error:
-                failed.append((key, error))
+        failed = [(key, error) for key, future in loads if (error := self._land(key, future)) is not None]
         if loads:
             waited = time.perf_counter() - start
             self.stats.stall_seconds += waited
@@ -296,7 +296,5 @@ class OffloadedExperts:
 
 def expert_tensors_on_meta(model: nn.Module) -> bool:
     """True when every experts module's stacked parameters live on the meta device (nothing resident)."""
-    from engine.offload.experts import LAYER_ATTRIBUTE
-
     stacks = [module.gate_up_proj for module in model.modules() if hasattr(module, LAYER_ATTRIBUTE)]
     return bool(stacks) and all(t.device == torch.device("meta") for t in stacks)
