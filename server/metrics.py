@@ -10,7 +10,7 @@ Each `ServerMetrics` has its own registry, so several apps can live in one proce
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate
 from typing import Any
 
@@ -54,10 +54,7 @@ def _expert_metrics(stats: dict[str, Any]) -> Iterator[Any]:
     for key, name, documentation in (("hits", "expert_cache_hits", "Expert lookups served from the cache."),
                                      ("misses", "expert_cache_misses", "Expert lookups that had to load.")):
         if key in per_layer:
-            family = CounterMetricFamily(f"{PREFIX}{name}", documentation, labels=["layer"])
-            for layer, value in enumerate(per_layer[key]):
-                family.add_metric([str(layer)], value)
-            yield family
+            yield _labelled(CounterMetricFamily, name, documentation, "layer", enumerate(per_layer[key]))
     for key, name, documentation in (
         ("expert_prefetch_issued", "expert_prefetch_issued", "Expert reads started by prefetch."),
         ("expert_prefetch_used", "expert_prefetch_used", "Prefetched experts used before eviction."),
@@ -72,17 +69,19 @@ def _expert_metrics(stats: dict[str, Any]) -> Iterator[Any]:
                                 "Share of routed experts the gate look-ahead predicted.",
                                 value=stats["expert_prediction_recall"])
     if "expert_bytes_read" in stats:
-        family = CounterMetricFamily(f"{PREFIX}expert_load_bytes", "Expert bytes loaded, by source tier.",
-                                     labels=["tier"])
-        for tier, value in stats["expert_bytes_read"].items():
-            family.add_metric([tier], value)
-        yield family
+        yield _labelled(CounterMetricFamily, "expert_load_bytes", "Expert bytes loaded, by source tier.", "tier",
+                        stats["expert_bytes_read"].items())
     if "expert_cache_bytes" in stats:
-        family = GaugeMetricFamily(f"{PREFIX}expert_cache_bytes", "Bytes of experts cached, by tier.",
-                                   labels=["tier"])
-        for tier, value in stats["expert_cache_bytes"].items():
-            family.add_metric([tier], value)
-        yield family
+        yield _labelled(GaugeMetricFamily, "expert_cache_bytes", "Bytes of experts cached, by tier.", "tier",
+                        stats["expert_cache_bytes"].items())
+
+
+def _labelled(kind: type, name: str, documentation: str, label: str, values: Iterable[tuple[Any, float]]) -> Any:
+    """A ``kind`` metric family named ``name`` with one sample per (label value, value) pair."""
+    family = kind(f"{PREFIX}{name}", documentation, labels=[label])
+    for label_value, value in values:
+        family.add_metric([str(label_value)], value)
+    return family
 
 
 def _stall_histogram(snapshot: dict[str, Any]) -> HistogramMetricFamily:
