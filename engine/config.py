@@ -76,6 +76,12 @@ class Config(BaseSettings):
     offload_dir: Path | None = Field(
         None, description="Where prepared expert stores live; unset = ~/.cache/moeserve keyed by source fingerprint."
     )
+    expert_prefetch: Literal["none", "lookahead", "trace", "all"] = Field(
+        "all",
+        description="Offload mode's prefetch sources: 'lookahead' (the next layer's router on this layer's input), "
+        "'trace' (predictions from the running requests' traces and the trace store, which also set the cache's "
+        "priorities), 'all' (both) or 'none' (on-demand reads, LRU).",
+    )
 
     # --- tracing ---
     trace_store_path: Path | None = Field(None, description="File the shared trace store is persisted to.")

@@ -26,6 +26,7 @@ from engine.request import CompletionOutput, Request, RequestOutput, make_reques
 from engine.sampler import Sampler
 from engine.sampling import SamplingParams
 from engine.scheduler import ModelOutput, Scheduler, SchedulerConfig
+from engine.trace.batch import BatchPrefetcher, StepSequence
 from engine.trace.eam import ActivationTracer, TracedRequest
 from engine.trace.format import TraceHeader
 from engine.trace.store import TraceStore
@@ -81,15 +82,17 @@ class LLMEngine:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's limit of {model_limit} positions")
         num_blocks = config.num_kv_blocks or default_num_kv_blocks(self.max_model_len, config.max_num_seqs)
         self.offload = _offloaded_experts(config) if config.expert_cache_bytes is not None else None
-        self.runner = ModelRunner(config.model, num_blocks, dtype=config.dtype, offload=self.offload)
+        self.runner = ModelRunner(config.model, num_blocks, dtype=config.dtype, offload=self.offload,
+                                  lookahead=config.expert_prefetch in ("lookahead", "all"))
         self.kv_cache = KVCacheManager(num_blocks, DEFAULT_BLOCK_SIZE, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv_cache
         )
         self.sampler = Sampler()
         self.tracer = ActivationTracer(self._trace_header(), config.trace_dump_dir)
-        self.runner.experts_forward.routing_observer = self.tracer.routing.observe
         self.trace_store = self._open_trace_store()
+        self.prefetcher = self._batch_prefetcher()
+        self.runner.experts_forward.routing_observer = self._observe_routing
         self._unsaved_traces = 0
         self.eos_token_ids = _eos_token_ids(config.model, self.tokenizer)
         self._requests: dict[str, _UserRequest] = {}
@@ -120,6 +123,8 @@ class LLMEngine:
         for seq in user.sequences:
             self.scheduler.abort(seq.request_id)
             self.tracer.finish(seq.request_id, dump=False)
+            if self.prefetcher is not None:
+                self.prefetcher.forget(seq.request_id)
             self._sequence_owner.pop(seq.request_id, None)
         return True
 
@@ -132,7 +137,11 @@ class LLMEngine:
         self.sampler.release(plan.finished_ids)
         if plan.is_empty:
             return []
+        if self.prefetcher is not None:
+            self.prefetcher.begin_step([StepSequence(s.request_id, s.num_tokens, s.is_decode) for s in plan.scheduled])
         logits = self.runner.execute(plan.scheduled)
+        if self.prefetcher is not None:
+            self.prefetcher.end_step()
         self.tracer.record_step([TracedRequest(s.request_id, s.request.num_prompt_tokens, s.start_position, s.num_tokens)
                                  for s in plan.scheduled])
         to_sample = plan.sample_requests
@@ -155,6 +164,24 @@ class LLMEngine:
             if output.finished:
                 self._retire(output.request_id)
         return outputs
+
+    def _observe_routing(self, layer: int | None, top_k_index, top_k_weights) -> None:
+        """The experts forward's routing tap: the tracer records it; the batch prefetcher predicts from it."""
+        self.tracer.routing.observe(layer, top_k_index, top_k_weights)
+        if self.prefetcher is not None:
+            self.prefetcher.observe(layer, top_k_index)
+
+    def _batch_prefetcher(self) -> BatchPrefetcher | None:
+        """Trace-driven priorities and prefetch (offload mode with expert_prefetch 'trace' or 'all')."""
+        if self.offload is None or self.config.expert_prefetch not in ("trace", "all") or not self.runner.num_experts:
+            return None
+        if self.offload.prefetch_limit < 1:
+            logger.info("trace prefetch off: the expert cache has no slot to spare for reads in flight")
+            return None
+        top_k = int(getattr(self.runner.config, "num_experts_per_tok"))
+        prefetcher = BatchPrefetcher(self.offload, self.runner.num_experts, top_k, self.trace_store)
+        self.runner.experts_forward.on_layer_held = prefetcher.plan
+        return prefetcher
 
     def _retire(self, request_id: str) -> None:
         user = self._requests.pop(request_id)
@@ -227,6 +254,8 @@ class LLMEngine:
         """A finished sequence's trace: dumped (trace_dump_dir) and its decode matrix entered into the store,
         which is saved every TRACE_SAVE_EVERY finished sequences."""
         activations = self.tracer.finish(request_id)
+        if self.prefetcher is not None:
+            self.prefetcher.forget(request_id)
         if activations is None or not self.runner.num_experts:
             return
         if self.trace_store.add(activations.matrix("decode", self.runner.num_experts)) >= 0:

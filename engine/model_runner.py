@@ -54,7 +54,8 @@ class ModelRunner:
 
     With ``offload`` (an ``OffloadedExperts`` over a prepared store) the experts' parameters stay on the meta
     device and the experts forward reads every routed expert through the offload cache; otherwise all weights
-    are resident, loaded by ``from_pretrained``.
+    are resident, loaded by ``from_pretrained``; ``lookahead`` turns the experts forward's gate look-ahead
+    prefetch on (offload mode only).
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class ModelRunner:
         dtype: str = "auto",
         block_size: int = DEFAULT_BLOCK_SIZE,
         offload: OffloadedExperts | None = None,
+        lookahead: bool = True,
     ) -> None:
         if offload is None:
             self.model = load_model(model_dir, dtype)
@@ -76,7 +78,7 @@ class ModelRunner:
         self.kv_store = PagedKVStore(self.config.num_hidden_layers, num_kv_blocks * block_size)
         self.experts_forward = ExpertsForward(source=offload)
         self.num_moe_layers = tag_experts_layers(self.model)
-        if offload is not None and offload.prefetch_limit > 0:
+        if offload is not None and offload.prefetch_limit > 0 and lookahead:
             self.experts_forward.lookahead = lookahead_routers(self.model)
         self.num_experts = max((m.down_proj.shape[0] for m in self.model.modules() if is_experts_module(m)),
                                default=0)

@@ -74,6 +74,11 @@ class ScheduledRequest:
         return range(self.start_position, self.start_position + self.num_tokens)
 
     @property
+    def is_decode(self) -> bool:
+        """One token at a generated position (not a prompt chunk, not the recompute of a preempted request)."""
+        return self.num_tokens == 1 and self.start_position >= self.request.num_prompt_tokens
+
+    @property
     def context_len(self) -> int:
         """Positions attended to by the last token of this step (the sequence length after the step)."""
         return self.start_position + self.num_tokens

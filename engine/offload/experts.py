@@ -274,6 +274,9 @@ class ExpertsForward:
         self.lookahead: dict[int, tuple[int, nn.Module]] = {}
         self.lookahead_stats = LookaheadStats()
         self._predicted: dict[int, set[int]] = {}
+        # Called with the layer once its first group of experts is held (pinned): where trace-driven priorities
+        # and prefetches act (engine.trace.batch.BatchPrefetcher.plan). None = off.
+        self.on_layer_held: Callable[[int | None], None] | None = None
 
     def spec(self, experts: nn.Module) -> ExpertsSpec:
         """The module's layout, read once and cached."""
@@ -303,6 +306,8 @@ class ExpertsForward:
             with self.source.hold(experts, spec.layer, ids) as weights:
                 if number == 0:
                     self.look_ahead(spec.layer, hidden)
+                    if self.on_layer_held is not None:
+                        self.on_layer_held(spec.layer)
                 self._run_group(experts, spec, hidden, plan, group, weights, out)
         return out if hidden.dtype == torch.float32 else out.to(hidden.dtype)
 

@@ -11,13 +11,16 @@ and reported by ``LLM.stats()``.
 The budget is ``expert_cache_bytes``: ``budget // slot_bytes`` slots, where a slot holds the largest blob of the
 store. Below ``top_k`` slots a layer cannot hold one token's experts, so start-up is refused with the minimum.
 
-Prefetch (``prefetch(layer, ids)``, fed by the experts forward's gate look-ahead): a missing expert is admitted
-at once and its read starts; it stays pinned while the read is in flight (an in-flight slot is never a victim)
-and is unpinned when the read is reaped. At most ``num_slots - top_k`` (and MAX_PREFETCH_IN_FLIGHT) reads are in
-flight, so a demand group always finds victims once in-flight reads are drained — which ``hold`` does, waiting,
-only when every other slot is pinned. A demand use of a prefetched expert is a hit (``prefetch_used``; the
-forward waits if its read is still in flight, counted as stall); a prefetched expert evicted before any use is
-``prefetch_wasted``.
+Prefetch goes through one `PrefetchQueue` (engine.offload.prefetch) over the same cache: `prefetch(layer, ids,
+priority)` (the experts forward's gate look-ahead) and the trace planner (engine.trace.planner, which also sets
+the policy's priorities) queue requests; `pump` hands them to the reader while bytes in flight allow. The queue
+admits a prefetched key at once (evicting the policy's victim, never a pinned slot, never one the predictor
+values more than the prefetch) and pins it while its read is in flight; the reaper completes it when the read
+has landed. At most ``num_slots - top_k`` (and MAX_PREFETCH_IN_FLIGHT) reads are in flight, so a demand group
+always finds victims once in-flight reads are drained — which ``hold`` does, waiting, only when every other slot
+is pinned. Queued prefetches for a layer the forward has reached are dropped as stale. A demand use of a
+prefetched expert is a hit (``prefetch_used``; the forward waits if its read is still in flight, counted as
+stall); a prefetched expert evicted before any use is ``prefetch_wasted``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from torch import nn
 from engine.offload.cache import ExpertCache, Key, LRUPolicy, NoVictimError
 from engine.offload.experts import LAYER_ATTRIBUTE, ExpertWeights
 from engine.offload.layout import BlobEntry, ExpertStore, StoreError
+from engine.offload.prefetch import PrefetchQueue
 from engine.offload.tiers import BlobReader, ReadMode, ReadRequest, SlotArena, choose_read_mode
 
 logger = logging.getLogger(__name__)
@@ -114,9 +118,10 @@ class OffloadedExperts:
         self._slot_of: dict[Key, int] = {}
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._verified: set[Key] = set()
-        self._loading: dict[Key, Future] = {}  # prefetch reads in flight (their keys pinned)
+        self._loading: dict[Key, Future] = {}  # prefetch reads in flight (their keys pinned by the queue)
         self._prefetched_unused: set[Key] = set()
         self.prefetch_limit = min(MAX_PREFETCH_IN_FLIGHT, num_slots - top_k)
+        self.queue = PrefetchQueue(self.cache, slot_bytes, max(self.prefetch_limit, 1) * slot_bytes)
         self._step = 0
         first = store.blob(store.moe_layers[0], 0, PRECISION)
         mode = read_mode or choose_read_mode(first.file, self._probe_offsets(first.file), first.padded_nbytes,
@@ -134,9 +139,18 @@ class OffloadedExperts:
         """Bytes of the host tier holding expert blobs now (slots in use)."""
         return len(self._slot_of) * self.arena.slot_bytes
 
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers of the model (dense ones included): positions count ``step * num_layers + layer``."""
+        return self.store.num_layers
+
     def begin_step(self) -> None:
         """Mark the start of an engine step (the clock the policy sees)."""
         self._step += 1
+
+    def position(self, layer: int) -> int:
+        """The position of ``layer`` in this step, the unit prefetch targets are given in."""
+        return self._step * self.num_layers + layer
 
     def max_group_size(self, layer: int | None) -> int:
         """At most every slot at once: a group's experts are all pinned while it computes."""
@@ -150,6 +164,7 @@ class OffloadedExperts:
         keys = [(layer, expert, PRECISION) for expert in expert_ids]
         loads: list[tuple[Key, Future]] = []
         pinned: list[Key] = []
+        self.queue.drop_stale(self.position(layer))
         self._reap_prefetches(block=False)
         try:
             for key in keys:
@@ -164,23 +179,28 @@ class OffloadedExperts:
             for key in pinned:
                 self.cache.policy.unpin(key)
 
-    def prefetch(self, layer: int, expert_ids: Sequence[int]) -> None:
-        """Start reads for the experts of ``layer`` that are not cached, within the in-flight limit; never blocks."""
-        self._reap_prefetches(block=False)
+    def prefetch(self, layer: int, expert_ids: Sequence[int], priority: float = 1.0) -> None:
+        """Queue prefetches of ``expert_ids`` of ``layer`` (needed at its next visit in this step) and start
+        what the in-flight limit allows; never blocks."""
+        if self.prefetch_limit < 1:
+            return
+        target = self.position(layer)
         for expert in expert_ids:
-            if len(self._loading) >= self.prefetch_limit:
-                return
-            key = (layer, expert, PRECISION)
-            if key in self.cache:
-                continue
-            try:
-                future = self._admit(key)
-            except NoVictimError:
-                return
-            self.cache.policy.pin(key)
-            self._loading[key] = future
-            self._prefetched_unused.add(key)
+            self.queue.push_prefetch((layer, expert, PRECISION), priority, target)
+        self.pump()
+
+    def pump(self) -> int:
+        """Start the queued reads that may start now (in queue order, within the in-flight limit); how many."""
+        if self.prefetch_limit < 1:
+            return 0
+        self._reap_prefetches(block=False)
+        started = 0
+        while (load := self.queue.next_load()) is not None:
+            self._loading[load.key] = self._read_into_slot(load.key, load.evicted)
+            self._prefetched_unused.add(load.key)
             self.stats.prefetch_issued += 1
+            started += 1
+        return started
 
     def _demand_access(self, key: Key) -> Future | None:
         """A use of ``key`` by the forward: a hit (waiting on its prefetch read if in flight) or a miss that
@@ -203,14 +223,18 @@ class OffloadedExperts:
             return self._admit(key)
 
     def _admit(self, key: Key) -> Future:
-        """Make ``key`` resident in the policy, claim its slot (free or the victim's) and start its read.
+        """Make ``key`` resident in the policy (a demand access), claim its slot and start its read.
 
         Raises NoVictimError, changing nothing, when the cache is full and every member is pinned."""
-        access = self.cache.access(key, self._step)
-        if access.evicted is not None:
-            slot = self._slot_of.pop(access.evicted)
-            if access.evicted in self._prefetched_unused:
-                self._prefetched_unused.discard(access.evicted)
+        return self._read_into_slot(key, self.cache.access(key, self._step).evicted)
+
+    def _read_into_slot(self, key: Key, evicted: Key | None) -> Future:
+        """``key`` was just made resident (evicting ``evicted``): take the victim's slot or a free one, start the
+        read into it."""
+        if evicted is not None:
+            slot = self._slot_of.pop(evicted)
+            if evicted in self._prefetched_unused:
+                self._prefetched_unused.discard(evicted)
                 self.stats.prefetch_wasted += 1
         else:
             slot = self._free_slots.pop()
@@ -235,7 +259,7 @@ class OffloadedExperts:
         """Wait for ``key``'s read and verify a first load; a prefetch's in-flight pin is released. Returns the
         read's or the checksum's error instead of raising it (the caller decides what a failure means)."""
         if self._loading.pop(key, None) is not None:
-            self.cache.policy.unpin(key)
+            self.queue.complete(key)
         try:
             future.result()
             self._verify_first_load(key)
@@ -288,9 +312,13 @@ class OffloadedExperts:
                 offsets.append(entry.offset)
         return offsets
 
+    def drain(self) -> None:
+        """Wait for the prefetch reads in flight to land (their pins released, their bytes counted)."""
+        self._reap_prefetches(block=True)
+
     def close(self) -> None:
         """Release the reader's files and threads (after the reads in flight land)."""
-        self._reap_prefetches(block=True)
+        self.drain()
         self.reader.close()
 
 

@@ -36,16 +36,8 @@ from typing import Any, NamedTuple
 from engine.offload.cache import POLICY_NAMES, ExpertCache, Key, LRUPolicy, NoVictimError, build_cache, policy_scope
 from engine.offload.prefetch import Load, PrefetchQueue
 from engine.trace.format import RequestTrace, read_traces
-from engine.trace.predictor import (
-    DEFAULT_MAX_OFFSET,
-    DEFAULT_MISS_STEPS,
-    SOURCES,
-    Predictor,
-    RequestState,
-    TransitionStatistics,
-    any_request,
-    batch_priorities,
-)
+from engine.trace.planner import PrefetchPlanner, PrefetchSettings
+from engine.trace.predictor import DEFAULT_MAX_OFFSET, Predictor, RequestState, TransitionStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -289,23 +281,6 @@ def _simulate(policy: str, partition_capacity: int, accesses: list[_Access], num
 
 
 @dataclass(frozen=True)
-class PrefetchSettings:
-    """The tuning of `PREDICTIVE_POLICY` (chosen on mixtral-h39s-prompt1 only; see benchmarks/replay_policies.py).
-
-    ``sources``: the predictor's (engine.trace.predictor.SOURCES); ``max_offset``: layers back the transition
-    statistics look; ``miss_steps``: `batch_priorities`' assumed wait after a missed visit;
-    ``min_probability``: the least predicted probability of use worth a prefetch; ``horizon``: how many layers
-    ahead of the frontier prefetches may target.
-    """
-
-    sources: tuple[str, ...] = SOURCES
-    max_offset: int = DEFAULT_MAX_OFFSET
-    miss_steps: float = DEFAULT_MISS_STEPS
-    min_probability: float = 0.6
-    horizon: int = 8
-
-
-@dataclass(frozen=True)
 class PrefetchTally(CacheTally):
     """`CacheTally` of a prefetching replay, with its prefetch counts and modelled times.
 
@@ -364,6 +339,7 @@ class _PredictiveReplay:
         self.settings = settings
         self.cache = ExpertCache(LRUPolicy(), capacity, scope="global")
         self.queue = PrefetchQueue(self.cache, clock.expert_bytes, clock.max_bytes_in_flight)
+        self.planner = PrefetchPlanner(self.cache, self.queue, header.num_layers, settings, TRACE_PRECISION)
         transitions = TransitionStatistics(header.num_layers, header.num_experts, max_offset=settings.max_offset)
         self.predictor = Predictor(header.num_layers, header.num_experts, header.top_k or 2, settings.sources,
                                    transitions=transitions)
@@ -447,16 +423,8 @@ class _PredictiveReplay:
         return self.device.done[key]
 
     def _plan(self, state: RequestState, layer: int, position: int) -> None:
-        """Set the priorities from the predictions and queue (and issue) the prefetches worth their slot."""
-        next_visit = any_request([self.predictor.predict(state)])
-        priorities = batch_priorities(next_visit, layer + 1, self.settings.miss_steps)
-        self.cache.policy.set_priorities(priorities)
-        for ahead in range(1, self.settings.horizon + 1):
-            target = (layer + ahead) % self.num_layers
-            for expert, probability in enumerate(next_visit[target]):
-                key = (target, expert, TRACE_PRECISION)
-                if probability >= self.settings.min_probability and key not in self.cache:
-                    self.queue.push_prefetch(key, priorities[key], position + ahead)
+        """Set the priorities from the prediction and queue the prefetches worth their slot; issue them."""
+        self.planner.plan([self.predictor.predict(state)], layer + 1, position)
         while (load := self.queue.next_load()) is not None:
             self._start(load, self.now)
 

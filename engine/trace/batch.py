@@ -1,0 +1,116 @@
+"""The running batch as the predictor sees it: trace-driven priorities and prefetch inside the engine's forward.
+
+`BatchPrefetcher` connects three things the engine already has: the routing the experts forward computes at
+every MoE layer (``ExpertsForward.routing_observer``), a `Predictor` per running sequence (one shared set of
+transition statistics and the engine's shared `TraceStore`), and the offload cache with its prefetch queue
+(`OffloadedExperts`). Per engine step:
+
+- `begin_step(sequences)`: the step's sequences in batch order, with their token counts and whether the step is
+  one decode token (chunks of a prompt, and the recompute of a preempted sequence, are not);
+- `observe(layer, top_k_index)` — the routing observer — splits the batch's [T, k] routing rows by sequence and
+  advances each sequence's predictor to this layer (dense layers in between are observed empty);
+- `plan(layer)` — called by the experts forward once the layer's first group of experts is pinned, so nothing it
+  computes with can be evicted — hands the decode sequences' predictions to the `PrefetchPlanner` (priorities
+  on the cache's policy, prefetches into its queue) and starts the reads the queue allows;
+- `end_step()` teaches the transition statistics; `forget(sequence)` drops a finished or aborted sequence (its
+  trace enters the store through the engine's tracer, not here).
+
+A step with no decode sequence changes neither priorities nor prefetches: prompt chunks route to many experts at
+once and their next step is a decode whose first layers the transition statistics cannot see yet.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.offload.offloaded import PRECISION, OffloadedExperts
+from engine.trace.planner import PrefetchPlanner, PrefetchSettings
+from engine.trace.predictor import Predictor, RequestState, TransitionStatistics
+from engine.trace.store import TraceStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepSequence:
+    """One scheduled sequence of a step: its id, its rows in the flattened batch, and whether it decodes."""
+
+    sequence_id: str
+    num_tokens: int
+    decode: bool
+
+
+class BatchPrefetcher:
+    """Per-layer predictions of the running sequences driving the offload cache (module docstring)."""
+
+    def __init__(
+        self,
+        offload: OffloadedExperts,
+        num_experts: int,
+        top_k: int,
+        store: TraceStore,
+        settings: PrefetchSettings | None = None,
+    ) -> None:
+        self.offload = offload
+        self.settings = settings or PrefetchSettings()
+        num_layers = offload.num_layers
+        transitions = TransitionStatistics(num_layers, num_experts, max_offset=self.settings.max_offset)
+        self.predictor = Predictor(num_layers, num_experts, top_k, self.settings.sources, store=store,
+                                   transitions=transitions)
+        self.planner = PrefetchPlanner(offload.cache, offload.queue, num_layers, self.settings, PRECISION,
+                                       layers=offload.store.moe_layers)
+        self._states: dict[str, RequestState] = {}
+        self._step: list[tuple[StepSequence, RequestState]] = []
+        self.prefetches_planned = 0
+
+    def begin_step(self, sequences: Sequence[StepSequence]) -> None:
+        """The step about to run: ``sequences`` in batch order (their rows are consecutive in that order)."""
+        self._step = []
+        for sequence in sequences:
+            state = self._states.get(sequence.sequence_id)
+            if state is None:
+                state = self._states[sequence.sequence_id] = self.predictor.new_request()
+            self.predictor.begin_step(state, sequence.decode)
+            self._step.append((sequence, state))
+
+    def observe(self, layer: int | None, top_k_index: torch.Tensor) -> None:
+        """The routing of MoE layer ``layer``, [T, k] over the flattened batch: advance every sequence to it."""
+        if layer is None or not self._step:
+            return
+        rows = top_k_index.tolist()
+        begin = 0
+        for sequence, state in self._step:
+            experts = sorted({expert for row in rows[begin:begin + sequence.num_tokens] for expert in row})
+            begin += sequence.num_tokens
+            for dense in range(state.layers_seen, layer):
+                self.predictor.observe_layer(state, dense, ())
+            self.predictor.observe_layer(state, layer, experts)
+
+    def plan(self, layer: int | None) -> None:
+        """Priorities and prefetches after ``layer``'s routing, from the decode sequences' predictions."""
+        if layer is None:
+            return
+        predictions = [self.predictor.predict(state) for sequence, state in self._step if sequence.decode]
+        if predictions:
+            self.prefetches_planned += self.planner.plan(predictions, layer + 1, self.offload.position(layer))
+            self.offload.pump()
+
+    def end_step(self) -> None:
+        """Close the step for every sequence that ran in it (teaches the statistics from decode tokens)."""
+        for _, state in self._step:
+            for dense in range(state.layers_seen, self.predictor.num_layers):
+                self.predictor.observe_layer(state, dense, ())
+            self.predictor.end_step(state)
+        self._step = []
+
+    def forget(self, sequence_id: str) -> None:
+        """Drop a sequence that finished or was aborted."""
+        self._states.pop(sequence_id, None)
+
+    def __len__(self) -> int:
+        """Sequences tracked."""
+        return len(self._states)
