@@ -41,8 +41,15 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--served-model-name", help="model id in the API (default: the directory's basename)")
     parser.add_argument("--max-model-len", type=int, help="longest prompt + completion in tokens")
     parser.add_argument("--trace-dump", dest="trace_dump_dir", type=Path, help="write each request's trace here")
+    parser.add_argument("--trace-store", dest="trace_store_path", type=Path,
+                        help="file the shared trace store is loaded from and saved to")
+    parser.add_argument("--expert-cache-bytes", help="serve with experts offloaded, cached in this budget (e.g. 4GiB)")
+    parser.add_argument("--offload-dir", type=Path, help="where prepared expert stores live")
+    parser.add_argument("--expert-prefetch", choices=["all", "trace", "lookahead", "none"],
+                        help="offload mode's prefetch sources (default all)")
     parser.set_defaults(handler=_serve, config_keys=("host", "port", "api_key", "served_model_name",
-                                                     "max_model_len", "trace_dump_dir"))
+                                                     "max_model_len", "trace_dump_dir", "trace_store_path",
+                                                     "expert_cache_bytes", "offload_dir", "expert_prefetch"))
 
 
 def _add_generate(subparsers) -> None:

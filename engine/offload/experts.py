@@ -268,6 +268,11 @@ class ExpertsForward:
         self.kernel: Callable[..., None] | None = load_experts_kernel() if use_kernel else None
         self._specs: weakref.WeakKeyDictionary[nn.Module, ExpertsSpec] = weakref.WeakKeyDictionary()
         self._scratch = torch.empty(0)
+        # Benchmark-only: replaces the router's choice, (layer, top_k_index, top_k_weights) -> (index, weights),
+        # before anything sees it (benchmarks/trace_prefetch.py replays recorded routing through it). Outputs are
+        # then not the model's; never set in serving.
+        self.routing_override: Callable[[int | None, torch.Tensor, torch.Tensor],
+                                        tuple[torch.Tensor, torch.Tensor]] | None = None
         # Called with (layer, top_k_index, top_k_weights) at every MoE layer: the activation tracer's tap.
         self.routing_observer: Callable[[int | None, torch.Tensor, torch.Tensor], None] | None = None
         # Gate look-ahead: layer -> (the next MoE layer, its router); see ``look_ahead``. Empty = off.
@@ -295,6 +300,8 @@ class ExpertsForward:
     ) -> torch.Tensor:
         """sum_k top_k_weights[t, k] * expert_{top_k_index[t, k]}(hidden_states[t]) -> [T, H] in the input dtype."""
         spec = self.spec(experts)
+        if self.routing_override is not None:
+            top_k_index, top_k_weights = self.routing_override(spec.layer, top_k_index, top_k_weights)
         if self.routing_observer is not None:
             self.routing_observer(spec.layer, top_k_index, top_k_weights)
         hidden = hidden_states.contiguous()  # [T, H]

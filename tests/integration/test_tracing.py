@@ -131,3 +131,22 @@ def test_trace_store_grows_across_requests_and_survives_a_restart(
     fresh = LLM(demo_model("mixtral"), max_model_len=96, trace_store_path=str(path))
     assert fresh.stats()["trace_store_entries"] == 0 and not path.exists()
     assert len(list(tmp_path.glob("traces.safetensors.corrupt-*"))) == 1
+
+
+def test_a_routing_override_is_what_the_forward_computes_and_the_trace_records(
+    demo_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The benchmark-only ``routing_override`` replaces the router's choice before the tracer sees it."""
+    engine = LLMEngine(load_config(overrides=dict(model=str(demo_model("mixtral")), max_model_len=96)))
+
+    def first_two(layer, index, weights):
+        forced = torch.tensor([[0, 1]] * index.shape[0], dtype=index.dtype)  # [T, 2]
+        return forced, torch.full(forced.shape, 0.5, dtype=weights.dtype)
+
+    engine.runner.experts_forward.routing_override = first_two
+    engine.add_request("r", PROMPTS[1], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+        activations = engine.tracer.get("r") or activations
+    matrix = activations.matrix("decode", 8) + activations.matrix("prefill", 8)
+    assert matrix[:, 2:].sum() == 0 and (matrix[:, :2] > 0).all()

@@ -53,6 +53,14 @@ def test_serve_validates_configuration_before_anything_else(capsys: pytest.Captu
     assert "port:" in capsys.readouterr().err
 
 
+def test_serve_offload_flags_are_validated_as_configuration(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "model-dir", "--expert-cache-bytes", "lots"]) == EXIT_USAGE
+    assert "expert_cache_bytes" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "model-dir", "--expert-prefetch", "sometimes"])
+    assert exit_info.value.code == EXIT_USAGE and "invalid choice" in capsys.readouterr().err
+
+
 def test_config_error_from_environment_names_the_variable(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
