@@ -223,14 +223,14 @@ class OffloadedExperts:
             return self._admit(key)
 
     def _admit(self, key: Key) -> Future:
-        """Make ``key`` resident in the policy (a demand access), claim its slot and start its read.
+        """Make ``key`` resident in the policy (a demand access), claim its slot and start its read (urgent).
 
         Raises NoVictimError, changing nothing, when the cache is full and every member is pinned."""
-        return self._read_into_slot(key, self.cache.access(key, self._step).evicted)
+        return self._read_into_slot(key, self.cache.access(key, self._step).evicted, urgent=True)
 
-    def _read_into_slot(self, key: Key, evicted: Key | None) -> Future:
+    def _read_into_slot(self, key: Key, evicted: Key | None, urgent: bool = False) -> Future:
         """``key`` was just made resident (evicting ``evicted``): take the victim's slot or a free one, start the
-        read into it."""
+        read into it (``urgent``: ahead of queued prefetch reads)."""
         if evicted is not None:
             slot = self._slot_of.pop(evicted)
             if evicted in self._prefetched_unused:
@@ -240,7 +240,8 @@ class OffloadedExperts:
             slot = self._free_slots.pop()
         self._slot_of[key] = slot
         entry = self.store.blob(*key)
-        return self.reader.submit(ReadRequest(entry.file, entry.offset, entry.padded_nbytes, self.arena.slot(slot)))
+        request = ReadRequest(entry.file, entry.offset, entry.padded_nbytes, self.arena.slot(slot))
+        return self.reader.submit(request, urgent=urgent)
 
     def _reap_prefetches(self, block: bool) -> None:
         """Unpin prefetched keys whose reads finished (all of them, waiting, with ``block``); a failed or corrupt

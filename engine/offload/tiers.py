@@ -5,7 +5,9 @@
 - ``BlobReader``: reads a blob ``(file, offset, padded_nbytes)`` from disk into a slot without leaving a second
   copy in the page cache: ``O_DIRECT`` (``os.preadv`` straight into the aligned slot) or a buffered read followed
   by ``posix_fadvise(DONTNEED)``; ``choose_read_mode`` picks the faster of the two by measurement at start-up.
-  Several reads run in flight on a small thread pool (``preadv`` releases the GIL).
+  Several reads run in flight on a few worker threads (``preadv`` releases the GIL); they take queued reads
+  urgent first (a layer is waiting on it), then in submission order, so a demand read never waits behind
+  queued prefetches — only behind the reads already running.
 
 Every byte read is counted in ``BlobReader.bytes_read``.
 """
@@ -13,11 +15,13 @@ Every byte read is counted in ``BlobReader.bytes_read``.
 from __future__ import annotations
 
 import enum
+import heapq
+import itertools
 import logging
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +84,8 @@ class ReadRequest:
 class BlobReader:
     """Reads aligned blobs into slots, ``mode`` chosen by the caller (see ``choose_read_mode``).
 
-    Files are opened once and kept open; ``close()`` releases them and the thread pool.
+    ``io_threads`` workers take submitted reads urgent first, then in submission order. Files are opened once and
+    kept open; ``close()`` waits for the queued reads, then releases the workers and the files.
     """
 
     def __init__(self, mode: ReadMode, io_threads: int = DEFAULT_IO_THREADS) -> None:
@@ -88,11 +93,40 @@ class BlobReader:
         self.bytes_read = 0
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="moeserve-io")
+        self._queued = threading.Condition()
+        self._heap: list[tuple[int, int, ReadRequest | None, Future[None] | None]] = []
+        self._order = itertools.count()
+        self._workers = [threading.Thread(target=self._work, name=f"moeserve-io-{i}", daemon=True)
+                         for i in range(io_threads)]
+        for worker in self._workers:
+            worker.start()
 
-    def submit(self, request: ReadRequest) -> Future[None]:
-        """Start a read; the future completes when the bytes are in ``request.dest``."""
-        return self._pool.submit(self.read, request)
+    def submit(self, request: ReadRequest, urgent: bool = False) -> Future[None]:
+        """Queue a read; the future completes when the bytes are in ``request.dest`` (or holds the OSError).
+
+        ``urgent`` reads (a layer waits on them) start before every queued non-urgent one."""
+        future: Future[None] = Future()
+        with self._queued:
+            heapq.heappush(self._heap, (0 if urgent else 1, next(self._order), request, future))
+            self._queued.notify()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self._queued:
+                while not self._heap:
+                    self._queued.wait()
+                _, _, request, future = heapq.heappop(self._heap)
+            if request is None:  # close(): every read queued before it has been taken
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                self.read(request)
+            except BaseException as error:  # handed to the waiter, who decides what it means
+                future.set_exception(error)
+            else:
+                future.set_result(None)
 
     def read(self, request: ReadRequest) -> None:
         """Read synchronously. Raises OSError naming the file on a short read or an I/O error."""
@@ -120,8 +154,13 @@ class BlobReader:
             return fd
 
     def close(self) -> None:
-        """Wait for reads in flight, close every file."""
-        self._pool.shutdown(wait=True)
+        """Wait for the queued reads, stop the workers, close every file."""
+        with self._queued:
+            for _ in self._workers:
+                heapq.heappush(self._heap, (2, next(self._order), None, None))
+            self._queued.notify_all()
+        for worker in self._workers:
+            worker.join()
         with self._lock:
             for fd in self._fds.values():
                 os.close(fd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,47 @@ def test_read_mode_is_chosen_by_measurement(blob_file: tuple[Path, bytes]) -> No
     path, _ = blob_file
     mode = choose_read_mode(path, [0, 2 * ALIGNMENT], 2 * ALIGNMENT, SlotArena(1, 2 * ALIGNMENT))
     assert mode in modes(path)
+
+
+class GatedReader(BlobReader):
+    """A reader whose first read waits for ``gate``, so reads queue up behind it; records the order reads run."""
+
+    def __init__(self) -> None:
+        self.gate, self.started = threading.Event(), threading.Event()
+        self.order: list[int] = []
+        super().__init__(ReadMode.BUFFERED, io_threads=1)
+
+    def read(self, request: ReadRequest) -> None:
+        if not self.started.is_set():
+            self.started.set()
+            self.gate.wait(timeout=10)
+        self.order.append(request.offset // (2 * ALIGNMENT))
+        super().read(request)
+
+
+def test_urgent_reads_start_before_queued_prefetches(blob_file: tuple[Path, bytes]) -> None:
+    path, data = blob_file
+    arena = SlotArena(3, 2 * ALIGNMENT)
+    reader = GatedReader()
+    requests = [ReadRequest(path, blob * 2 * ALIGNMENT, 2 * ALIGNMENT, arena.slot(blob)) for blob in range(3)]
+    futures = [reader.submit(requests[0])]
+    assert reader.started.wait(timeout=10)
+    futures += [reader.submit(requests[1]), reader.submit(requests[2], urgent=True)]
+    reader.gate.set()
+    for future in futures:
+        future.result(timeout=10)
+    assert reader.order == [0, 2, 1], "the urgent read overtook the queued one, not the one running"
+    assert bytes(arena.slot(1).numpy()) == data[2 * ALIGNMENT:4 * ALIGNMENT]
+    reader.close()
+
+
+def test_a_failed_read_reaches_its_waiter_and_the_reader_goes_on(blob_file: tuple[Path, bytes]) -> None:
+    path, _ = blob_file
+    reader = BlobReader(ReadMode.BUFFERED, io_threads=1)
+    arena = SlotArena(1, 2 * ALIGNMENT)
+    failed = reader.submit(ReadRequest(path, 10 * ALIGNMENT, 2 * ALIGNMENT, arena.slot(0)))
+    with pytest.raises(OSError, match="truncated"):
+        failed.result(timeout=10)
+    reader.submit(ReadRequest(path, 0, 2 * ALIGNMENT, arena.slot(0))).result(timeout=10)
+    reader.close()
+    assert reader.bytes_read == 2 * ALIGNMENT
