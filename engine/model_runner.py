@@ -27,11 +27,10 @@ from engine.offload.experts import (
 )
 from engine.offload.loader import load_offloaded_model
 from engine.offload.offloaded import OffloadedExperts
+from engine.reference import TORCH_DTYPES
 from engine.scheduler import ScheduledRequest
 
 logger = logging.getLogger(__name__)
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_model(model_dir: str | Path, dtype: str = "auto") -> torch.nn.Module:

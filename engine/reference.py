@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The configuration's dtype names (engine.config) as torch dtypes, for this reference and the engine alike."""
 
 
 def load_reference(model_dir: str | Path, dtype: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
