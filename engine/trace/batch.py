@@ -58,7 +58,7 @@ class BatchPrefetcher:
         self.offload = offload
         self.settings = settings or PrefetchSettings()
         num_layers = offload.num_layers
-        transitions = TransitionStatistics(num_layers, num_experts, max_offset=self.settings.max_offset)
+        transitions = TransitionStatistics(num_layers, num_experts, max_offset=self.settings.max_offset, top_k=top_k)
         self.predictor = Predictor(num_layers, num_experts, top_k, self.settings.sources, store=store,
                                    transitions=transitions)
         self.planner = PrefetchPlanner(offload.cache, offload.queue, num_layers, self.settings, PRECISION,

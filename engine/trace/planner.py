@@ -8,6 +8,12 @@ running requests at a frontier (the layers of this step run so far), it
 2. queues a prefetch (`PrefetchQueue.push_prefetch`) for every key of the next ``horizon`` layers whose
    probability reaches ``min_probability`` and that is not resident, at its priority and target position.
 
+How far ahead to look and how likely a key must be depend on how long a read takes against a layer's compute
+(`PrefetchSettings.for_read_time`): a prefetch issued earlier than its read needs is taken on a less informed
+prediction (on h39s with free reads, horizon 8 instead of 1 loaded 840-970 more blobs for -0.002 to +0.002 of
+hit rate, at two earlier settings), and
+when reads are the bottleneck every wasted read delays the useful ones behind it.
+
 Whoever moves bytes then drains the queue (`PrefetchQueue.next_load`): the offline replay's modelled device
 (engine.trace.replay) and the engine's expert reader (engine.offload.offloaded) alike, so a plan measured in
 replay is the plan that serves. Pure: no tensors, no I/O.
@@ -15,12 +21,25 @@ replay is the plan that serves. Pure: no tensors, no I/O.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from engine.offload.cache import ExpertCache, Key
 from engine.offload.prefetch import PrefetchQueue
 from engine.trace.predictor import DEFAULT_MAX_OFFSET, DEFAULT_MISS_STEPS, SOURCES, any_request, batch_priorities
+
+
+MAX_HORIZON = 8
+IO_BOUND_READ_LAYERS = 4.0
+"""Reads longer than this many layers of compute make the device the bottleneck (`PrefetchSettings.for_read_time`;
+measured only at 1.4 (NVMe) and 6.7 (disk) layers per read on h39s, so the boundary is loose)."""
+COMPUTE_BOUND_MIN_PROBABILITY = 0.57
+"""Shorter reads: the lowest threshold whose blobs stay within per-layer LRU's on h39s with free reads (0.55
+loads 48 blobs more than LRU; 0.6 hits 0.722 instead of 0.727)."""
+IO_BOUND_MIN_PROBABILITY = 0.8
+"""Longer reads: on h39s at 1.5 GB/s, stall 5,106 s at 0.57, 4,889 s at 0.7, 4,796 s at 0.8, 4,750 s at 0.9 (hit
+rate 0.686, 0.672, 0.661, 0.652); 0.8 keeps most of the hits."""
 
 
 @dataclass(frozen=True)
@@ -30,14 +49,25 @@ class PrefetchSettings:
     ``sources``: the predictor's (engine.trace.predictor.SOURCES); ``max_offset``: layers back the transition
     statistics look; ``miss_steps``: `batch_priorities`' assumed wait after a missed visit;
     ``min_probability``: the least predicted probability of use worth a prefetch; ``horizon``: how many layers
-    ahead of the frontier prefetches may target.
+    ahead of the frontier prefetches may target. The defaults are `for_read_time` of a disk read, ~7 layers
+    (DESIGN.md: a miss costs 10-25x the compute it feeds).
     """
 
     sources: tuple[str, ...] = SOURCES
     max_offset: int = DEFAULT_MAX_OFFSET
     miss_steps: float = DEFAULT_MISS_STEPS
-    min_probability: float = 0.6
-    horizon: int = 8
+    min_probability: float = IO_BOUND_MIN_PROBABILITY
+    horizon: int = MAX_HORIZON
+
+    @classmethod
+    def for_read_time(cls, read_layers: float) -> PrefetchSettings:
+        """The settings for reads that each take ``read_layers`` layers of compute (read seconds over a layer's
+        compute seconds): look ahead as many layers as a read takes (1 to MAX_HORIZON), and beyond
+        IO_BOUND_READ_LAYERS prefetch only keys likely enough for an IO-bound device."""
+        horizon = min(MAX_HORIZON, max(1, math.ceil(read_layers)))
+        io_bound = read_layers > IO_BOUND_READ_LAYERS
+        return cls(min_probability=IO_BOUND_MIN_PROBABILITY if io_bound else COMPUTE_BOUND_MIN_PROBABILITY,
+                   horizon=horizon)
 
 
 class PrefetchPlanner:

@@ -169,15 +169,16 @@ def replay(
     """Replay ``requests`` in order through one cache of policy ``policy`` (one of REPLAY_POLICY_NAMES).
 
     Give at most one of ``slots_per_layer`` and ``capacity`` (neither: DEFAULT_SLOTS_PER_LAYER). ``settings``
-    tune `PREDICTIVE_POLICY` (default `PrefetchSettings()`). ValueError for an unknown policy, both or a
-    non-positive capacity, a per-layer policy whose capacity is not a positive multiple of num_layers, requests
-    of different layer/expert counts, or no decode access to measure.
+    tune `PREDICTIVE_POLICY` (default: `PrefetchSettings.for_read_time` of ``clock``'s read, in layers of
+    compute). ValueError for an unknown policy, both or a non-positive capacity, a per-layer policy whose capacity
+    is not a positive multiple of num_layers, requests of different layer/expert counts, or no decode access to
+    measure.
     """
     num_layers = _shared_num_layers(requests)
     total = resolve_capacity(num_layers, slots_per_layer, capacity)
     accesses = _access_sequence(requests)
     if policy == PREDICTIVE_POLICY:
-        tally = _PredictiveReplay(requests, total, clock, settings or PrefetchSettings()).run(requests)
+        tally = _PredictiveReplay(requests, total, clock, settings).run(requests)
         stall, modelled = tally.stall_seconds, tally.modelled_seconds
     else:
         tally = _simulate(policy, _partition_capacity(policy, total, num_layers), accesses, num_layers)
@@ -332,16 +333,22 @@ class _PredictiveReplay:
     `PrefetchQueue`, one `Predictor` (its store and statistics span the requests), one modelled device."""
 
     def __init__(self, requests: Sequence[RequestTrace], capacity: int, clock: ClockModel,
-                 settings: PrefetchSettings) -> None:
+                 settings: PrefetchSettings | None = None) -> None:
+        """``settings`` None: `PrefetchSettings.for_read_time` of ``clock``'s read, in layers of compute."""
         header = requests[0].header
+        if settings is None:
+            settings = PrefetchSettings.for_read_time(clock.expert_load_seconds / clock.layer_compute_seconds
+                                                      if clock.layer_compute_seconds else float("inf"))
         self.num_layers = header.num_layers
         self.clock = clock
         self.settings = settings
         self.cache = ExpertCache(LRUPolicy(), capacity, scope="global")
         self.queue = PrefetchQueue(self.cache, clock.expert_bytes, clock.max_bytes_in_flight)
         self.planner = PrefetchPlanner(self.cache, self.queue, header.num_layers, settings, TRACE_PRECISION)
-        transitions = TransitionStatistics(header.num_layers, header.num_experts, max_offset=settings.max_offset)
-        self.predictor = Predictor(header.num_layers, header.num_experts, header.top_k or 2, settings.sources,
+        top_k = header.top_k or 2
+        transitions = TransitionStatistics(header.num_layers, header.num_experts, max_offset=settings.max_offset,
+                                           top_k=top_k)
+        self.predictor = Predictor(header.num_layers, header.num_experts, top_k, settings.sources,
                                    transitions=transitions)
         self.device = _ModelledDevice(clock.expert_load_seconds)
         self.now = 0.0
@@ -455,7 +462,8 @@ def next_layer_recall(
     top_k = header.top_k or 2
     count = 2 * top_k if predicted is None else predicted
     predictor = Predictor(header.num_layers, header.num_experts, top_k, sources,
-                          transitions=TransitionStatistics(header.num_layers, header.num_experts, max_offset))
+                          transitions=TransitionStatistics(header.num_layers, header.num_experts, max_offset,
+                                                           top_k=top_k))
     found = total = 0
     for request in requests:
         state = predictor.new_request()

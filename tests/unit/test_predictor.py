@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -55,6 +57,60 @@ def test_the_temporal_transition_predicts_next_steps_layers_from_this_token() ->
     predictor.begin_step(state, decode=True)
     predictor.observe_layer(state, 0, [6])
     assert top(predictor.predict(state)[0]) == [1]  # layer 0's next visit is the next token's
+
+
+def test_evidence_reaches_max_offset_layers_ahead() -> None:
+    # Layer 0 alternates between experts 1 and 6, layers 1..8 always use 0 except layer 8, which copies layer 0.
+    layers = 9
+    predictor = Predictor(layers, EXPERTS, top_k=1, sources=["transitions"],
+                          transitions=TransitionStatistics(layers, EXPERTS, max_offset=8, top_k=1))
+    state = predictor.new_request()
+    for token in range(40):
+        first = 1 if token % 2 else 6
+        run_token(predictor, state, [[first]] + [[0]] * (layers - 2) + [[first]])
+    for first in (1, 6):
+        state = predictor.new_request()
+        predictor.begin_step(state, decode=True)
+        predictor.observe_layer(state, 0, [first])
+        assert top(predictor.predict(state)[8]) == [first]
+
+
+def test_incremental_rows_equal_the_naive_bayes_formula() -> None:
+    layers, weight = 6, 0.5
+    stats = TransitionStatistics(layers, EXPERTS, max_offset=3, top_k=2)
+    predictor = Predictor(layers, EXPERTS, top_k=2, sources=["transitions"], transitions=stats, evidence_weight=weight)
+    state = predictor.new_request()
+    tokens = [[[(3 * token + layer) % EXPERTS, (5 * token + 2 * layer + 1) % EXPERTS] for layer in range(layers)]
+              for token in range(30)]
+    for token in tokens[:-1]:
+        run_token(predictor, state, token)
+    current, previous = tokens[-1], tokens[-2]
+    predictor.begin_step(state, decode=True)
+    for seen in range(layers):
+        predictor.observe_layer(state, seen, current[seen])
+        for layer, row in enumerate(predictor.predict(state)):
+            if layer <= seen:  # the next step's visit: only this token's experts at the layer speak
+                evidence = [(0, current[layer])]
+            else:  # this step's: the previous token at the layer, and the layers run up to 3 before it
+                evidence = [(0, previous[layer])] + [(layer - source, current[source])
+                                                     for source in range(max(0, layer - 3), seen + 1)]
+            scores = [stats.log_frequency[layer][b] + weight * sum(
+                stats.log_counts[offset][layer][a][b] - stats.log_frequency[layer][b]
+                for offset, experts in evidence for a in experts) for b in range(EXPERTS)]
+            total = sum(math.exp(score) for score in scores)
+            assert row == pytest.approx([min(1.0, 2 * math.exp(score) / total) for score in scores], abs=1e-12)
+
+
+def test_the_smoothing_prior_starts_at_the_average_rate_and_yields_to_the_counts() -> None:
+    stats = TransitionStatistics(2, 4, max_offset=1, smoothing=4.0, top_k=1)
+    share = math.exp(stats.log_counts[1][1][0][2] - stats.log_frequency[1][2])
+    assert share == pytest.approx(1 / 4), "no data: P(a | b) is the average rate top_k / num_experts"
+    for _ in range(400):
+        stats.observe([[0], [2]], None)
+    share = math.exp(stats.log_counts[1][1][0][2] - stats.log_frequency[1][2])
+    assert share == pytest.approx((400 + 1) / (400 + 4)), "400 tokens of 0 -> 2 outweigh the 4-token prior"
+    with pytest.raises(ValueError):
+        TransitionStatistics(2, 4, top_k=5)
 
 
 def test_the_store_alone_predicts_a_request_like_a_stored_one() -> None:
