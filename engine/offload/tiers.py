@@ -9,7 +9,9 @@
   urgent first (a layer is waiting on it), then in submission order, so a demand read never waits behind
   queued prefetches — only behind the reads already running.
 
-Every byte read is counted in ``BlobReader.bytes_read``.
+Every byte read is counted in ``BlobReader.bytes_read``; ``reads`` counts the reads and ``busy_seconds`` the
+wall time during which at least one read was running, so ``busy_seconds / reads`` is what one blob costs the
+device when reads queue (the figure prefetch planning compares with a layer's compute).
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ class BlobReader:
     def __init__(self, mode: ReadMode, io_threads: int = DEFAULT_IO_THREADS) -> None:
         self.mode = mode
         self.bytes_read = 0
+        self.reads = 0
+        self.busy_seconds = 0.0
+        self._running = 0
+        self._busy_since = 0.0
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
         self._queued = threading.Condition()
@@ -134,6 +140,18 @@ class BlobReader:
             raise ValueError(f"unaligned read of {request.file} at {request.offset} ({request.nbytes} bytes)")
         fd = self._fd(request.file)
         view = memoryview(request.dest[: request.nbytes].numpy())
+        self._busy(+1)
+        try:
+            self._read_all(fd, view, request)
+        finally:
+            self._busy(-1)
+        if self.mode is ReadMode.BUFFERED:
+            os.posix_fadvise(fd, request.offset, request.nbytes, os.POSIX_FADV_DONTNEED)
+        with self._lock:
+            self.bytes_read += request.nbytes
+            self.reads += 1
+
+    def _read_all(self, fd: int, view: memoryview, request: ReadRequest) -> None:
         done = 0
         while done < request.nbytes:
             got = os.preadv(fd, [view[done:]], request.offset + done)
@@ -141,10 +159,16 @@ class BlobReader:
                 raise OSError(f"{request.file}: unexpected end of file at byte {request.offset + done} "
                               f"(reading {request.nbytes} bytes at {request.offset}); the store is truncated")
             done += got
-        if self.mode is ReadMode.BUFFERED:
-            os.posix_fadvise(fd, request.offset, request.nbytes, os.POSIX_FADV_DONTNEED)
+
+    def _busy(self, change: int) -> None:
+        """One read starts (+1) or ends (-1): the time with any read running accumulates in busy_seconds."""
         with self._lock:
-            self.bytes_read += request.nbytes
+            now = time.perf_counter()
+            if self._running == 0:
+                self._busy_since = now
+            self._running += change
+            if self._running == 0:
+                self.busy_seconds += now - self._busy_since
 
     def _fd(self, file: Path) -> int:
         with self._lock:

@@ -17,11 +17,17 @@ transition statistics and the engine's shared `TraceStore`), and the offload cac
 
 A step with no decode sequence changes neither priorities nor prefetches: prompt chunks route to many experts at
 once and their next step is a decode whose first layers the transition statistics cannot see yet.
+
+The plan's horizon and threshold follow `PrefetchSettings.for_read_time`, as in the replay: every ADAPT_EVERY
+steps, ``read_layers`` = the reader's busy seconds per blob over the measured compute of a layer (the time from
+one layer's plan to the next's, less the time the forward waited on reads in between).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +39,9 @@ from engine.trace.predictor import Predictor, RequestState, TransitionStatistics
 from engine.trace.store import TraceStore
 
 logger = logging.getLogger(__name__)
+
+ADAPT_EVERY = 16
+"""Steps between two updates of the plan's settings from the measured read and layer times."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,11 @@ class BatchPrefetcher:
         self._states: dict[str, RequestState] = {}
         self._step: list[tuple[StepSequence, RequestState]] = []
         self.prefetches_planned = 0
+        self.read_layers: float | None = None  # the last measured read time in layers of compute
+        self._steps = 0
+        self._layer_seconds = 0.0
+        self._layers_timed = 0
+        self._last_plan: tuple[int, float, float] | None = None  # (layer, time, stall seconds) of the last plan
 
     def begin_step(self, sequences: Sequence[StepSequence]) -> None:
         """The step about to run: ``sequences`` in batch order (their rows are consecutive in that order)."""
@@ -94,6 +108,7 @@ class BatchPrefetcher:
         """Priorities and prefetches after ``layer``'s routing, from the decode sequences' predictions."""
         if layer is None:
             return
+        self._time_layers(layer)
         predictions = [self.predictor.predict(state) for sequence, state in self._step if sequence.decode]
         if predictions:
             self.prefetches_planned += self.planner.plan(predictions, layer + 1, self.offload.position(layer))
@@ -106,6 +121,31 @@ class BatchPrefetcher:
                 self.predictor.observe_layer(state, dense, ())
             self.predictor.end_step(state)
         self._step = []
+        self._last_plan = None
+        self._steps += 1
+        if self._steps % ADAPT_EVERY == 0:
+            self._adapt()
+
+    def _time_layers(self, layer: int) -> None:
+        """Add the compute since the previous plan of this step (stall excluded) to the layer timing."""
+        now, stall = time.perf_counter(), self.offload.stats.stall_seconds
+        if self._last_plan is not None and layer > self._last_plan[0]:
+            last_layer, last_time, last_stall = self._last_plan
+            self._layer_seconds += max(0.0, (now - last_time) - (stall - last_stall))
+            self._layers_timed += layer - last_layer
+        self._last_plan = (layer, now, stall)
+
+    def _adapt(self) -> None:
+        """Settings for the measured read time (`PrefetchSettings.for_read_time`), other fields kept."""
+        reader = self.offload.reader
+        if not reader.reads or not self._layers_timed or self._layer_seconds <= 0:
+            return
+        self.read_layers = (reader.busy_seconds / reader.reads) / (self._layer_seconds / self._layers_timed)
+        tuned = PrefetchSettings.for_read_time(self.read_layers)
+        self.settings = self.planner.settings = dataclasses.replace(
+            self.settings, horizon=tuned.horizon, min_probability=tuned.min_probability)
+        logger.debug("prefetch plan: a read takes %.2f layers; horizon %d, threshold %.2f", self.read_layers,
+                     tuned.horizon, tuned.min_probability)
 
     def forget(self, sequence_id: str) -> None:
         """Drop a sequence that finished or was aborted."""

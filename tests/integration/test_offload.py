@@ -18,6 +18,8 @@ from engine.engine import LLMEngine
 from engine.models.demo import ARCHITECTURES
 from engine.offload.layout import ExpertStore, StoreError, ensure_store
 from engine.offload.offloaded import BudgetTooSmall, expert_tensors_on_meta, minimum_budget
+from engine.trace.batch import ADAPT_EVERY
+from engine.trace.planner import PrefetchSettings
 
 pytestmark = pytest.mark.slow
 
@@ -106,6 +108,12 @@ def test_every_prefetch_mode_keeps_greedy_tokens_and_trace_mode_drives_the_cache
         assert (engine.prefetcher is not None) == (mode == "trace")
         assert bool(policy._priorities) == (mode == "trace"), "only trace predictions set priorities"
         if mode == "trace":
+            assert generate(engine) == expected, "a warm store and warm statistics change no token"
+            prefetcher = engine.prefetcher
+            assert prefetcher._steps >= ADAPT_EVERY and prefetcher.read_layers > 0
+            tuned = PrefetchSettings.for_read_time(prefetcher.read_layers)
+            settings = prefetcher.planner.settings
+            assert (settings.horizon, settings.min_probability) == (tuned.horizon, tuned.min_probability)
             assert engine.prefetcher.prefetches_planned > 0
             assert {key[0] for key in policy._priorities} == set(range(engine.offload.num_layers))
             assert len(engine.prefetcher) == 0, "finished sequences are forgotten"
