@@ -7,13 +7,14 @@ Two parts (results: benchmarks/results/trace_prefetch.json):
   the recorded Mixtral traces of tests/data — their routing replayed through the experts forward's
   benchmark-only ``routing_override``, so the cache sees real expert sequences while the bytes really move
   (O_DIRECT or buffered+fadvise reads, as the engine's probe chooses). Requests run one after another through
-  one engine per mode (mario's two requests, then h39s; the predictor's store and statistics carry over, as in
-  serving). Modes: ``none`` (on-demand reads, plain global LRU) and ``trace`` (predicted priorities and
+  one engine per mode, the two engines taking turns request by request (mario's two requests, then h39s; the
+  predictor's store and statistics carry over, as in serving). Modes: ``none`` (on-demand reads, plain global LRU) and ``trace`` (predicted priorities and
   prefetch). The gate look-ahead is left out: with replayed routing its router's guess is about another
   routing. Prompt routing is the model's own. Budget: 4 of 8 slots per layer (128 blobs), like the replay.
 - ``cold_to_warm``: the trained demo model (models/demo-moe) on varied prompts (the opening lines of standard
-  library modules), one request at a time, hit rate per request, ``none`` vs ``trace`` at one budget: how the
-  shared store and the transition statistics warm up with the requests seen.
+  library modules), one request at a time (the modes taking turns), hit rate per request (over all expert
+  accesses, the prompt's included), ``none`` vs ``trace`` at one budget: how the shared store and the
+  transition statistics warm up with the requests seen.
 
 Reported per mode: demand misses, hit rate, stall seconds (time the forward waited on reads) per decode token,
 decode tok/s, prefetches issued/used/wasted; and trace / none ratios.
@@ -121,17 +122,18 @@ def replayed(decode_steps: int) -> dict:
         store = ensure_store(model, Path(work) / "store")
         budget = SLOTS_PER_LAYER * store.num_layers * store.max_blob_bytes
         results["budget_bytes"] = budget
-        for mode in MODES:
-            llm = LLM(model, expert_cache_bytes=budget, offload_dir=str(Path(work) / "store"), expert_prefetch=mode,
-                      max_model_len=2048, max_num_seqs=1)
-            forward = llm.engine.runner.experts_forward
-            rows = []
-            for request in requests:
+        engines = {mode: LLM(model, expert_cache_bytes=budget, offload_dir=str(Path(work) / "store"),
+                             expert_prefetch=mode, max_model_len=2048, max_num_seqs=1) for mode in MODES}
+        rows: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        for request in requests:
+            steps = min(decode_steps, request.num_decode_steps)
+            for mode, llm in engines.items():  # interleaved, so a change in machine load hits both modes
+                forward = llm.engine.runner.experts_forward
                 forward.routing_override = ReplayedRouting(request, max(store.moe_layers))
-                steps = min(decode_steps, request.num_decode_steps)
-                rows.append(run_request(llm, PROMPT, steps + 1))
-                logger.warning("%s %s: %s", mode, request.header.trace, summarize([rows[-1]]))
-            results[mode] = {"per_request": [summarize([row]) for row in rows], "total": summarize(rows),
+                rows[mode].append(run_request(llm, PROMPT, steps + 1))
+                logger.warning("%s %s: %s", mode, request.header.trace, summarize([rows[mode][-1]]))
+        for mode, llm in engines.items():
+            results[mode] = {"per_request": [summarize([row]) for row in rows[mode]], "total": summarize(rows[mode]),
                              "read_mode": llm.engine.offload.reader.mode.value}
             llm.engine.close()
     results["ratios"] = ratios(results["trace"]["total"], results["none"]["total"])
@@ -160,11 +162,15 @@ def cold_to_warm(model: str, prompts: int, fraction: float, max_tokens: int) -> 
     with tempfile.TemporaryDirectory() as offload_dir:
         store = ensure_store(model, offload_dir)
         budget = int(sum(store.num_experts.values()) * fraction) * store.max_blob_bytes
-        for mode in MODES:
-            llm = LLM(model, expert_cache_bytes=budget, offload_dir=offload_dir, expert_prefetch=mode)
-            rows = [run_request(llm, text, max_tokens) for text in texts]
-            results[mode] = {"hit_rate_per_request": [summarize([row])["hit_rate"] for row in rows],
-                             "total": summarize(rows), "store_entries": llm.stats()["trace_store_entries"]}
+        engines = {mode: LLM(model, expert_cache_bytes=budget, offload_dir=offload_dir, expert_prefetch=mode)
+                   for mode in MODES}
+        rows: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        for text in texts:
+            for mode, llm in engines.items():  # interleaved, so a change in machine load hits both modes
+                rows[mode].append(run_request(llm, text, max_tokens))
+        for mode, llm in engines.items():
+            results[mode] = {"hit_rate_per_request": [summarize([row])["hit_rate"] for row in rows[mode]],
+                             "total": summarize(rows[mode]), "store_entries": llm.stats()["trace_store_entries"]}
             logger.warning("cold->warm %s: %s", mode, results[mode]["hit_rate_per_request"])
             llm.engine.close()
     half = len(texts) // 2
