@@ -102,6 +102,25 @@ def test_one_expert_matches_reference_for_1_to_64_tokens(experts_group, dtype, t
     assert {n: e for n, e in errors.items() if e > REL_TOL} == {}
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("transposed,gate_kind", LAYOUTS, ids=["rows-silu", "cols-oss", "cols-silu", "rows-oss"])
+def test_decode_token_counts_match_reference_past_the_unrolled_steps(experts_group, dtype, transposed,
+                                                                     gate_kind) -> None:
+    """1-8 tokens on rows long enough for the decode paths' unrolled steps (64 weights), plus 8-wide and 1-wide
+    tails: H = 2 * 64 + 8 + 3, I = 64 + 16 + 3."""
+    torch.manual_seed(3)
+    hidden_size, inter = 139, 83
+    expert = make_expert(dtype, transposed, True, hidden_size, inter)
+    errors = {}
+    for n in range(1, 9):
+        hidden = torch.randn(n + 2, hidden_size).to(dtype)
+        token_ids = torch.randperm(n + 2)[:n]
+        route_weights = torch.rand(n)
+        args = (hidden, token_ids, route_weights, [0], [n], [expert], transposed, gate_kind)
+        errors[n] = relative_error(run_group(experts_group, *args), reference_group(*args))
+    assert {n: e for n, e in errors.items() if e > REL_TOL} == {}
+
+
 def random_group(dtype, transposed, num_tokens=50, top_k=3, num_experts=6, hidden=72, inter=40):
     """A routed layer: tokens sharing experts, grouped by expert like plan_routing does."""
     top_k_index = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)])  # [T, k]

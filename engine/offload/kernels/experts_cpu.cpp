@@ -3,10 +3,12 @@
 //
 // Why it exists: decode is memory-bound, and torch's per-expert matmuls over few tokens stream the weights far
 // below RAM speed on AVX2 machines (and bf16 ones worse). Here each weight row is read once for all of an
-// expert's tokens: a block of 4 rows (or 32 columns for transposed weights) is loaded, widened to fp32 and
-// multiplied into the tokens while it sits in registers/L1. Accumulation is fp32 (FMA); weights may be
-// fp32, bf16 or fp16. Work is split over torch's intra-op threads in small chunks handed out from an atomic
-// counter, so a thread slowed by a busy core does not stall the others.
+// expert's tokens: at 1-4 tokens (decode) one row at a time, a cache line per step, so every thread streams one
+// sequential run of memory; at more tokens a block of 2 rows (or 32 columns for transposed weights). Weights are
+// widened to fp32 and multiplied into the tokens while they sit in registers/L1. Accumulation is fp32 (FMA);
+// weights may be fp32, bf16 or fp16. Work is split over torch's intra-op threads in small chunks handed out from
+// an atomic counter, so a thread slowed by a busy core does not stall the others. benchmarks/experts_kernel.py
+// measures the kernel against the RAM stream rate.
 //
 // Per expert e of the group (tokens tok[s], routing weights rw[s] for s in its slice):
 //   x  = float(hidden[tok])                                   [n, H]
@@ -51,41 +53,74 @@ inline float hsum(__m256 v) {
 }
 
 // ---- row-major weights [N, K]: y[t][r] = dot(x[t], w[r]) for R rows, TB tokens ----
-template <int R, int TB, typename W>
-inline void dot_block(const float* x, int64_t K, const W* w, int64_t ldw, float* y, int64_t ldy) {
-  __m256 acc[TB][R];
-  for (int t = 0; t < TB; ++t)
-    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = load8(w + r * ldw + k);
-    for (int t = 0; t < TB; ++t) {
-      __m256 xv = _mm256_loadu_ps(x + t * K + k);
-      for (int r = 0; r < R; ++r) acc[t][r] = _mm256_fmadd_ps(xv, wv[r], acc[t][r]);
-    }
+// Each step reads U vectors of 8 weights per row (U = 4: a 64-byte line of bf16) into TB * R * U independent
+// accumulators: 8 or more, or one token is bound by FMA latency rather than by memory. With at least as many
+// tokens as bytes per weight (bf16/fp16: 2+, fp32: 4+), where arithmetic rather than memory sets the pace, the loop
+// also asks for the line kPrefetchBytes ahead in each row; rows are contiguous, so near a row's end that is the
+// next rows' start, across the 4 KiB page boundaries hardware prefetchers stop at. (Measured on Zen 4: faster
+// there; slower for 1 token, and for 2 tokens of fp32 weights.)
+constexpr int64_t kPrefetchBytes = 2048;
+
+template <int R, typename W>
+inline void prefetch_ahead(const W* w, int64_t ldw, int64_t k, int64_t step_bytes) {
+  for (int r = 0; r < R; ++r) {
+    const char* p = reinterpret_cast<const char*>(w + r * ldw + k) + kPrefetchBytes;
+    for (int64_t b = 0; b < step_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
   }
+}
+
+template <int R, int TB, int U, typename W>
+inline void dot_block(const float* x, int64_t K, const W* w, int64_t ldw, float* y, int64_t ldy) {
+  __m256 acc[TB][R][U];
+  for (int t = 0; t < TB; ++t)
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) acc[t][r][u] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 * U <= K; k += 8 * U) {
+    if constexpr (TB >= static_cast<int>(sizeof(W))) prefetch_ahead<R>(w, ldw, k, 8 * U * sizeof(W));
+    __m256 wv[R][U];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) wv[r][u] = load8(w + r * ldw + k + 8 * u);
+    for (int t = 0; t < TB; ++t)
+      for (int u = 0; u < U; ++u) {
+        const __m256 xv = _mm256_loadu_ps(x + t * K + k + 8 * u);
+        for (int r = 0; r < R; ++r) acc[t][r][u] = _mm256_fmadd_ps(xv, wv[r][u], acc[t][r][u]);
+      }
+  }
+  for (; k + 8 <= K; k += 8)
+    for (int r = 0; r < R; ++r) {
+      const __m256 wv = load8(w + r * ldw + k);
+      for (int t = 0; t < TB; ++t) acc[t][r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * K + k), wv, acc[t][r][0]);
+    }
   for (int t = 0; t < TB; ++t)
     for (int r = 0; r < R; ++r) {
-      float s = hsum(acc[t][r]);
+      for (int u = 1; u < U; ++u) acc[t][r][0] = _mm256_add_ps(acc[t][r][0], acc[t][r][u]);
+      float s = hsum(acc[t][r][0]);
       for (int64_t kk = k; kk < K; ++kk) s += x[t * K + kk] * static_cast<float>(w[r * ldw + kk]);
       y[t * ldy + r] = s;
     }
 }
 
-// All n tokens against R rows, TB tokens at a time (TB * R accumulators + R weight registers <= 16 ymm).
-template <int R, int TB, typename W>
+// All n tokens against R rows, TB tokens at a time (TB * R * U accumulators + R * U weights <= 16 ymm).
+template <int R, int TB, int U, typename W>
 inline void dot_rows(const float* x, int64_t n, int64_t K, const W* w, int64_t ldw, float* y, int64_t ldy) {
   int64_t t = 0;
-  for (; t + TB <= n; t += TB) dot_block<R, TB>(x + t * K, K, w, ldw, y + t * ldy, ldy);
+  for (; t + TB <= n; t += TB) dot_block<R, TB, U>(x + t * K, K, w, ldw, y + t * ldy, ldy);
   switch (n - t) {
-    case 5: if constexpr (TB > 5) dot_block<R, 5>(x + t * K, K, w, ldw, y + t * ldy, ldy); break;
-    case 4: if constexpr (TB > 4) dot_block<R, 4>(x + t * K, K, w, ldw, y + t * ldy, ldy); break;
-    case 3: if constexpr (TB > 3) dot_block<R, 3>(x + t * K, K, w, ldw, y + t * ldy, ldy); break;
-    case 2: if constexpr (TB > 2) dot_block<R, 2>(x + t * K, K, w, ldw, y + t * ldy, ldy); break;
-    case 1: if constexpr (TB > 1) dot_block<R, 1>(x + t * K, K, w, ldw, y + t * ldy, ldy); break;
+    case 5: if constexpr (TB > 5) dot_block<R, 5, U>(x + t * K, K, w, ldw, y + t * ldy, ldy); break;
+    case 4: if constexpr (TB > 4) dot_block<R, 4, U>(x + t * K, K, w, ldw, y + t * ldy, ldy); break;
+    case 3: if constexpr (TB > 3) dot_block<R, 3, U>(x + t * K, K, w, ldw, y + t * ldy, ldy); break;
+    case 2: if constexpr (TB > 2) dot_block<R, 2, U>(x + t * K, K, w, ldw, y + t * ldy, ldy); break;
+    case 1: if constexpr (TB > 1) dot_block<R, 1, U>(x + t * K, K, w, ldw, y + t * ldy, ldy); break;
     default: break;
   }
+}
+
+// Rows [c0, c1) one at a time (few tokens, decode): each thread reads one sequential stream.
+template <int TB, int U, typename W>
+inline void dot_each_row(const float* x, int64_t K, const W* w, int64_t ldw, int64_t c0, int64_t c1, float* y,
+                         int64_t ldy) {
+  for (int64_t c = c0; c < c1; ++c) dot_block<1, TB, U>(x, K, w + c * ldw, ldw, y + c, ldy);
 }
 
 // ---- transposed weights [K, N]: y[t][c] = sum_k x[t][k] * w[k][c] for 8V columns, TB tokens ----
@@ -128,14 +163,21 @@ void project(const float* x, int64_t n, int64_t K, const W* w, int64_t ldw, bool
              int64_t c1, float* y, int64_t ldy) {
   int64_t c = c0;
   if (!transposed) {
-    // One or two tokens: 4 rows at a time keep enough loads in flight to stream at RAM speed. More tokens:
-    // 2 rows x 6 tokens, 12 accumulators and fewer weight conversions per FMA, for the compute-bound side.
-    if (n <= 2) {
-      for (; c + 4 <= c1; c += 4) dot_rows<4, 2>(x, n, K, w + c * ldw, ldw, y + c, ldy);
-    } else {
-      for (; c + 2 <= c1; c += 2) dot_rows<2, 6>(x, n, K, w + c * ldw, ldw, y + c, ldy);
+    switch (n) {  // 1-4 tokens: a row at a time, U vectors per step so that TB * U >= 8 accumulators
+      case 1: return dot_each_row<1, 8>(x, K, w, ldw, c0, c1, y, ldy);
+      case 2:
+        if constexpr (sizeof(W) < 4) return dot_each_row<2, 4>(x, K, w, ldw, c0, c1, y, ldy);
+        break;  // fp32 weights: measured faster 4 rows at a time, below
+      case 3: return dot_each_row<3, 4>(x, K, w, ldw, c0, c1, y, ldy);
+      case 4: return dot_each_row<4, 2>(x, K, w, ldw, c0, c1, y, ldy);
+      default: break;
     }
-    for (; c < c1; ++c) dot_rows<1, 6>(x, n, K, w + c * ldw, ldw, y + c, ldy);
+    if (n == 2) {
+      for (; c + 4 <= c1; c += 4) dot_rows<4, 2, 1>(x, n, K, w + c * ldw, ldw, y + c, ldy);
+    } else {  // more tokens: 2 rows x 6 tokens, 12 accumulators, fewer weight conversions per FMA (compute-bound)
+      for (; c + 2 <= c1; c += 2) dot_rows<2, 6, 1>(x, n, K, w + c * ldw, ldw, y + c, ldy);
+    }
+    for (; c < c1; ++c) dot_rows<1, 6, 1>(x, n, K, w + c * ldw, ldw, y + c, ldy);
     return;
   }
   for (; c + 32 <= c1; c += 32) axpy_cols<4>(x, n, K, w + c, ldw, y + c, ldy);
