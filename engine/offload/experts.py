@@ -223,24 +223,28 @@ def plan_routing(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_exp
 
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+KERNEL_MAX_TOKENS = 16
+"""Unmeasured shapes: tokens per expert from which torch's path is the default (see `PathTable`)."""
 
 
 @dataclass
 class PathTable:
-    """Measured compute paths: shape key -> {token bucket -> Path}. Unmeasured shapes use the kernel.
+    """Measured compute paths: shape key -> {token bucket -> Path}; unmeasured shapes use the default below.
 
     A count of tokens uses the largest bucket not above it (counts above 64 use the 64 bucket). An unmeasured shape
-    uses the kernel; ``ExpertsForward.calibrate`` replaces that default with measurements for the shape. (The
-    per-shape benchmark that is to justify the default against the bandwidth bound is issue #5's.)
+    uses the kernel below ``kernel_max_tokens`` (KERNEL_MAX_TOKENS) tokens and torch from there (benchmarks/experts_kernel.py: in bf16 the
+    kernel streams 0.9-1.0 of STREAM triad at one token, torch ~0.45; from 16 tokens torch's GEMM wins, 2x at
+    64); ``ExpertsForward.calibrate`` replaces that default with measurements for the shape.
     """
 
     measured: dict[tuple, dict[int, Path]] = field(default_factory=dict)
+    kernel_max_tokens: int = KERNEL_MAX_TOKENS
 
     def choose(self, key: tuple, tokens: int) -> Path:
         """The path for ``tokens`` tokens on an expert of shape ``key``."""
         by_bucket = self.measured.get(key)
         if not by_bucket:
-            return Path.KERNEL
+            return Path.KERNEL if tokens < self.kernel_max_tokens else Path.TORCH
         bucket = max((b for b in by_bucket if b <= tokens), default=min(by_bucket))
         return by_bucket[bucket]
 
