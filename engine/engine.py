@@ -178,6 +178,9 @@ class LLMEngine:
         if self.offload.prefetch_limit < 1:
             logger.info("trace prefetch off: the expert cache has no slot to spare for reads in flight")
             return None
+        if self.offload.num_slots >= sum(self.offload.store.num_experts.values()):
+            logger.info("trace prefetch off: every expert fits in the cache (nothing to predict for)")
+            return None
         top_k = int(getattr(self.runner.config, "num_experts_per_tok"))
         prefetcher = BatchPrefetcher(self.offload, self.runner.num_experts, top_k, self.trace_store)
         self.runner.experts_forward.on_layer_held = prefetcher.plan
