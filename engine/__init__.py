@@ -6,16 +6,9 @@ The public Python API is ``from engine import LLM, SamplingParams``. ``LLM`` is 
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
-# OpenMP threads that spin while they wait for work stall torch's decode whenever anything else wants a core (our
-# own I/O threads, the HTTP loop, another process): on 2 cores with one other busy process, the demo model decoded
-# at 1.7-29 tok/s with spinning threads and 115-119 with passive ones. libgomp reads this when torch loads it, so
-# it is set here, before anything of ours imports torch; a value the user set wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from engine.sampling import SamplingParams  # noqa: E402  (after the OpenMP setting, on purpose)
+from engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from engine.engine import LLM

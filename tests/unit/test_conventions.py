@@ -24,15 +24,3 @@ def test_readme_documents_every_config_key() -> None:
     readme = (REPO / "README.md").read_text()
     assert [key for key in config_keys() if f"| `{key}` |" not in readme] == []
 
-
-def test_import_engine_makes_openmp_threads_wait_passively_unless_told_otherwise() -> None:
-    import os
-    import subprocess
-    import sys
-
-    script = "import engine, os; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
-    run = [sys.executable, "-c", script]
-    assert subprocess.run(run, env=env, capture_output=True, text=True, cwd=REPO).stdout.strip() == "PASSIVE"
-    env["OMP_WAIT_POLICY"] = "ACTIVE"
-    assert subprocess.run(run, env=env, capture_output=True, text=True, cwd=REPO).stdout.strip() == "ACTIVE"
