@@ -6,7 +6,9 @@ routing; H=2048, I=768 with top-8), weight dtype (bf16, and fp32 for reference) 
 (1, 2, 4, 8, 16, 64), one trial runs every expert of a stack once — as layer-sized groups of ``top_k`` experts
 per ``moeserve::experts_group`` call, like the engine's decode — on:
 
-- ``kernel``: the compiled op (the built one, or ``--library`` to load another build for before/after runs);
+- ``kernel``: the compiled op (the built one, or ``--library`` to load another build for before/after runs) on
+  the richest instruction set this CPU has (engine.offload.kernels.ISAS), the engine's default;
+- ``kernel_avx2``: the same op with its decode paths forced to AVX2, where the CPU has more (AVX-512);
 - ``torch``: ``engine.offload.experts.torch_expert``, one expert at a time.
 
 The stack holds at least 16 experts and ``--min-mib`` MiB (default 256, > 2x the last-level cache of the
@@ -38,7 +40,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from engine.logs import configure_logging
 from engine.offload.experts import ExpertsForward, RoutingPlan, StackedParameters, torch_expert
-from engine.offload.kernels import load_experts_kernel
+from engine.offload.kernels import best_isa, load_experts_kernel, select_isa
 
 logger = logging.getLogger("benchmarks.experts_kernel")
 
@@ -91,11 +93,21 @@ def trials(forward: ExpertsForward, experts: torch.nn.Module, top_k: int, tokens
         for group in groups:
             forward._kernel_experts(spec, hidden, plan, group, out)
 
+    def kernel_avx2() -> None:
+        default = select_isa("avx2")
+        try:
+            kernel()
+        finally:
+            select_isa(default)
+
     def torch_path() -> None:
         for w in weights:
             torch_expert(experts, spec, hidden, token_ids[:tokens], route_weights[:tokens], w, out)
 
-    return {"kernel": kernel, "torch": torch_path}
+    paths = {"kernel": kernel, "torch": torch_path}
+    if best_isa() != "avx2":
+        paths["kernel_avx2"] = kernel_avx2
+    return paths
 
 
 def measure(shape: str, dtype: torch.dtype, args: argparse.Namespace, forward: ExpertsForward, triad: float) -> dict:
@@ -106,7 +118,8 @@ def measure(shape: str, dtype: torch.dtype, args: argparse.Namespace, forward: E
     experts = experts_module(hidden, inter, count, dtype)
     total = count * expert_bytes
     fns = {(tokens, path): fn for tokens in args.tokens
-           for path, fn in trials(forward, experts, top_k, tokens).items() if path in args.paths}
+           for path, fn in trials(forward, experts, top_k, tokens).items()
+           if path.partition("_")[0] in args.paths}
     timings = seconds(fns, args.repeats)
     rows: dict[str, dict] = {}
     for (tokens, path), (best, median) in timings.items():
@@ -158,6 +171,7 @@ def main() -> None:
         "threads": args.threads,
         "repeats": args.repeats,
         "library": str(args.library) if args.library else "built",
+        "kernel_isa": best_isa(),
         "stream_bytes_per_s": {k: round(v) for k, v in rates.items()},
         "shapes": results,
     })

@@ -1,7 +1,8 @@
 """The compiled CPU experts kernel against an fp64 torch reference, its loader, and the forward's pure helpers.
 
-The kernel widens every weight to fp32 and accumulates in fp32, so for fp32, bf16 and fp16 weights alike its
-output must match fp64 math on the same (already rounded) weights to fp32 accuracy: 1e-5 relative.
+The kernel widens every weight to fp32 and accumulates in fp32 (its AVX-512 BF16 path multiplies bf16 pairs, exact
+in fp32, only when the input is itself bf16), so for fp32, bf16 and fp16 weights alike its output must match fp64
+math on the same (already rounded) weights to fp32 accuracy: 1e-5 relative, on each instruction set the CPU has.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ REL_TOL = 1e-5
 
 
 @pytest.fixture(scope="session")
-def experts_group():
+def kernel_op():
     """``torch.ops.moeserve.experts_group``, built once per session (skipped only without a C++ compiler)."""
     try:
         build.build()
@@ -36,6 +37,16 @@ def experts_group():
     op = kernels.load_experts_kernel()
     assert op is not None, "kernel built but not loadable"
     return op
+
+
+@pytest.fixture(params=kernels.ISAS)
+def experts_group(request, kernel_op):
+    """The kernel with its decode paths on each instruction set in turn (those this CPU lacks are skipped)."""
+    if kernels.ISAS.index(request.param) > kernels.ISAS.index(kernels.best_isa()):
+        pytest.skip(f"this CPU lacks {request.param} (best: {kernels.best_isa()})")
+    previous = kernels.select_isa(request.param)
+    yield kernel_op
+    kernels.select_isa(previous)
 
 
 def make_expert(dtype: torch.dtype, transposed: bool, bias: bool, hidden: int = HIDDEN, inter: int = INTERMEDIATE):
@@ -166,6 +177,25 @@ def test_kernel_rejects_token_ids_out_of_range(experts_group) -> None:
     with pytest.raises(RuntimeError, match="token id out of range"):
         run_group(experts_group, torch.randn(2, HIDDEN), torch.tensor([0, 2]), torch.ones(2), [0], [2], [expert],
                   False, SILU)
+
+
+def test_the_default_instruction_set_is_the_best_and_unknown_ones_are_refused(kernel_op) -> None:
+    assert torch.ops.moeserve.experts_isa(-1) == kernels.ISAS.index(kernels.best_isa())
+    with pytest.raises(ValueError, match="unknown instruction set 'sse2'"):
+        kernels.select_isa("sse2")
+    if kernels.best_isa() != kernels.ISAS[-1]:
+        with pytest.raises(RuntimeError, match="this CPU lacks"):
+            kernels.select_isa(kernels.ISAS[-1])
+
+
+def test_fp32_inputs_on_bf16_weights_match_reference(experts_group) -> None:
+    """An fp32 hidden state with bf16 weights (no bf16 pair products: the input is not exact in bf16)."""
+    torch.manual_seed(4)
+    expert = make_expert(torch.bfloat16, False, True, 139, 83)
+    for n in (1, 2, 3, 4, 5):
+        hidden = torch.randn(n, 139)
+        args = (hidden, torch.arange(n), torch.rand(n), [0], [n], [expert], False, SILU)
+        assert relative_error(run_group(experts_group, *args), reference_group(*args)) < REL_TOL
 
 
 def test_loader_refuses_a_stale_build(tmp_path, monkeypatch, caplog) -> None:

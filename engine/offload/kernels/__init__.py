@@ -4,6 +4,10 @@ The kernel (``experts_cpu.cpp``, one torch op ``torch.ops.moeserve.experts_group
 ``python -m engine.offload.kernels.build`` into ``_build/`` beside this file. Loading never compiles: when the
 library is missing, stale (source, flags or torch changed since the build) or the CPU lacks AVX2+FMA,
 ``load_experts_kernel()`` logs one line and returns ``None``, and callers use their pure-torch path.
+
+The kernel's decode paths (1-4 tokens on bf16 weight rows) come in two instruction sets, chosen at load time by
+what the CPU has: ``avx512`` (AVX-512 F, BW and VL) where present, else ``avx2``. ``select_isa`` switches
+between them (tests check both; benchmarks compare them in one run).
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ def _cpu_supported() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+ISAS = ("avx2", "avx512")
+"""The kernel's instruction sets, in the order of its ``experts_isa`` codes (each includes the ones before)."""
+
+
 @functools.cache
 def load_experts_kernel() -> Callable[..., None] | None:
     """``torch.ops.moeserve.experts_group`` when a current build exists for this CPU, else ``None`` (logged once)."""
@@ -54,3 +62,19 @@ def load_experts_kernel() -> Callable[..., None] | None:
         return None
     torch.ops.load_library(str(LIBRARY))
     return torch.ops.moeserve.experts_group
+
+
+def best_isa() -> str:
+    """The richest of ISAS this CPU runs: the loaded kernel's default. Needs the kernel loaded."""
+    return ISAS[torch.ops.moeserve.experts_best_isa()]
+
+
+def select_isa(name: str) -> str:
+    """Make the loaded kernel's decode paths use ``name`` (one of ISAS); returns the one used before.
+
+    Raises ValueError for an unknown name and RuntimeError when this CPU lacks that instruction set."""
+    if name not in ISAS:
+        raise ValueError(f"unknown instruction set {name!r}; expected one of {', '.join(ISAS)}")
+    previous = torch.ops.moeserve.experts_isa(-1)
+    torch.ops.moeserve.experts_isa(ISAS.index(name))
+    return ISAS[previous]
