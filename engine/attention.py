@@ -54,8 +54,10 @@ class BatchLayout:
     read_slots: torch.Tensor  # [sum of context lengths] int64
 
     @classmethod
-    def build(cls, requests: Sequence[tuple[int, int, Sequence[int]]], block_size: int) -> BatchLayout:
-        """From (first new position, number of new tokens, block table) per request, in batch order."""
+    def build(cls, requests: Sequence[tuple[int, int, Sequence[int]]], block_size: int,
+              device: torch.device | str = "cpu") -> BatchLayout:
+        """From (first new position, number of new tokens, block table) per request, in batch order; the slot
+        tensors on ``device`` (the KV store's)."""
         spans, write, read = [], [], []
         q = k = 0
         for first_position, num_new, block_table in requests:
@@ -65,7 +67,7 @@ class BatchLayout:
             write.append(slots[first_position:])
             read.append(slots)
             q, k = q + num_new, k + context
-        return cls(tuple(spans), torch.cat(write), torch.cat(read))
+        return cls(tuple(spans), torch.cat(write).to(device), torch.cat(read).to(device))
 
 
 def _slots(block_table: Sequence[int], length: int, block_size: int) -> torch.Tensor:
@@ -79,7 +81,8 @@ class PagedKVStore:
     """The KV tensors of every layer, indexed by slot; block bookkeeping lives in engine.kv_cache.
 
     Storage of a layer is allocated on its first update ([num_slots, heads, dim] for the key and the value
-    separately, each with its own shape and the incoming dtype) and reused for the life of the store.
+    separately, each with its own shape and the incoming dtype, on the incoming rows' device: the model's) and
+    reused for the life of the store.
     """
 
     def __init__(self, num_layers: int, num_slots: int) -> None:

@@ -18,12 +18,15 @@ import contextvars
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import annotated_types
 import yaml
 from pydantic import ByteSize, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+if TYPE_CHECKING:
+    import torch
 
 ENV_PREFIX = "MOESERVE_"
 
@@ -48,6 +51,11 @@ class Config(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute dtype of the resident weights; auto = the checkpoint's own."
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where the model computes: 'cuda' (a GPU; an error at start-up without one), 'cpu', or 'auto' "
+        "(cuda when torch sees a GPU, else cpu).",
+    )
     max_model_len: int | None = Field(
         None, ge=16, le=1 << 20, description="Longest prompt + completion in tokens; unset = the model's limit."
     )
@@ -71,7 +79,10 @@ class Config(BaseSettings):
         "e.g. '4GiB'; unset = all experts resident.",
     )
     host_cache_bytes: ByteSize | None = Field(
-        None, ge=0, description="Pinned host-RAM expert tier; applies only when a GPU exists."
+        None,
+        ge=0,
+        description="Pinned host-RAM expert tier between the disk and the GPU's expert cache; applies only on a GPU "
+        "(unset there = 2 x top_k + 8 expert blobs).",
     )
     offload_dir: Path | None = Field(
         None, description="Where prepared expert stores live; unset = ~/.cache/moeserve keyed by source fingerprint."
@@ -108,6 +119,22 @@ class Config(BaseSettings):
         if yaml_file is not None:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
         return tuple(sources)
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device of the ``device`` key: ``auto`` is cuda when torch sees a GPU, else cpu.
+
+    ConfigError for ``cuda`` when torch sees none (a CPU-only torch build, or no GPU visible)."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device: 'cuda' was requested but torch {torch.__version__} sees no GPU "
+            f"(built with CUDA {torch.version.cuda or 'none'}); use device 'cpu' or 'auto'"
+        )
+    return torch.device(device)
 
 
 def config_keys() -> list[str]:

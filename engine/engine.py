@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from engine.config import Config, load_config
+from engine.config import Config, load_config, resolve_device
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import DEFAULT_BLOCK_SIZE, KVCacheManager
 from engine.model_runner import ModelRunner
@@ -69,21 +70,28 @@ class _UserRequest:
 
 
 class LLMEngine:
-    """One model, continuously batched. Not thread-safe: one thread calls every method (the step loop)."""
+    """One model, continuously batched. Not thread-safe: one thread calls every method (the step loop).
 
-    def __init__(self, config: Config) -> None:
+    The model computes on ``config.device``; in offload mode on a GPU the expert cache has two levels (device
+    slots over pinned host slots). ``expert_tier_device`` builds the two-level cache with its fast tier on that
+    device instead, whatever the model's device (tests run the two-level path on a CPU machine with ``cpu``).
+    """
+
+    def __init__(self, config: Config, expert_tier_device: torch.device | None = None) -> None:
         if config.model is None:
             raise ValueError("model is required: a Hugging Face model directory")
         self.config = config
+        self.device = resolve_device(config.device)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         model_limit = _model_max_len(config.model)
         self.max_model_len = config.max_model_len or model_limit
         if self.max_model_len > model_limit:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's limit of {model_limit} positions")
         num_blocks = config.num_kv_blocks or default_num_kv_blocks(self.max_model_len, config.max_num_seqs)
-        self.offload = _offloaded_experts(config) if config.expert_cache_bytes is not None else None
+        tier_device = expert_tier_device or (self.device if self.device.type != "cpu" else None)
+        self.offload = _offloaded_experts(config, tier_device) if config.expert_cache_bytes is not None else None
         self.runner = ModelRunner(config.model, num_blocks, dtype=config.dtype, offload=self.offload,
-                                  lookahead=config.expert_prefetch in ("lookahead", "all"))
+                                  lookahead=config.expert_prefetch in ("lookahead", "all"), device=self.device)
         self.kv_cache = KVCacheManager(num_blocks, DEFAULT_BLOCK_SIZE, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv_cache
@@ -220,14 +228,14 @@ class LLMEngine:
             stats.update({
                 "expert_hits": counters.hits,
                 "expert_misses": counters.misses,
-                "expert_bytes_read": {"disk": counters.disk_bytes_read},
+                "expert_bytes_read": self.offload.bytes_read(),
                 "expert_stall_seconds": counters.stall_seconds,
                 "expert_stall_histogram": counters.stalls.snapshot(),
                 "expert_prefetch_issued": counters.prefetch_issued,
                 "expert_prefetch_used": counters.prefetch_used,
                 "expert_prefetch_wasted": counters.prefetch_wasted,
                 "expert_prediction_recall": self.runner.experts_forward.lookahead_stats.recall,
-                "expert_cache_bytes": {"host": self.offload.resident_bytes},
+                "expert_cache_bytes": self.offload.cache_bytes(),
                 "expert_cache_slots": self.offload.num_slots,
                 "per_layer": {"hits": list(counters.per_layer_hits), "misses": list(counters.per_layer_misses)},
             })
@@ -274,14 +282,24 @@ def default_num_kv_blocks(max_model_len: int, max_num_seqs: int) -> int:
     return math.ceil(tokens / DEFAULT_BLOCK_SIZE)
 
 
-def _offloaded_experts(config: Config) -> OffloadedExperts:
-    """The expert cache of ``config``: its store (prepared under offload_dir when needed) behind the budget."""
+def _offloaded_experts(config: Config, tier_device: torch.device | None) -> OffloadedExperts:
+    """The expert cache of ``config``: its store (prepared under offload_dir when needed) behind the budget.
+
+    ``tier_device`` None: one host tier of ``expert_cache_bytes`` (``host_cache_bytes`` is ignored, with a
+    warning); a device: ``expert_cache_bytes`` there over ``host_cache_bytes`` of host slots (unset: the
+    default of engine.offload.offloaded.default_host_budget)."""
     from transformers import AutoConfig
 
     offload_dir = config.offload_dir or DEFAULT_OFFLOAD_DIR
     store = ensure_store(config.model, offload_dir)
     top_k = int(AutoConfig.from_pretrained(config.model).get_text_config().num_experts_per_tok)
-    return OffloadedExperts(store, int(config.expert_cache_bytes), top_k)
+    host_budget = None if config.host_cache_bytes is None else int(config.host_cache_bytes)
+    if tier_device is None:
+        if host_budget is not None:
+            logger.warning("host_cache_bytes is ignored without a GPU: expert_cache_bytes sizes the host tier")
+        return OffloadedExperts(store, int(config.expert_cache_bytes), top_k)
+    return OffloadedExperts(store, int(config.expert_cache_bytes), top_k, device=tier_device,
+                            host_budget_bytes=host_budget)
 
 
 def _model_max_len(model_dir: str | Path) -> int:

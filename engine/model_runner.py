@@ -4,7 +4,8 @@ The model is transformers' own class for the checkpoint, loaded with its own ``f
 only through registration points: paged attention (engine.attention, ``AttentionInterface``) and the experts
 forward (engine.offload.experts, ``ALL_EXPERTS_FUNCTIONS``), every MoE layer's experts module tagged with its
 layer index. One step = one forward of batch size 1 over the T new tokens of all scheduled requests, with
-explicit positions; logits are computed only at the rows that are sampled.
+explicit positions; logits are computed only at the rows that are sampled. The resident weights, the KV store
+and the step's inputs live on the runner's device; the sampled rows' logits come back to the CPU for the sampler.
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ from engine.scheduler import ScheduledRequest
 logger = logging.getLogger(__name__)
 
 
-def load_model(model_dir: str | Path, dtype: str = "auto") -> torch.nn.Module:
-    """The checkpoint's transformers model in eval mode, on the CPU, with paged attention selected."""
+def load_model(model_dir: str | Path, dtype: str = "auto", device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The checkpoint's transformers model in eval mode, on ``device``, with paged attention selected."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
     torch_dtype = "auto" if dtype == "auto" else TORCH_DTYPES[dtype]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation=ATTENTION_NAME)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def text_config(model: torch.nn.Module) -> PretrainedConfig:
@@ -54,7 +55,8 @@ class ModelRunner:
     With ``offload`` (an ``OffloadedExperts`` over a prepared store) the experts' parameters stay on the meta
     device and the experts forward reads every routed expert through the offload cache; otherwise all weights
     are resident, loaded by ``from_pretrained``; ``lookahead`` turns the experts forward's gate look-ahead
-    prefetch on (offload mode only).
+    prefetch on (offload mode only). Everything resident lives on ``device``; in offload mode the cache's
+    compute tier must be there too (a two-level cache on a GPU, its own host slots on the CPU).
     """
 
     def __init__(
@@ -65,12 +67,17 @@ class ModelRunner:
         block_size: int = DEFAULT_BLOCK_SIZE,
         offload: OffloadedExperts | None = None,
         lookahead: bool = True,
+        device: torch.device | str = "cpu",
     ) -> None:
+        self.device = torch.device(device)
         if offload is None:
-            self.model = load_model(model_dir, dtype)
+            self.model = load_model(model_dir, dtype, self.device)
         else:
+            if offload.arena.device.type != self.device.type:
+                raise ValueError(f"the expert cache computes from {offload.arena.device}, the model runs on {device}")
             torch_dtype = None if dtype == "auto" else TORCH_DTYPES[dtype]
-            self.model = load_offloaded_model(model_dir, offload.store.resident_path, torch_dtype, ATTENTION_NAME)
+            self.model = load_offloaded_model(model_dir, offload.store.resident_path, torch_dtype, ATTENTION_NAME,
+                                              self.device)
         self.offload = offload
         self.config = text_config(self.model)
         self.block_size = block_size
@@ -96,14 +103,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: Sequence[ScheduledRequest]) -> torch.Tensor:
-        """Forward one step; returns float32 logits [number of sampling requests, vocab], in batch order."""
+        """Forward one step; returns float32 CPU logits [number of sampling requests, vocab], in batch order."""
+        device = self.device
         layout = BatchLayout.build(
-            [(s.start_position, s.num_tokens, s.block_table) for s in scheduled], self.block_size
+            [(s.start_position, s.num_tokens, s.block_table) for s in scheduled], self.block_size, device
         )
-        input_ids = torch.tensor([token for s in scheduled for token in s.token_ids]).unsqueeze(0)  # [1, T]
-        positions = torch.tensor([p for s in scheduled for p in s.positions]).unsqueeze(0)  # [1, T]
+        input_ids = torch.tensor([token for s in scheduled for token in s.token_ids], device=device)[None]  # [1, T]
+        positions = torch.tensor([p for s in scheduled for p in s.positions], device=device)[None]  # [1, T]
         sample_rows = torch.tensor(
-            [span.q_end - 1 for span, s in zip(layout.spans, scheduled) if s.sample], dtype=torch.int64
+            [span.q_end - 1 for span, s in zip(layout.spans, scheduled) if s.sample], dtype=torch.int64, device=device
         )  # [S]
         self.kv_store.layout = layout
         if self.offload is not None:
@@ -115,4 +123,4 @@ class ModelRunner:
             )
         finally:
             self.kv_store.layout = None
-        return output.logits[0].float()  # [S, vocab]
+        return output.logits[0].float().cpu()  # [S, vocab]

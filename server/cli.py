@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from engine import __version__
-from engine.config import Config, ConfigError, load_config
+from engine.config import Config, ConfigError, load_config, resolve_device
 from engine.logs import configure_logging
 
 logger = logging.getLogger("moeserve.cli")
@@ -47,9 +47,12 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--offload-dir", type=Path, help="where prepared expert stores live")
     parser.add_argument("--expert-prefetch", choices=["all", "trace", "lookahead", "none"],
                         help="offload mode's prefetch sources (default all)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                        help="where the model computes (default auto: cuda when a GPU is present)")
     parser.set_defaults(handler=_serve, config_keys=("host", "port", "api_key", "served_model_name",
                                                      "max_model_len", "trace_dump_dir", "trace_store_path",
-                                                     "expert_cache_bytes", "offload_dir", "expert_prefetch"))
+                                                     "expert_cache_bytes", "offload_dir", "expert_prefetch",
+                                                     "device"))
 
 
 def _add_generate(subparsers) -> None:
@@ -148,6 +151,7 @@ def _serve(args: argparse.Namespace, config: Config | None) -> int:
 
     if not Path(config.model).is_dir():
         raise FileNotFoundError(f"model directory not found: {config.model}")
+    resolve_device(config.device)  # device 'cuda' without a GPU fails here, before the server starts
     return run_server(config)
 
 

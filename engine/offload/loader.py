@@ -4,7 +4,7 @@ transformers' ``from_pretrained`` would allocate (and initialize) every paramete
 offload mode we assemble the model ourselves from transformers' own pieces:
 
 1. the model class from its config, created on the meta device (no memory);
-2. every module outside the experts modules materialized on the CPU and initialized by the model's own
+2. every module outside the experts modules materialized on the target device and initialized by the model's own
    ``initialize_weights`` (which also computes non-persistent buffers such as rotary frequencies);
 3. the store's ``resident.safetensors`` (checkpoint names) copied in tensor by tensor, each name mapped to the
    model's through transformers' own checkpoint conversion mapping (``get_model_conversion_mapping``), the
@@ -33,9 +33,11 @@ logger = logging.getLogger(__name__)
 
 
 def load_offloaded_model(
-    model_dir: str | Path, resident_path: Path, dtype: torch.dtype | None, attn_implementation: str
+    model_dir: str | Path, resident_path: Path, dtype: torch.dtype | None, attn_implementation: str,
+    device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """The model of ``model_dir`` in eval mode: resident weights from ``resident_path``, experts on meta.
+    """The model of ``model_dir`` in eval mode: resident weights from ``resident_path`` on ``device``, experts on
+    meta.
 
     ``dtype`` None keeps the checkpoint's. Raises RuntimeError naming any resident parameter left unloaded.
     """
@@ -53,7 +55,7 @@ def load_offloaded_model(
     experts_prefixes = tuple(f"{name}." for name, module in model.named_modules() if is_experts_module(module))
     for name, module in model.named_modules():
         if not f"{name}.".startswith(experts_prefixes):
-            module.to_empty(device="cpu", recurse=False)
+            module.to_empty(device=device, recurse=False)
     model.initialize_weights()
     loaded = _load_resident(model, resident_path)
     resident = {name for name, _ in model.named_parameters() if not name.startswith(experts_prefixes)}

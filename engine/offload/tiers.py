@@ -1,7 +1,8 @@
 """Byte movement for the expert cache (mechanism only; engine.offload.cache decides what moves).
 
-- ``SlotArena``: one preallocated, 4 KiB-aligned host buffer cut into equal slots, one cached expert blob per
-  slot. Allocated once at start-up; loads never allocate.
+- ``SlotArena``: one preallocated buffer cut into equal slots, one cached expert blob per slot, on any torch
+  device: on the CPU 4 KiB-aligned (optionally pinned, for copies to a GPU), on a GPU one device allocation.
+  Allocated once at start-up; loads never allocate.
 - ``BlobReader``: reads a blob ``(file, offset, padded_nbytes)`` from disk into a slot without leaving a second
   copy in the page cache: ``O_DIRECT`` (``os.preadv`` straight into the aligned slot) or a buffered read followed
   by ``posix_fadvise(DONTNEED)``; ``choose_read_mode`` picks the faster of the two by measurement at start-up.
@@ -12,6 +13,14 @@
 Every byte read is counted in ``BlobReader.bytes_read``; ``reads`` counts the reads and ``busy_seconds`` the
 wall time during which at least one read was running, so ``busy_seconds / reads`` is what one blob costs the
 device when reads queue (the figure prefetch planning compares with a layer's compute).
+
+- ``HostToDevice``: copies blobs from a host arena's slots into a device arena's slots, counting every byte in
+  ``bytes_copied``. The seam between devices is this class: ``host_to_device`` returns the synchronous variant
+  (plain ``copy_``) for a CPU device tier and ``CudaHostToDevice`` for a GPU one, whose copies run on a dedicated
+  copy stream with one event per copy. Its callers keep the same protocol either way: ``copy`` into a device slot,
+  ``ready`` before the compute stream reads that slot, ``release`` once the compute stream's use of slots is
+  queued (a later copy into them waits for it), ``reuse_host`` before a host slot is overwritten (it waits for
+  the copy reading it).
 """
 
 from __future__ import annotations
@@ -42,29 +51,46 @@ class ReadMode(enum.Enum):
     BUFFERED = "buffered"  # ordinary read, then posix_fadvise(DONTNEED) drops the pages it cached
 
 
-def aligned_empty(nbytes: int, alignment: int = ALIGNMENT) -> torch.Tensor:
-    """A uint8 CPU tensor of ``nbytes`` whose first byte sits on an ``alignment`` boundary."""
-    raw = torch.empty(nbytes + alignment, dtype=torch.uint8)
+def aligned_empty(nbytes: int, alignment: int = ALIGNMENT, pin_memory: bool = False) -> torch.Tensor:
+    """A uint8 CPU tensor of ``nbytes`` whose first byte sits on an ``alignment`` boundary (page-locked with
+    ``pin_memory``, which needs CUDA)."""
+    raw = torch.empty(nbytes + alignment, dtype=torch.uint8, pin_memory=pin_memory)
     shift = (-raw.data_ptr()) % alignment
     return raw[shift : shift + nbytes]
 
 
 class SlotArena:
-    """``num_slots`` host slots of ``slot_bytes`` each (a multiple of ALIGNMENT), in one aligned allocation."""
+    """``num_slots`` slots of ``slot_bytes`` each (a multiple of ALIGNMENT), in one allocation on ``device``.
 
-    def __init__(self, num_slots: int, slot_bytes: int) -> None:
+    On the CPU the allocation is ALIGNMENT-aligned (O_DIRECT reads land in it) and page-locked with ``pinned``
+    (asynchronous copies to a GPU need that); on another device it is one uninitialized device tensor.
+    """
+
+    def __init__(self, num_slots: int, slot_bytes: int, device: torch.device | str = "cpu",
+                 pinned: bool = False) -> None:
         if num_slots < 1:
             raise ValueError(f"a slot arena needs at least one slot, got {num_slots}")
         if slot_bytes % ALIGNMENT:
             raise ValueError(f"slot size {slot_bytes} is not a multiple of {ALIGNMENT}")
         self.num_slots = num_slots
         self.slot_bytes = slot_bytes
-        self._buffer = aligned_empty(num_slots * slot_bytes)
+        self.device = torch.device(device)
+        if self.device.type == "cpu":
+            self._buffer = aligned_empty(num_slots * slot_bytes, pin_memory=pinned)
+        elif pinned:
+            raise ValueError(f"only host memory can be pinned, not {self.device}")
+        else:
+            self._buffer = torch.empty(num_slots * slot_bytes, dtype=torch.uint8, device=self.device)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the arena's slots."""
         return self.num_slots * self.slot_bytes
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the slots are page-locked host memory."""
+        return self._buffer.is_pinned()
 
     def slot(self, index: int) -> torch.Tensor:
         """Slot ``index`` as a uint8 view [slot_bytes] (no copy)."""
@@ -238,3 +264,107 @@ def choose_read_mode(file: Path, offsets: list[int], nbytes: int, arena: SlotAre
     logger.info("expert reads: %s (probe of %d bytes: %s)", chosen.value, nbytes,
                 ", ".join(f"{m.value} {t * 1e3:.1f} ms" for m, t in timings.items()))
     return chosen
+
+
+class HostToDevice:
+    """Copies blobs from ``host`` slots into ``device`` slots, synchronously (``copy_``): the CPU variant.
+
+    ``bytes_copied`` and ``copies`` count every copy. On a CPU device tier a copy has finished when ``copy``
+    returns, so ``ready``, ``release`` and ``reuse_host`` have nothing to wait for; ``CudaHostToDevice`` gives
+    them their meaning.
+    """
+
+    def __init__(self, host: SlotArena, device: SlotArena) -> None:
+        if host.device.type != "cpu":
+            raise ValueError(f"the source arena of host-to-device copies lives on the CPU, not {host.device}")
+        if device.slot_bytes != host.slot_bytes:
+            raise ValueError(f"host slots of {host.slot_bytes} bytes and device slots of {device.slot_bytes} differ")
+        self.host = host
+        self.device = device
+        self.bytes_copied = 0
+        self.copies = 0
+
+    def copy(self, host_slot: int, device_slot: int, nbytes: int) -> None:
+        """Copy the first ``nbytes`` of host slot ``host_slot`` into device slot ``device_slot``."""
+        self.device.slot(device_slot)[:nbytes].copy_(self.host.slot(host_slot)[:nbytes])
+        self.bytes_copied += nbytes
+        self.copies += 1
+
+    def ready(self, device_slot: int) -> None:
+        """Order the compute stream's next reads of ``device_slot`` after the copy into it."""
+
+    def release(self, device_slots: list[int]) -> None:
+        """The compute stream's reads of ``device_slots`` are queued: a later copy into them waits for those."""
+
+    def reuse_host(self, host_slot: int) -> None:
+        """Wait until no copy reads ``host_slot`` any more, so it may be overwritten."""
+
+    def synchronize(self) -> None:
+        """Wait for every copy issued."""
+
+
+class CudaHostToDevice(HostToDevice):
+    """Asynchronous copies from pinned host slots into CUDA device slots on one dedicated copy stream.
+
+    Every copy records an event on the copy stream. The compute stream (the current stream of the device when
+    ``ready`` is called) waits on the event of a slot's last copy before it reads the slot; a copy into a device
+    slot first makes the copy stream wait on the event ``release`` recorded on the compute stream after the
+    slot's last use; a host slot is overwritten only after ``reuse_host`` synchronized the event of the last copy
+    that read it.
+    """
+
+    def __init__(self, host: SlotArena, device: SlotArena) -> None:
+        super().__init__(host, device)
+        if not host.pinned:
+            raise ValueError("asynchronous host-to-device copies need a pinned host arena")
+        self.stream = torch.cuda.Stream(device=device.device)
+        self._copied: dict[int, torch.cuda.Event] = {}  # device slot -> its last copy's event
+        self._reading: dict[int, torch.cuda.Event] = {}  # host slot -> the event of the last copy from it
+        self._released: dict[int, torch.cuda.Event] = {}  # device slot -> the compute stream after its last use
+
+    def copy(self, host_slot: int, device_slot: int, nbytes: int) -> None:
+        """Queue the copy on the copy stream, after the compute stream's queued reads of ``device_slot``."""
+        released = self._released.pop(device_slot, None)
+        if released is not None:
+            self.stream.wait_event(released)
+        with torch.cuda.stream(self.stream):
+            self.device.slot(device_slot)[:nbytes].copy_(self.host.slot(host_slot)[:nbytes], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        self._copied[device_slot] = event
+        self._reading[host_slot] = event
+        self.bytes_copied += nbytes
+        self.copies += 1
+
+    def ready(self, device_slot: int) -> None:
+        """The compute stream waits on the slot's last copy (once: later work on it is ordered after the wait)."""
+        event = self._copied.pop(device_slot, None)
+        if event is not None:
+            torch.cuda.current_stream(self.device.device).wait_event(event)
+
+    def release(self, device_slots: list[int]) -> None:
+        """Record one event on the compute stream for ``device_slots``: copies into them wait for it."""
+        if not device_slots:
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device.device))
+        for slot in device_slots:
+            self._released[slot] = event
+
+    def reuse_host(self, host_slot: int) -> None:
+        """Block the calling thread until the last copy from ``host_slot`` has finished."""
+        event = self._reading.pop(host_slot, None)
+        if event is not None:
+            event.synchronize()
+
+    def synchronize(self) -> None:
+        """Block until the copy stream is idle."""
+        self.stream.synchronize()
+        self._reading.clear()
+
+
+def host_to_device(host: SlotArena, device: SlotArena) -> HostToDevice:
+    """The copier for ``device``'s type: asynchronous on a CUDA stream for a GPU, synchronous ``copy_`` else."""
+    if device.device.type == "cuda":
+        return CudaHostToDevice(host, device)
+    return HostToDevice(host, device)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from server.cli import EXIT_USAGE, main
 
@@ -58,6 +59,17 @@ def test_serve_offload_flags_are_validated_as_configuration(capsys: pytest.Captu
     assert "expert_cache_bytes" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", "model-dir", "--expert-prefetch", "sometimes"])
+    assert exit_info.value.code == EXIT_USAGE and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: --device cuda starts a server")
+def test_serve_device_cuda_without_a_gpu_exits_2_before_the_server_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", str(tmp_path), "--device", "cuda"]) == EXIT_USAGE
+    assert "device: 'cuda' was requested" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", str(tmp_path), "--device", "gpu"])
     assert exit_info.value.code == EXIT_USAGE and "invalid choice" in capsys.readouterr().err
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from engine.config import Config, ConfigError, load_config
+from engine.config import Config, ConfigError, load_config, resolve_device
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -82,6 +83,7 @@ def test_unknown_override_is_named() -> None:
         ("dtype", "fp8", "'auto', 'float32', 'bfloat16' or 'float16'"),
         ("log_level", "loud", "'debug', 'info', 'warning' or 'error'"),
         ("enable_prefix_caching", "maybe", "enable_prefix_caching: Input should be a valid boolean"),
+        ("device", "tpu", "'auto', 'cpu' or 'cuda'"),
     ],
 )
 def test_invalid_value_names_key_and_allowed_values(key: str, value: object, expected: str) -> None:
@@ -128,3 +130,17 @@ def test_shipped_config_files_are_valid(path: Path) -> None:
     keys = set(yaml.safe_load(path.read_text()) or {})
     config = load_config(path)
     assert config.model_fields_set == keys, "every key in the file is a config key and is applied"
+
+
+def test_device_comes_from_the_environment_and_resolves(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_config().device == "auto"
+    monkeypatch.setenv("MOESERVE_DEVICE", "cpu")
+    assert load_config().device == "cpu"
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: device 'cuda' resolves")
+def test_device_cuda_without_a_gpu_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigError, match="device: 'cuda' was requested but torch .* sees no GPU"):
+        resolve_device("cuda")

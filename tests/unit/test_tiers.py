@@ -1,4 +1,5 @@
-"""Byte movement: aligned slots, blob reads in both modes (O_DIRECT and buffered + fadvise), exact accounting."""
+"""Byte movement: aligned slots, blob reads in both modes (O_DIRECT and buffered + fadvise), host-to-device copies
+(the synchronous variant), exact accounting."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import torch
 from engine.offload.tiers import (
     ALIGNMENT,
     BlobReader,
+    CudaHostToDevice,
+    HostToDevice,
     ReadMode,
     ReadRequest,
     SlotArena,
     aligned_empty,
     choose_read_mode,
     direct_io_supported,
+    host_to_device,
 )
 
 
@@ -137,3 +141,33 @@ def test_a_failed_read_reaches_its_waiter_and_the_reader_goes_on(blob_file: tupl
     reader.submit(ReadRequest(path, 0, 2 * ALIGNMENT, arena.slot(0))).result(timeout=10)
     reader.close()
     assert reader.bytes_read == 2 * ALIGNMENT
+
+
+def test_host_to_device_copies_exactly_the_bytes_asked_and_counts_them() -> None:
+    host, device = SlotArena(2, 2 * ALIGNMENT), SlotArena(3, 2 * ALIGNMENT, device="cpu")
+    copier = host_to_device(host, device)
+    assert type(copier) is HostToDevice, "a CPU device tier copies synchronously"
+    host.slot(0).copy_(torch.arange(2 * ALIGNMENT) % 251)
+    device.slot(2).fill_(9)
+    copier.copy(0, 2, ALIGNMENT)
+    copier.ready(2)
+    assert torch.equal(device.slot(2)[:ALIGNMENT], host.slot(0)[:ALIGNMENT]), "the bytes asked for, at once"
+    assert bool((device.slot(2)[ALIGNMENT:] == 9).all()), "nothing beyond them"
+    copier.copy(0, 1, 2 * ALIGNMENT)
+    assert (copier.bytes_copied, copier.copies) == (3 * ALIGNMENT, 2)
+
+
+def test_host_to_device_refuses_mismatched_arenas() -> None:
+    with pytest.raises(ValueError, match="differ"):
+        HostToDevice(SlotArena(1, ALIGNMENT), SlotArena(1, 2 * ALIGNMENT))
+    with pytest.raises(ValueError, match="lives on the CPU"):
+        HostToDevice(SlotArena(1, ALIGNMENT, device="meta"), SlotArena(1, ALIGNMENT))
+    with pytest.raises(ValueError, match="pinned"):
+        CudaHostToDevice(SlotArena(1, ALIGNMENT), SlotArena(1, ALIGNMENT))
+
+
+def test_only_host_arenas_can_be_pinned() -> None:
+    with pytest.raises(ValueError, match="only host memory can be pinned"):
+        SlotArena(1, ALIGNMENT, device="meta", pinned=True)
+    arena = SlotArena(2, ALIGNMENT, device="meta")
+    assert arena.slot(1).device.type == "meta" and arena.nbytes == 2 * ALIGNMENT and not arena.pinned
