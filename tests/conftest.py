@@ -1,4 +1,5 @@
-"""Shared fixtures: an environment without the user's MOESERVE_* variables, and demo checkpoints built once."""
+"""Shared fixtures: an environment without the user's MOESERVE_* variables, demo checkpoints built once; the
+`cuda` marker (tests that need a GPU)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ import pytest
 from engine.config import ENV_PREFIX
 
 DATA_DIR = Path(__file__).parent / "data"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "cuda: needs a CUDA GPU (skipped without one; scripts/gpu_check.sh runs them on a GPU machine)"
+    )
 
 
 @pytest.fixture(autouse=True)

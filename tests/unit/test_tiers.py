@@ -1,5 +1,5 @@
 """Byte movement: aligned slots, blob reads in both modes (O_DIRECT and buffered + fadvise), host-to-device copies
-(the synchronous variant), exact accounting."""
+(the synchronous variant; tests/integration/test_offload_cuda.py has the CUDA one), exact accounting."""
 
 from __future__ import annotations
 
