@@ -5,7 +5,8 @@ hierarchy a GPU gets (``OffloadedExperts(device=...)``: its own ``ExpertCache`` 
 synchronous ``HostToDevice``). Greedy tokens equal the all-resident engine's at device/host budget combinations
 from the minimum up, including a host tier smaller than the working set (host evictions, re-reads from disk);
 bytes are accounted per tier exactly; aborts leak no slot in either tier; a corrupted blob is still an error
-naming file, layer and expert; a host budget below top_k blobs is refused with the number.
+naming file, layer and expert; a host budget below top_k blobs is refused with the number; the per-tier figures
+reach Prometheus under their ``tier`` labels.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from engine.offload.offloaded import (
     expert_tensors_on_meta,
     minimum_budget,
 )
+from server.metrics import ServerMetrics
 
 pytestmark = pytest.mark.slow
 
@@ -227,4 +229,22 @@ def test_without_a_gpu_the_cache_has_one_host_tier_and_host_cache_bytes_is_ignor
     generate(engine)
     stats = engine.stats()
     assert set(stats["expert_bytes_read"]) == {"disk"} and set(stats["expert_cache_bytes"]) == {"host"}
+    engine.close()
+
+
+def test_the_tiers_reach_prometheus_under_their_labels(demo_model: Callable[..., Path], tmp_path: Path) -> None:
+    model_dir = demo_model("mixtral")
+    store = ensure_store(model_dir, tmp_path)
+    top_k = top_k_of(model_dir)
+    engine = engine_for(model_dir, CPU, expert_cache_bytes=slots(store, 0.5, top_k), offload_dir=str(tmp_path))
+    generate(engine)
+    engine.offload.drain()
+    stats = engine.stats()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in ServerMetrics(engine.stats).render().decode().splitlines() if not line.startswith("#")}
+    assert stats["expert_bytes_read"]["host"] > stats["expert_cache_bytes"]["device"] > 0
+    for tier in ("disk", "host"):
+        assert samples[f'moeserve:expert_load_bytes_total{{tier="{tier}"}}'] == stats["expert_bytes_read"][tier]
+    for tier in ("device", "host"):
+        assert samples[f'moeserve:expert_cache_bytes{{tier="{tier}"}}'] == stats["expert_cache_bytes"][tier]
     engine.close()
