@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check: run by a session that is lent a CUDA machine (never by CI). From the repository root of a fresh
-# machine with PyPI reachable, in well under 5 minutes on one H200 with 16 cores:
+# The GPU check: run by a session that is lent a CUDA machine (never by CI), from the repository root, in well
+# under 5 minutes on one H200 with 16 cores:
 #
-#   1. a venv at $VENV (default .venv-gpu) made by scripts/install.sh like `make install`, but with PyPI's own
-#      torch==2.13.0, which on Linux is the CUDA build (the CPU wheel index is not used);
+#   1. a venv at $VENV (default .venv-gpu) that sees the machine's own CUDA torch (--system-site-packages: the
+#      lent machines have torch with CUDA but reach no package index, and torch's CUDA wheel is far larger than
+#      what travels with the working tree), with moeserve installed editable on top. Packages the machine lacks or
+#      has in another version (transformers==5.24.0, pinned by pyproject.toml, for one) come from $WHEELS, a
+#      folder of wheels carried with the tree (see the device tool's README: `pip download --no-deps
+#      --only-binary=:all: --python-version 3.12 ...`); without $WHEELS pip asks the configured index;
 #   2. only the CUDA-marked tests (pytest -m cuda: tests/integration/test_offload_cuda.py and any other);
 #   3. a small JSON on stdout (and in $OUT/gpu_check.json when $OUT is set): host-to-device copy GB/s through
 #      the expert cache's own copier (pinned host slots -> device slots on its copy stream), and greedy decode
@@ -13,12 +17,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-export VENV=${VENV:-.venv-gpu}
-export PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv-gpu}
+PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-unset TORCH_INDEX_URL
-EXTRAS=test bash scripts/install.sh deps
-bash scripts/install.sh kernel || echo "gpu_check: the CPU experts kernel did not build; the CPU reference runs pure torch"
+"$PYTHON" -m venv --system-site-packages "$VENV"
+pip_args=()
+if [ -n "${WHEELS:-}" ]; then
+    pip_args=(--no-index --find-links "$WHEELS")
+    "$VENV/bin/python" -m pip install --quiet "${pip_args[@]}" "$WHEELS"/*.whl
+fi
+# The machine's torch stays: pyproject pins the CPU development wheel's version, which is not the point here.
+"$VENV/bin/python" -m pip install --quiet "${pip_args[@]}" --no-deps -e .
+"$VENV/bin/python" -m engine.offload.kernels.build \
+    || echo "gpu_check: the CPU experts kernel did not build; the CPU reference runs pure torch"
 
 "$VENV/bin/python" - <<'EOF'
 import sys
