@@ -28,6 +28,7 @@ from engine.offload.experts import (
 )
 from engine.offload.loader import load_offloaded_model
 from engine.offload.offloaded import OffloadedExperts
+from engine.offload.tiers import pack_tensors
 from engine.reference import TORCH_DTYPES
 from engine.scheduler import ScheduledRequest
 
@@ -42,6 +43,16 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: torch.device 
     torch_dtype = "auto" if dtype == "auto" else TORCH_DTYPES[dtype]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation=ATTENTION_NAME)
     return model.to(device).eval()
+
+
+def resident_expert_stacks(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The experts modules' own stacked parameters that hold data (not on meta), contiguous ones only."""
+    return [
+        parameter
+        for module in model.modules() if is_experts_module(module)
+        for parameter in module.parameters(recurse=False)
+        if parameter.device.type == "cpu" and parameter.is_contiguous()
+    ]
 
 
 def text_config(model: torch.nn.Module) -> PretrainedConfig:
@@ -86,6 +97,9 @@ class ModelRunner:
         self.num_moe_layers = tag_experts_layers(self.model)
         if offload is not None and offload.prefetch_limit > 0 and lookahead:
             self.experts_forward.lookahead = lookahead_routers(self.model)
+        # Resident experts on the CPU: their stacks in one huge-page buffer (engine.offload.tiers.pack_tensors),
+        # streamed at decode with few TLB misses; the offload cache's slots are such a buffer already.
+        self.expert_buffer = pack_tensors(resident_expert_stacks(self.model)) if self.device.type == "cpu" else None
         self.num_experts = max((m.down_proj.shape[0] for m in self.model.modules() if is_experts_module(m)),
                                default=0)
         # A name per runner: the registry is global, and two engines in one process must not share a forward.

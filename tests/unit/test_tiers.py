@@ -12,6 +12,7 @@ import torch
 
 from engine.offload.tiers import (
     ALIGNMENT,
+    HUGE_PAGE_MIN_BYTES,
     BlobReader,
     CudaHostToDevice,
     HostToDevice,
@@ -22,6 +23,7 @@ from engine.offload.tiers import (
     choose_read_mode,
     direct_io_supported,
     host_to_device,
+    pack_tensors,
 )
 
 
@@ -38,10 +40,23 @@ def modes(path: Path) -> list[ReadMode]:
     return list(ReadMode) if direct_io_supported(path) else [ReadMode.BUFFERED]
 
 
-@pytest.mark.parametrize("nbytes", [1, ALIGNMENT, 3 * ALIGNMENT + 5])
+@pytest.mark.parametrize("nbytes", [1, ALIGNMENT, 3 * ALIGNMENT + 5, HUGE_PAGE_MIN_BYTES + 5])
 def test_aligned_empty_is_aligned(nbytes: int) -> None:
     buffer = aligned_empty(nbytes)
     assert buffer.data_ptr() % ALIGNMENT == 0 and buffer.numel() == nbytes and buffer.dtype == torch.uint8
+
+
+def test_packed_tensors_keep_their_values_in_one_aligned_buffer() -> None:
+    generator = torch.Generator().manual_seed(5)
+    tensors = [torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype), requires_grad=False)
+               for shape, dtype in (((3, 7), torch.bfloat16), ((5,), torch.float32), ((2, 3, 4), torch.float16))]
+    before = [t.detach().clone() for t in tensors]
+    buffer = pack_tensors(tensors)
+    start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
+    for tensor, original in zip(tensors, before):
+        assert torch.equal(tensor, original) and tensor.dtype == original.dtype
+        assert start <= tensor.data_ptr() < end and tensor.data_ptr() % 64 == 0
+    assert pack_tensors([]) is None
 
 
 def test_arena_slots_are_disjoint_aligned_views() -> None:
