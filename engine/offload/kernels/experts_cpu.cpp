@@ -186,13 +186,15 @@ void project(const float* x, int64_t n, int64_t K, const W* w, int64_t ldw, bool
   for (; c < c1; ++c) axpy_scalar_col(x, n, K, w + c, ldw, y + c, ldy);
 }
 
-// ---- AVX-512 (where the CPU has it): the decode path for bf16 weight rows ----
+// ---- AVX-512 (where the CPU has it): the path for bf16 weight rows ----
 // At 1-4 tokens a projection is a stream over its weights, and what limits it on a core is how many lines are in
 // flight. Measured on a 2-core Sapphire Rapids VM (benchmarks/experts_kernel.py): the AVX2 path streams bf16 rows at
-// ~10 GB/s per core against ~14 for fp32 weights through MKL; 16-wide widening FMAs over two rows at a time, with
+// ~9 GB/s per core against ~14 for fp32 weights through MKL; 16-wide widening FMAs over two rows at a time, with
 // every line asked into L2 kAvx512PrefetchBytes ahead (prefetcht1: further than the L2 streamer runs by itself;
-// into L1 it evicts lines still in use), stream ~12 GB/s per core. Same arithmetic as the AVX2 path: weights
-// widened to fp32, fp32 inputs, fp32 FMA accumulation.
+// into L1 it evicts lines still in use), stream ~12 GB/s per core (0.85 of STREAM triad on both cores at one
+// token, 0.67 for AVX2). More tokens pass over a pair of rows in blocks of 8, the first block streaming the rows
+// and the others finding them in L1. Same arithmetic as the AVX2 path: weights widened to fp32, fp32 inputs, fp32
+// FMA accumulation.
 #define MOESERVE_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 enum Isa : int64_t { kIsaAvx2 = 0, kIsaAvx512 = 1 };
@@ -206,7 +208,8 @@ Isa best_isa() {
 
 std::atomic<int64_t> g_isa{best_isa()};
 
-constexpr int64_t kAvx512MaxTokens = 4;  // beyond it arithmetic, not memory, sets the pace: the blocked paths below
+constexpr int64_t kAvx512MaxTokens = 64;  // at most this many tokens per expert take the AVX-512 path
+constexpr int64_t kAvx512TokenBlock = 8;  // tokens per pass over a pair of rows (16 accumulators)
 constexpr int64_t kAvx512PrefetchBytes = 8192;
 
 // Whether n tokens against bf16 weight rows take the AVX-512 path.
@@ -224,8 +227,9 @@ MOESERVE_AVX512_TARGET inline __m512 widen16(const uint16_t* w, __mmask16 mask) 
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-// y[t * ldy + r] = dot(x[t], w[r]) over K for R rows (w[r] at w + r * ldw) and TB tokens (x[t] at x + t * K).
-template <int R, int TB>
+// y[t * ldy + r] = dot(x[t], w[r]) over K for R rows (w[r] at w + r * ldw) and TB tokens (x[t] at x + t * K);
+// PF: ask for the rows' lines ahead (the first pass over the rows; later token blocks find them in L1).
+template <int R, int TB, bool PF>
 MOESERVE_AVX512_TARGET inline void wide_dot_block(const float* x, int64_t K, const uint16_t* w, int64_t ldw, float* y,
                                                   int64_t ldy) {
   constexpr int U = TB == 1 ? 2 : 1;  // 16-weight vectors per row and step: R * TB * U >= 4 accumulators
@@ -236,9 +240,10 @@ MOESERVE_AVX512_TARGET inline void wide_dot_block(const float* x, int64_t K, con
       for (int u = 0; u < U; ++u) acc[t][r][u] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 * U <= K; k += 16 * U) {
-    for (int r = 0; r < R; ++r)  // each line of the rows once: steps of kStepBytes cover whole lines in turn
-      if ((reinterpret_cast<uintptr_t>(w + r * ldw + k) & 63) < kStepBytes)
-        _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k) + kAvx512PrefetchBytes, _MM_HINT_T1);
+    if constexpr (PF)
+      for (int r = 0; r < R; ++r)  // each line of the rows once: steps of kStepBytes cover whole lines in turn
+        if ((reinterpret_cast<uintptr_t>(w + r * ldw + k) & 63) < kStepBytes)
+          _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k) + kAvx512PrefetchBytes, _MM_HINT_T1);
     for (int u = 0; u < U; ++u)
       for (int r = 0; r < R; ++r) {
         const __m512 wv = widen16(w + r * ldw + k + 16 * u, tail_mask16(16));
@@ -261,25 +266,38 @@ MOESERVE_AVX512_TARGET inline void wide_dot_block(const float* x, int64_t K, con
     }
 }
 
-template <int TB>
-MOESERVE_AVX512_TARGET void wide_dot_rows(const float* x, int64_t K, const uint16_t* w, int64_t ldw, int64_t c0,
-                                          int64_t c1, float* y, int64_t ldy) {
-  int64_t c = c0;
-  for (; c + 2 <= c1; c += 2) wide_dot_block<2, TB>(x, K, w + c * ldw, ldw, y + c, ldy);
-  if (c < c1) wide_dot_block<1, TB>(x, K, w + c * ldw, ldw, y + c, ldy);
+// All n tokens against R rows: token blocks of up to kAvx512TokenBlock, the rows streamed from memory by the
+// first block and re-read from L1 by the others (a pair of rows is 2 * 2K bytes: 4-14 KiB at K = 1024-3584).
+template <int R, bool PF>
+MOESERVE_AVX512_TARGET inline void wide_dot_token_block(int64_t tb, const float* x, int64_t K, const uint16_t* w,
+                                                        int64_t ldw, float* y, int64_t ldy) {
+  switch (tb) {
+    case 1: return wide_dot_block<R, 1, PF>(x, K, w, ldw, y, ldy);
+    case 2: return wide_dot_block<R, 2, PF>(x, K, w, ldw, y, ldy);
+    case 3: return wide_dot_block<R, 3, PF>(x, K, w, ldw, y, ldy);
+    case 4: return wide_dot_block<R, 4, PF>(x, K, w, ldw, y, ldy);
+    case 5: return wide_dot_block<R, 5, PF>(x, K, w, ldw, y, ldy);
+    case 6: return wide_dot_block<R, 6, PF>(x, K, w, ldw, y, ldy);
+    case 7: return wide_dot_block<R, 7, PF>(x, K, w, ldw, y, ldy);
+    default: return wide_dot_block<R, 8, PF>(x, K, w, ldw, y, ldy);
+  }
 }
 
-// y[t][c] for c in [c0, c1) of x @ W^T for bf16 weight rows and n <= kAvx512MaxTokens tokens.
-void project_avx512(const float* x, int64_t n, int64_t K, const c10::BFloat16* weights, int64_t ldw, int64_t c0,
-                    int64_t c1, float* y, int64_t ldy) {
+template <int R>
+MOESERVE_AVX512_TARGET void wide_dot_tokens(const float* x, int64_t n, int64_t K, const uint16_t* w, int64_t ldw,
+                                            float* y, int64_t ldy) {
+  wide_dot_token_block<R, true>(std::min(n, kAvx512TokenBlock), x, K, w, ldw, y, ldy);
+  for (int64_t t = kAvx512TokenBlock; t < n; t += kAvx512TokenBlock)
+    wide_dot_token_block<R, false>(std::min(n - t, kAvx512TokenBlock), x + t * K, K, w, ldw, y + t * ldy, ldy);
+}
+
+// y[t][c] for c in [c0, c1) of x @ W^T for bf16 weight rows and n <= kAvx512MaxTokens tokens, two rows at a time.
+MOESERVE_AVX512_TARGET void project_avx512(const float* x, int64_t n, int64_t K, const c10::BFloat16* weights,
+                                           int64_t ldw, int64_t c0, int64_t c1, float* y, int64_t ldy) {
   const uint16_t* w = reinterpret_cast<const uint16_t*>(weights);
-  switch (n) {
-    case 1: return wide_dot_rows<1>(x, K, w, ldw, c0, c1, y, ldy);
-    case 2: return wide_dot_rows<2>(x, K, w, ldw, c0, c1, y, ldy);
-    case 3: return wide_dot_rows<3>(x, K, w, ldw, c0, c1, y, ldy);
-    case 4: return wide_dot_rows<4>(x, K, w, ldw, c0, c1, y, ldy);
-    default: TORCH_CHECK(false, "no AVX-512 path for ", n, " tokens");
-  }
+  int64_t c = c0;
+  for (; c + 2 <= c1; c += 2) wide_dot_tokens<2>(x, n, K, w + c * ldw, ldw, y + c, ldy);
+  if (c < c1) wide_dot_tokens<1>(x, n, K, w + c * ldw, ldw, y + c, ldy);
 }
 
 // x @ W^T (or x @ W) for outputs [c0, c1): bf16 weight rows at few tokens take the AVX-512 path where the CPU has
