@@ -12,38 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from engine import SamplingParams
-from engine.config import load_config
-from engine.engine import LLMEngine
 from engine.models.demo import ARCHITECTURES
 from engine.offload.layout import ExpertStore, StoreError, ensure_store
 from engine.offload.offloaded import BudgetTooSmall, expert_tensors_on_meta, minimum_budget
 from engine.trace.batch import ADAPT_EVERY
 from engine.trace.planner import PrefetchSettings
+from offload_runs import GREEDY, PROMPTS, engine_for, generate  # pytest puts tests/integration on sys.path
 
 pytestmark = pytest.mark.slow
-
-PROMPTS = [
-    "def fib(n):",
-    "import os\nimport sys\nfrom pathlib import Path\n\n\nclass Config:\n    def __init__(self, root):\n",
-    "for i in range(10):\n    print(i)",
-    "x",
-]
-LIMITS = dict(max_model_len=96, max_num_seqs=4, max_num_batched_tokens=32)
-GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-
-
-def generate(engine: LLMEngine) -> list[list[int]]:
-    for i, prompt in enumerate(PROMPTS):
-        engine.add_request(f"r{i}", prompt, GREEDY)
-    finished = {}
-    while engine.has_unfinished_requests():
-        finished.update({o.request_id: o for o in engine.step() if o.finished})
-    return [finished[f"r{i}"].outputs[0].token_ids for i in range(len(PROMPTS))]
-
-
-def engine_for(model_dir: Path, **overrides) -> LLMEngine:
-    return LLMEngine(load_config(overrides=dict(model=str(model_dir), **LIMITS, **overrides)))
 
 
 def budgets(store: ExpertStore, top_k: int) -> dict[str, int]:

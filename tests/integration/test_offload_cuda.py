@@ -15,45 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import SamplingParams
-from engine.config import load_config
-from engine.engine import LLMEngine
 from engine.offload.layout import ensure_store
 from engine.offload.tiers import ALIGNMENT, CudaHostToDevice, SlotArena, host_to_device
+from offload_runs import engine_for, generate, top_k_of  # pytest puts tests/integration on sys.path
+
+FLOAT32 = dict(dtype="float32")  # the CPU reference and the GPU engines alike: token equality in fp32
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(),
                        reason="needs a CUDA GPU: torch.cuda.is_available() is False (CPU-only torch or no GPU)"),
 ]
-
-PROMPTS = [
-    "def fib(n):",
-    "import os\nimport sys\nfrom pathlib import Path\n\n\nclass Config:\n    def __init__(self, root):\n",
-    "for i in range(10):\n    print(i)",
-    "x",
-]
-LIMITS = dict(max_model_len=96, max_num_seqs=4, max_num_batched_tokens=32, dtype="float32")
-GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-
-
-def generate(engine: LLMEngine) -> list[list[int]]:
-    for i, prompt in enumerate(PROMPTS):
-        engine.add_request(f"r{i}", prompt, GREEDY)
-    finished = {}
-    while engine.has_unfinished_requests():
-        finished.update({o.request_id: o for o in engine.step() if o.finished})
-    return [finished[f"r{i}"].outputs[0].token_ids for i in range(len(PROMPTS))]
-
-
-def engine_for(model_dir: Path, **overrides) -> LLMEngine:
-    return LLMEngine(load_config(overrides=dict(model=str(model_dir), **LIMITS, **overrides)))
-
-
-def top_k_of(model_dir: Path) -> int:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model_dir).get_text_config().num_experts_per_tok
 
 
 @pytest.mark.slow
@@ -62,8 +34,8 @@ def test_cuda_greedy_tokens_equal_the_cpu_resident_engine_with_exact_bytes_per_t
     arch: str, demo_model: Callable[..., Path], tmp_path: Path
 ) -> None:
     model_dir = demo_model(arch)
-    expected = generate(engine_for(model_dir, device="cpu"))
-    resident = engine_for(model_dir, device="cuda")
+    expected = generate(engine_for(model_dir, **FLOAT32, device="cpu"))
+    resident = engine_for(model_dir, **FLOAT32, device="cuda")
     assert all(p.device.type == "cuda" for p in resident.runner.model.parameters())
     assert generate(resident) == expected, f"{arch} resident on cuda"
     store = ensure_store(model_dir, tmp_path)
@@ -71,7 +43,7 @@ def test_cuda_greedy_tokens_equal_the_cpu_resident_engine_with_exact_bytes_per_t
     experts = sum(store.num_experts.values())
     # (device slots, host slots or None for the default): the minimum of both; half the experts over the default.
     for device_slots, host_slots in ((top_k, top_k), (experts // 2, None)):
-        engine = engine_for(model_dir, device="auto", expert_cache_bytes=device_slots * slot,
+        engine = engine_for(model_dir, **FLOAT32, device="auto", expert_cache_bytes=device_slots * slot,
                             host_cache_bytes=None if host_slots is None else host_slots * slot,
                             offload_dir=str(tmp_path))
         offload = engine.offload

@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import SamplingParams
-from engine.config import load_config
 from engine.engine import LLMEngine
 from engine.offload.layout import ExpertStore, StoreError, ensure_store
 from engine.offload.offloaded import (
@@ -30,37 +28,10 @@ from engine.offload.offloaded import (
     minimum_budget,
 )
 from server.metrics import ServerMetrics
+from offload_runs import GREEDY, PROMPTS, engine_for, generate, top_k_of  # pytest puts tests/integration on sys.path
 
 pytestmark = pytest.mark.slow
-
-PROMPTS = [
-    "def fib(n):",
-    "import os\nimport sys\nfrom pathlib import Path\n\n\nclass Config:\n    def __init__(self, root):\n",
-    "for i in range(10):\n    print(i)",
-    "x",
-]
-LIMITS = dict(max_model_len=96, max_num_seqs=4, max_num_batched_tokens=32)
-GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 CPU = torch.device("cpu")
-
-
-def generate(engine: LLMEngine) -> list[list[int]]:
-    for i, prompt in enumerate(PROMPTS):
-        engine.add_request(f"r{i}", prompt, GREEDY)
-    finished = {}
-    while engine.has_unfinished_requests():
-        finished.update({o.request_id: o for o in engine.step() if o.finished})
-    return [finished[f"r{i}"].outputs[0].token_ids for i in range(len(PROMPTS))]
-
-
-def engine_for(model_dir: Path, tier: torch.device | None = None, **overrides) -> LLMEngine:
-    return LLMEngine(load_config(overrides=dict(model=str(model_dir), **LIMITS, **overrides)), expert_tier_device=tier)
-
-
-def top_k_of(model_dir: Path) -> int:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model_dir).get_text_config().num_experts_per_tok
 
 
 def slots(store: ExpertStore, fraction: float, top_k: int) -> int:
