@@ -95,7 +95,7 @@ class Config(BaseSettings):
     )
 
     # --- tracing ---
-    trace_store_path: Path | None = Field(None, description="File the shared trace store is persisted to.")
+    trace_store_path: Path | None = Field(None, description="File the shared trace store and transition statistics persist to.")
     trace_dump_dir: Path | None = Field(None, description="Directory where each finished request's trace is written.")
 
     # --- server ---

@@ -30,6 +30,8 @@ from engine.scheduler import ModelOutput, Scheduler, SchedulerConfig
 from engine.trace.batch import BatchPrefetcher, StepSequence
 from engine.trace.eam import ActivationTracer, TracedRequest
 from engine.trace.format import TraceHeader
+from engine.trace.planner import PrefetchSettings
+from engine.trace.predictor import TransitionStatistics
 from engine.trace.store import TraceStore
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,8 @@ Prompt = str | Sequence[int]
 DEFAULT_KV_TOKENS_PER_SEQ = 1024
 # Prepared expert stores, one subdirectory per source fingerprint, when offload_dir is not set.
 DEFAULT_OFFLOAD_DIR = Path.home() / ".cache" / "moeserve"
-# The trace store is written to trace_store_path after this many finished sequences changed it (and at close).
+# The trace store (and the transition statistics with it) is written to trace_store_path after this many
+# finished sequences changed it, after LLM.generate and at close.
 TRACE_SAVE_EVERY = 32
 
 
@@ -98,10 +101,12 @@ class LLMEngine:
         )
         self.sampler = Sampler()
         self.tracer = ActivationTracer(self._trace_header(), config.trace_dump_dir)
+        self.transitions = self._new_transition_statistics()
         self.trace_store = self._open_trace_store()
         self.prefetcher = self._batch_prefetcher()
         self.runner.experts_forward.routing_observer = self._observe_routing
         self._unsaved_traces = 0
+        self._saved_tokens = self.transitions.tokens if self.transitions is not None else 0
         self.eos_token_ids = _eos_token_ids(config.model, self.tokenizer)
         self._requests: dict[str, _UserRequest] = {}
         self._sequence_owner: dict[str, _UserRequest] = {}
@@ -190,7 +195,7 @@ class LLMEngine:
             logger.info("trace prefetch off: every expert fits in the cache (nothing to predict for)")
             return None
         top_k = int(getattr(self.runner.config, "num_experts_per_tok"))
-        prefetcher = BatchPrefetcher(self.offload, self.runner.num_experts, top_k, self.trace_store)
+        prefetcher = BatchPrefetcher(self.offload, top_k, self.trace_store, self.transitions)
         self.runner.experts_forward.on_layer_held = prefetcher.plan
         return prefetcher
 
@@ -242,24 +247,37 @@ class LLMEngine:
         return stats
 
     def close(self) -> None:
-        """Persist the trace store (when ``trace_store_path`` is set) and release the expert reader's files and
-        threads (offload mode); the engine is unusable afterwards."""
+        """Persist the trace store and the transition statistics (when ``trace_store_path`` is set) and release
+        the expert reader's files and threads (offload mode); the engine is unusable afterwards."""
         self.save_trace_store()
         if self.offload is not None:
             self.offload.close()
 
     def save_trace_store(self) -> None:
-        """Write the trace store to ``trace_store_path`` (atomically) if it has changed since the last save."""
-        if self.config.trace_store_path is not None and self._unsaved_traces:
-            self.trace_store.save(self.config.trace_store_path)
+        """Write the trace store with the transition statistics to ``trace_store_path`` (atomically, one file)
+        if either has changed since the last save."""
+        tokens = self.transitions.tokens if self.transitions is not None else 0
+        if self.config.trace_store_path is not None and (self._unsaved_traces or tokens != self._saved_tokens):
+            self.trace_store.save(self.config.trace_store_path, self.transitions)
             self._unsaved_traces = 0
+            self._saved_tokens = tokens
+
+    def _new_transition_statistics(self) -> TransitionStatistics | None:
+        """Empty statistics for the trace predictor (None for a model without experts). They exist whether or
+        not a prefetcher learns into them, so a restart without one keeps what the file holds."""
+        if not self.runner.num_experts:
+            return None
+        top_k = int(getattr(self.runner.config, "num_experts_per_tok"))
+        return TransitionStatistics(self.runner.config.num_hidden_layers, self.runner.num_experts,
+                                    max_offset=PrefetchSettings().max_offset, top_k=top_k)
 
     def _open_trace_store(self) -> TraceStore:
-        """The shared trace store: loaded from ``trace_store_path`` when set (a corrupt file is moved aside)."""
+        """The shared trace store: loaded from ``trace_store_path`` when set, with the transition statistics
+        restored from the same file (a corrupt or foreign file is moved aside; both then start empty)."""
         shape = (self.runner.config.num_hidden_layers, max(self.runner.num_experts, 1))
         if self.config.trace_store_path is None:
             return TraceStore(*shape)
-        return TraceStore.load(self.config.trace_store_path, *shape)
+        return TraceStore.load(self.config.trace_store_path, *shape, transitions=self.transitions)
 
     def _store_trace(self, request_id: str) -> None:
         """A finished sequence's trace: dumped (trace_dump_dir) and its decode matrix entered into the store,

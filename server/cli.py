@@ -42,7 +42,7 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--max-model-len", type=int, help="longest prompt + completion in tokens")
     parser.add_argument("--trace-dump", dest="trace_dump_dir", type=Path, help="write each request's trace here")
     parser.add_argument("--trace-store", dest="trace_store_path", type=Path,
-                        help="file the shared trace store is loaded from and saved to")
+                        help="file the shared trace store and transition statistics are loaded from and saved to")
     parser.add_argument("--expert-cache-bytes", help="serve with experts offloaded, cached in this budget (e.g. 4GiB)")
     parser.add_argument("--offload-dir", type=Path, help="where prepared expert stores live")
     parser.add_argument("--expert-prefetch", choices=["all", "trace", "lookahead", "none"],

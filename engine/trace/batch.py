@@ -1,9 +1,9 @@
 """The running batch as the predictor sees it: trace-driven priorities and prefetch inside the engine's forward.
 
 `BatchPrefetcher` connects three things the engine already has: the routing the experts forward computes at
-every MoE layer (``ExpertsForward.routing_observer``), a `Predictor` per running sequence (one shared set of
-transition statistics and the engine's shared `TraceStore`), and the offload cache with its prefetch queue
-(`OffloadedExperts`). Per engine step:
+every MoE layer (``ExpertsForward.routing_observer``), a `Predictor` per running sequence (the engine's shared
+`TransitionStatistics` and `TraceStore`, persisted together in ``trace_store_path``), and the offload cache
+with its prefetch queue (`OffloadedExperts`). Per engine step:
 
 - `begin_step(sequences)`: the step's sequences in batch order, with their token counts and whether the step is
   one decode token (chunks of a prompt, and the recompute of a preempted sequence, are not);
@@ -59,16 +59,20 @@ class BatchPrefetcher:
     def __init__(
         self,
         offload: OffloadedExperts,
-        num_experts: int,
         top_k: int,
         store: TraceStore,
+        transitions: TransitionStatistics,
         settings: PrefetchSettings | None = None,
     ) -> None:
+        """``transitions`` (the statistics the predictor learns into and starts from) must look back
+        ``settings.max_offset`` layers and cover the cache's layers; ValueError otherwise."""
         self.offload = offload
         self.settings = settings or PrefetchSettings()
         num_layers = offload.num_layers
-        transitions = TransitionStatistics(num_layers, num_experts, max_offset=self.settings.max_offset, top_k=top_k)
-        self.predictor = Predictor(num_layers, num_experts, top_k, self.settings.sources, store=store,
+        if (transitions.num_layers, transitions.max_offset) != (num_layers, self.settings.max_offset):
+            raise ValueError(f"transition statistics of {transitions.num_layers} layers and max_offset "
+                             f"{transitions.max_offset}, expected {num_layers} and {self.settings.max_offset}")
+        self.predictor = Predictor(num_layers, transitions.num_experts, top_k, self.settings.sources, store=store,
                                    transitions=transitions)
         self.planner = PrefetchPlanner(offload.cache, offload.queue, num_layers, self.settings, PRECISION,
                                        layers=offload.store.moe_layers)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -73,6 +73,10 @@ class TransitionStatistics:
     ``smoothing * top_k / num_experts``). ``log_frequency[l][b]``: log of (decode tokens using ``b`` at ``l``,
     plus ``smoothing``). So ``exp(log_counts[d][l][a][b] - log_frequency[l][b])`` estimates P(a | b) with a
     prior of ``smoothing`` tokens in which ``a`` is active at the average rate ``top_k / num_experts``.
+
+    What was learned persists with the trace store (engine.trace.store): `state_tensors` gives the observed
+    counts without the prior, `restore` puts them back into statistics of the same shape (layers, experts,
+    ``max_offset``) under that object's own prior.
     """
 
     def __init__(self, num_layers: int, num_experts: int, max_offset: int = DEFAULT_MAX_OFFSET,
@@ -80,16 +84,57 @@ class TransitionStatistics:
         if max_offset < 0 or smoothing <= 0 or not 0 < top_k <= num_experts:
             raise ValueError("max_offset must be >= 0, smoothing > 0 and top_k in 1..num_experts")
         self.num_layers = num_layers
+        self.num_experts = num_experts
         self.max_offset = max_offset
+        self.smoothing = smoothing
+        self.prior = smoothing * top_k / num_experts
         self.tokens = 0
-        prior = smoothing * top_k / num_experts
-        self._counts = [[[[prior] * num_experts for _ in range(num_experts)] for _ in range(num_layers)]
+        self._counts = [[[[self.prior] * num_experts for _ in range(num_experts)] for _ in range(num_layers)]
                         for _ in range(max_offset + 1)]
         self._frequency = [[smoothing] * num_experts for _ in range(num_layers)]
-        log_prior = math.log(prior)
+        log_prior = math.log(self.prior)
         self.log_counts = [[[[log_prior] * num_experts for _ in range(num_experts)] for _ in range(num_layers)]
                            for _ in range(max_offset + 1)]
         self.log_frequency = [[math.log(smoothing)] * num_experts for _ in range(num_layers)]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(num_layers, num_experts, max_offset)``: statistics of another shape cannot be restored here."""
+        return self.num_layers, self.num_experts, self.max_offset
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The observed counts, prior left out (int64): ``transition_counts`` [max_offset + 1, L, E, E] (index
+        ``[d][l][a][b]`` as ``log_counts``), ``frequency_counts`` [L, E] and ``transition_tokens`` [] (decode
+        tokens observed)."""
+        counts = torch.tensor(self._counts, dtype=torch.float64) - self.prior
+        frequency = torch.tensor(self._frequency, dtype=torch.float64) - self.smoothing
+        return {"transition_counts": counts.round().long(), "frequency_counts": frequency.round().long(),
+                "transition_tokens": torch.tensor(self.tokens, dtype=torch.int64)}
+
+    def restore(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Replace what was learned with the `state_tensors` of statistics of this shape (plus this prior).
+
+        KeyError for a missing tensor, ValueError for another shape or dtype or a negative count; either way
+        nothing changes.
+        """
+        counts, frequency, tokens = (tensors["transition_counts"], tensors["frequency_counts"],
+                                     tensors["transition_tokens"])
+        layers, experts, offsets = self.num_layers, self.num_experts, self.max_offset + 1
+        if (tuple(counts.shape) != (offsets, layers, experts, experts) or tuple(frequency.shape) != (layers, experts)
+                or tokens.dim() != 0):
+            raise ValueError(f"transition statistics of shape {tuple(counts.shape)} / {tuple(frequency.shape)} do "
+                             f"not fit {layers} layers, {experts} experts and max_offset {self.max_offset}")
+        if any(tensor.dtype != torch.int64 for tensor in (counts, frequency, tokens)):
+            raise ValueError("transition statistics must be int64 counts")
+        if (counts < 0).any() or (frequency < 0).any() or tokens < 0:
+            raise ValueError("transition statistics hold negative counts")
+        self._counts = (counts.double() + self.prior).tolist()
+        self._frequency = (frequency.double() + self.smoothing).tolist()
+        log = math.log
+        self.log_counts = [[[[log(count) for count in row] for row in layer] for layer in offset]
+                           for offset in self._counts]
+        self.log_frequency = [[log(count) for count in row] for row in self._frequency]
+        self.tokens = int(tokens)
 
     def observe(self, token: Sequence[Sequence[int]], previous: Sequence[Sequence[int]] | None) -> None:
         """Learn from one decode token's expert ids per layer ``token``, after ``previous`` (or None)."""

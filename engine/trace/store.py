@@ -15,11 +15,16 @@ which share of a layer's activations went to each expert), MoE-Infinity's EAMs.
 - `match(partial, layers_seen)`: the ``top_matches`` most similar entries (positive similarity only), weighted
   by their similarity, averaged into one prediction: per layer, the expected share of each expert.
 - Persistence: `save` writes safetensors (tensors ``matrices`` [N, L, E] float32, ``merged`` [N] float32,
-  ``last_used`` [N] int64; metadata ``format``, ``version``, ``num_layers``, ``num_experts``, ``clock``) to a
-  temporary file in the same directory, fsyncs it, renames it over the target and fsyncs the directory. `load`
-  of a missing file gives an empty store; of a file it cannot use (unreadable, not this format or version,
-  another model's shape) logs a warning, renames the file to ``<name>.corrupt-<UTC timestamp>`` and gives an
-  empty store. No pickle anywhere.
+  ``last_used`` [N] int64, and, given the predictor's `TransitionStatistics`, their `state_tensors`:
+  ``transition_counts`` [max_offset + 1, L, E, E], ``frequency_counts`` [L, E], ``transition_tokens`` [], int64;
+  metadata ``format``, ``version``, ``num_layers``, ``num_experts``, ``clock``) to a temporary file in the same
+  directory, fsyncs it, renames it over the target and fsyncs the directory: what past requests taught, the
+  matrices and the statistics, lives in one file that is either the old or the new one. `load` of a missing
+  file gives an empty store; of a file it cannot use (unreadable, not this format or a readable version,
+  another model's shape, statistics of another shape — layers, experts, ``max_offset`` — than the ones to
+  restore) logs a warning, renames the file to ``<name>.corrupt-<UTC timestamp>`` and gives an empty store and
+  untouched (empty) statistics. Version 1 files (matrices only) still load; the statistics then start empty.
+  No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -30,16 +35,23 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+if TYPE_CHECKING:
+    from engine.trace.predictor import TransitionStatistics
+
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "moeserve-trace-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 added the transition statistics; version 1 (the matrices alone) still loads."""
+READABLE_VERSIONS = ("1", "2")
+STATISTICS_TENSORS = ("transition_counts", "frequency_counts", "transition_tokens")
 DEFAULT_CAPACITY = 256
 DEFAULT_MERGE_THRESHOLD = 0.95
 DEFAULT_DECAY = 0.8
@@ -128,13 +140,17 @@ class TraceStore:
         distance = (layers_seen - 1 - layers) % self.num_layers
         return self.decay ** distance.double()
 
-    def save(self, path: str | Path) -> None:
-        """Write the store to ``path`` atomically (temp file, fsync, rename, directory fsync)."""
+    def save(self, path: str | Path, transitions: TransitionStatistics | None = None) -> None:
+        """Write the store, and ``transitions`` if given, to ``path`` atomically (temp file, fsync, rename,
+        directory fsync)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"matrices": self._matrices.contiguous(), "merged": self._merged.contiguous(),
+                   "last_used": self._last_used.contiguous()}
+        if transitions is not None:
+            tensors.update(transitions.state_tensors())
         payload = save_safetensors(
-            {"matrices": self._matrices.contiguous(), "merged": self._merged.contiguous(),
-             "last_used": self._last_used.contiguous()},
+            tensors,
             metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "num_layers": str(self.num_layers),
                       "num_experts": str(self.num_experts), "clock": str(self._clock)},
         )
@@ -149,14 +165,19 @@ class TraceStore:
             Path(temporary).unlink(missing_ok=True)
             raise
         _fsync_directory(path.parent)
-        logger.info("saved the trace store (%d entries) to %s", len(self), path)
+        logger.info("saved the trace store (%d entries%s) to %s", len(self),
+                    f", statistics of {transitions.tokens} tokens" if transitions is not None else "", path)
 
     @classmethod
-    def load(cls, path: str | Path, num_layers: int, num_experts: int, **options: float) -> TraceStore:
-        """The store saved at ``path`` for a model of this shape (``options``: the constructor's keywords).
+    def load(cls, path: str | Path, num_layers: int, num_experts: int,
+             transitions: TransitionStatistics | None = None, **options: float) -> TraceStore:
+        """The store saved at ``path`` for a model of this shape (``options``: the constructor's keywords); the
+        file's statistics, if it holds any, are restored into ``transitions`` when given (fresh statistics of
+        the shape the caller wants; a file without statistics leaves them empty).
 
-        A missing file gives an empty store; an unusable one a warning, the file moved aside, an empty store.
-        Entries beyond ``capacity`` (a store saved with a larger one) are evicted, least recently useful first.
+        A missing file gives an empty store; an unusable one a warning, the file moved aside, an empty store and
+        ``transitions`` untouched. Entries beyond ``capacity`` (a store saved with a larger one) are evicted,
+        least recently useful first.
         """
         store = cls(num_layers, num_experts, **options)
         path = Path(path)
@@ -164,20 +185,22 @@ class TraceStore:
             logger.info("no trace store at %s yet: starting empty", path)
             return store
         try:
-            store._restore(path.read_bytes())
+            store._restore(path.read_bytes(), transitions)
         except (OSError, ValueError, KeyError, SafetensorError) as error:
             aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
             os.replace(path, aside)
             logger.warning("trace store %s is unusable (%s): moved it to %s and starting empty", path, error, aside)
             return cls(num_layers, num_experts, **options)
-        logger.info("loaded the trace store from %s: %d entries", path, len(store))
+        logger.info("loaded the trace store from %s: %d entries%s", path, len(store),
+                    f", statistics of {transitions.tokens} tokens" if transitions is not None else "")
         return store
 
-    def _restore(self, payload: bytes) -> None:
-        """Fill this (empty) store from a saved payload; ValueError/KeyError if it is not a usable one."""
+    def _restore(self, payload: bytes, transitions: TransitionStatistics | None) -> None:
+        """Fill this (empty) store, and ``transitions`` if given, from a saved payload; ValueError/KeyError if
+        it is not a usable one (``transitions`` then unchanged)."""
         metadata = _safetensors_metadata(payload)
-        if metadata.get("format") != FORMAT_NAME or metadata.get("version") != str(FORMAT_VERSION):
-            raise ValueError(f"not a {FORMAT_NAME} version {FORMAT_VERSION} file")
+        if metadata.get("format") != FORMAT_NAME or metadata.get("version") not in READABLE_VERSIONS:
+            raise ValueError(f"not a {FORMAT_NAME} file of version {' or '.join(READABLE_VERSIONS)}")
         tensors = load_safetensors(payload)
         matrices, merged, last_used = tensors["matrices"], tensors["merged"], tensors["last_used"]
         count = matrices.shape[0]
@@ -187,8 +210,13 @@ class TraceStore:
                              f"layers and {self.num_experts} experts")
         if not torch.isfinite(matrices).all() or (matrices < 0).any():
             raise ValueError("entries hold negative or non-finite shares")
+        clock = int(metadata["clock"])
+        if transitions is not None and metadata["version"] == "1":
+            logger.info("trace store file of version 1: no transition statistics in it, they start empty")
+        if transitions is not None and any(name in tensors for name in STATISTICS_TENSORS):
+            transitions.restore(tensors)  # last: a file refused leaves the statistics as they were
         self._matrices, self._merged, self._last_used = matrices.float(), merged.float(), last_used.long()
-        self._clock = int(metadata["clock"])
+        self._clock = clock
         while len(self) > self.capacity:
             self._remove(int(self._last_used.argmin()))
 

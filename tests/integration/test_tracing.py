@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from engine import SamplingParams
 from engine.config import load_config
 from engine.engine import LLMEngine
+from engine.offload.layout import ensure_store
 from engine.trace.format import read_traces
 
 pytestmark = pytest.mark.slow
@@ -131,6 +132,58 @@ def test_trace_store_grows_across_requests_and_survives_a_restart(
     fresh = LLM(demo_model("mixtral"), max_model_len=96, trace_store_path=str(path))
     assert fresh.stats()["trace_store_entries"] == 0 and not path.exists()
     assert len(list(tmp_path.glob("traces.safetensors.corrupt-*"))) == 1
+
+
+def test_transition_statistics_survive_a_restart_with_the_store(
+    demo_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Offload mode's trace predictor learns transition statistics; they are saved in the store's file and a
+    restarted engine's predictor starts from them; an engine without the predictor keeps them as they were."""
+    from engine import LLM
+
+    model_dir = demo_model("mixtral")
+    store = ensure_store(model_dir, tmp_path / "offload")
+    path = tmp_path / "traces.safetensors"
+    half = sum(store.num_experts.values()) // 2 * store.max_blob_bytes
+    options = dict(max_model_len=96, trace_store_path=str(path), offload_dir=str(tmp_path / "offload"),
+                   expert_cache_bytes=half)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    decode_tokens = len(PROMPTS) * (greedy.max_tokens - 1)
+
+    def restart(**overrides) -> LLM:
+        llm = LLM(model_dir, **{**options, **overrides})
+        if llm.engine.prefetcher is not None:
+            assert llm.engine.prefetcher.predictor.transitions is llm.engine.transitions
+        return llm
+
+    first = restart()
+    first.generate(PROMPTS, greedy)
+    learned = first.engine.transitions.state_tensors()
+    assert int(learned["transition_tokens"]) == decode_tokens and learned["transition_counts"].any()
+    first.engine.close()
+
+    without_predictor = restart(expert_prefetch="none")
+    assert without_predictor.engine.prefetcher is None
+    assert_statistics_equal(without_predictor.engine.transitions, learned)
+    without_predictor.generate(PROMPTS[:1], greedy)  # changes the store, which is saved with the statistics
+    without_predictor.engine.close()
+    assert without_predictor.engine.trace_store.requests_seen == len(PROMPTS) + 1
+
+    again = restart()
+    assert_statistics_equal(again.engine.transitions, learned)
+    assert again.engine.trace_store.requests_seen == len(PROMPTS) + 1
+    again.generate(PROMPTS, greedy)  # learning goes on from the loaded counts
+    assert again.engine.transitions.tokens == 2 * decode_tokens
+    assert again.engine.transitions.state_tensors()["frequency_counts"].sum() == 2 * learned["frequency_counts"].sum()
+    again.engine.close()
+
+
+def assert_statistics_equal(transitions, tensors: dict[str, torch.Tensor]) -> None:
+    """``transitions`` hold exactly the counts of ``tensors`` (a `TransitionStatistics.state_tensors`)."""
+    restored = transitions.state_tensors()
+    assert restored.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert torch.equal(restored[name], tensor), name
 
 
 def test_a_routing_override_is_what_the_forward_computes_and_the_trace_records(

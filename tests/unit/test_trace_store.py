@@ -1,4 +1,5 @@
-"""The shared trace store: growth, merging, the capacity bound, matching, and atomic versioned persistence."""
+"""The shared trace store: growth, merging, the capacity bound, matching, and atomic versioned persistence
+(with the transition statistics, and of version 1 files without them)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save as save_safetensors
 
 from engine.trace.format import read_traces
-from engine.trace.store import FORMAT_NAME, TraceStore
+from engine.trace.predictor import TransitionStatistics
+from engine.trace.store import FORMAT_NAME, FORMAT_VERSION, TraceStore
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -141,3 +144,88 @@ def test_a_larger_saved_store_is_cut_to_the_capacity(tmp_path: Path) -> None:
         store.add(one_hot([[expert]]))
     store.save(path)
     assert len(TraceStore.load(path, 1, 4, capacity=2)) == 2
+
+
+def learned_statistics(max_offset: int = 2) -> TransitionStatistics:
+    """Statistics of 2 layers x 4 experts after a few top-2 decode tokens."""
+    stats = TransitionStatistics(2, 4, max_offset=max_offset, top_k=2)
+    previous = None
+    for token in range(7):
+        current = [[token % 4, (token + 1) % 4], [(token * 3) % 4, (token * 3 + 2) % 4]]
+        stats.observe(current, previous)
+        previous = current
+    return stats
+
+
+def test_transition_statistics_survive_save_and_load_with_the_store(tmp_path: Path) -> None:
+    path = tmp_path / "store.safetensors"
+    store, stats = TraceStore(2, 4), learned_statistics()
+    store.add(one_hot([[0], [1]]))
+    store.save(path, stats)
+    restored = TransitionStatistics(2, 4, max_offset=2, top_k=2)
+    loaded = TraceStore.load(path, 2, 4, transitions=restored)
+    assert len(loaded) == 1 and restored.tokens == stats.tokens == 7
+    for name, tensor in stats.state_tensors().items():
+        assert torch.equal(restored.state_tensors()[name], tensor), name
+    # Integer counts over a prior of 2 (smoothing 4 x top_k 2 / 4 experts): the sums are exact, so are the logs.
+    assert (restored.log_counts, restored.log_frequency) == (stats.log_counts, stats.log_frequency)
+    assert stats.state_tensors()["frequency_counts"].sum() == 7 * 2 * 2, "the prior is not saved as counts"
+    # Loaded under another prior (smoothing), the counts are the file's and the prior is the new object's.
+    other_prior = TransitionStatistics(2, 4, max_offset=2, smoothing=1.0, top_k=2)
+    TraceStore.load(path, 2, 4, transitions=other_prior)
+    assert torch.equal(other_prior.state_tensors()["transition_counts"], stats.state_tensors()["transition_counts"])
+    assert other_prior.log_frequency != restored.log_frequency
+    # A store-only reader ignores the statistics in the file.
+    assert len(TraceStore.load(path, 2, 4)) == 1
+
+
+def test_a_version_1_file_loads_and_the_statistics_start_empty(tmp_path: Path) -> None:
+    path = tmp_path / "store.safetensors"
+    store = TraceStore(2, 4)
+    store.add(one_hot([[0], [1]]))
+    store.add(one_hot([[2], [3]]))
+    path.write_bytes(save_safetensors(  # what version 1 wrote: the matrices alone
+        {"matrices": store._matrices, "merged": store._merged, "last_used": store._last_used},
+        metadata={"format": FORMAT_NAME, "version": "1", "num_layers": "2", "num_experts": "4", "clock": "2"}))
+    stats = TransitionStatistics(2, 4, max_offset=2, top_k=2)
+    loaded = TraceStore.load(path, 2, 4, transitions=stats)
+    assert (len(loaded), loaded.requests_seen) == (2, 2) and path.exists()
+    assert stats.tokens == 0 and not stats.state_tensors()["transition_counts"].any()
+    loaded.save(path, learned_statistics())  # the next save writes the current version, statistics included
+    assert _metadata(path)["version"] == str(FORMAT_VERSION) == "2"
+    assert len(TraceStore.load(path, 2, 4, transitions=stats)) == 2 and stats.tokens == 7
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 3), (3, 4, 2), (2, 8, 2)])
+def test_statistics_of_another_shape_make_the_file_foreign(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, shape: tuple[int, int, int]
+) -> None:
+    path = tmp_path / "store.safetensors"
+    store = TraceStore(2, 4)
+    store.add(one_hot([[0], [1]]))
+    store.save(path, learned_statistics(max_offset=2))
+    layers, experts, max_offset = shape
+    stats = TransitionStatistics(layers, experts, max_offset=max_offset, top_k=2)
+    with caplog.at_level(logging.WARNING, logger="engine.trace.store"):
+        loaded = TraceStore.load(path, layers, experts, transitions=stats)
+    assert len(loaded) == 0 and stats.tokens == 0 and not stats.state_tensors()["frequency_counts"].any()
+    assert not path.exists() and len(list(tmp_path.glob("store.safetensors.corrupt-*"))) == 1
+    assert "unusable" in caplog.text
+
+
+def test_restoring_statistics_of_another_shape_changes_nothing() -> None:
+    stats = learned_statistics(max_offset=2)
+    before = stats.state_tensors()
+    with pytest.raises(ValueError, match="max_offset 2"):
+        stats.restore(learned_statistics(max_offset=1).state_tensors())
+    negative = {**before, "frequency_counts": -before["frequency_counts"] - 1}
+    with pytest.raises(ValueError, match="negative"):
+        stats.restore(negative)
+    after = stats.state_tensors()
+    assert all(torch.equal(after[name], before[name]) for name in before) and stats.tokens == 7
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    payload = path.read_bytes()
+    size = int.from_bytes(payload[:8], "little")
+    return json.loads(payload[8 : 8 + size])["__metadata__"]
