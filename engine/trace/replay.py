@@ -16,6 +16,11 @@ that reproduce the reference hit rates of tests/data/README.md exactly:
   used (`LFUPolicy`). Belady looks ahead over the whole sequence, across request boundaries (`BeladyPolicy`).
 - Loads: every miss, prefill included, loads one expert blob; ``bytes_loaded`` counts them in blobs (with
   `PREDICTIVE_POLICY`, prefetches too). A prefetching replay predicts and prefetches during decode steps only.
+- Warm-up (``warm_up``, ``--warm-up``): requests replayed before the scored ones through the same cache, store,
+  statistics, prefetch queue and clock, counted nowhere — no hits, accesses, loads, prefetches or stall; the
+  figures are those of a server that has already served them. Belady's future spans them too. A prefetch
+  issued during the warm-up and used afterwards counts as a resident (or in-flight) expert, not a prefetch.
+  Without warm-up requests every figure is exactly the cold replay's.
 
 Capacity is ``slots_per_layer`` K (per-layer policies hold K per layer, global ones K * num_layers in all) or
 ``capacity`` N in total (per-layer policies hold N // num_layers per layer; N must be a positive multiple of
@@ -28,7 +33,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -81,11 +86,13 @@ class ClockModel:
 
 
 class _Access(NamedTuple):
-    """One use of one expert: its key, the running step index across requests, whether the step decodes."""
+    """One use of one expert: its key, the running step index across requests, whether the step decodes, and
+    whether it is counted (False: a warm-up request's)."""
 
     key: Key
     step: int
     decode: bool
+    scored: bool = True
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,7 @@ class ReplayResult:
     prefetch_precision: float | None = None
     prefetch_recall: float | None = None
     prefetches: int = 0
+    warm_up_requests: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -149,6 +157,7 @@ class ReplayResult:
             "slots_per_layer": self.slots_per_layer,
             "num_layers": self.num_layers,
             "requests": self.requests,
+            "warm_up_requests": self.warm_up_requests,
             "decode_steps": self.decode_steps,
             "accesses": self.accesses,
             "hits": self.hits,
@@ -165,20 +174,22 @@ def replay(
     capacity: int | None = None,
     clock: ClockModel = ClockModel(),
     settings: PrefetchSettings | None = None,
+    warm_up: Sequence[RequestTrace] = (),
 ) -> ReplayResult:
-    """Replay ``requests`` in order through one cache of policy ``policy`` (one of REPLAY_POLICY_NAMES).
+    """Replay ``requests`` in order through one cache of policy ``policy`` (one of REPLAY_POLICY_NAMES), after
+    the uncounted ``warm_up`` requests (module docstring).
 
     Give at most one of ``slots_per_layer`` and ``capacity`` (neither: DEFAULT_SLOTS_PER_LAYER). ``settings``
     tune `PREDICTIVE_POLICY` (default: `PrefetchSettings.for_read_time` of ``clock``'s read, in layers of
     compute). ValueError for an unknown policy, both or a non-positive capacity, a per-layer policy whose capacity
-    is not a positive multiple of num_layers, requests of different layer/expert counts, or no decode access to
-    measure.
+    is not a positive multiple of num_layers, requests (warm-up ones included) of different layer/expert counts,
+    or no decode access to measure in ``requests``.
     """
-    num_layers = _shared_num_layers(requests)
+    num_layers = _shared_num_layers([*warm_up, *requests])
     total = resolve_capacity(num_layers, slots_per_layer, capacity)
-    accesses = _access_sequence(requests)
+    accesses = _access_sequence(requests, warm_up)
     if policy == PREDICTIVE_POLICY:
-        tally = _PredictiveReplay(requests, total, clock, settings).run(requests)
+        tally = _PredictiveReplay(requests, total, clock, settings).run(requests, warm_up)
         stall, modelled = tally.stall_seconds, tally.modelled_seconds
     else:
         tally = _simulate(policy, _partition_capacity(policy, total, num_layers), accesses, num_layers)
@@ -186,8 +197,8 @@ def replay(
         modelled = stall + _computed_layers(requests) * clock.layer_compute_seconds
     belady = _baseline("belady", policy, tally, total, accesses, num_layers)
     global_belady = _baseline("global-belady", policy, tally, total, accesses, num_layers)
-    logger.info("replayed %d accesses with %s at capacity %d: hit rate %.3f", len(accesses), policy, total,
-                tally.hit_rate)
+    logger.info("replayed %d accesses (%d warm-up requests first) with %s at capacity %d: hit rate %.3f",
+                len(accesses), len(warm_up), policy, total, tally.hit_rate)
     prefetch = tally if isinstance(tally, PrefetchTally) else None
     return ReplayResult(
         policy=policy,
@@ -206,6 +217,7 @@ def replay(
         prefetch_precision=prefetch.prefetch_precision if prefetch else None,
         prefetch_recall=prefetch.prefetch_recall if prefetch else None,
         prefetches=prefetch.prefetches if prefetch else 0,
+        warm_up_requests=len(warm_up),
     )
 
 
@@ -266,13 +278,16 @@ def _baseline(
 
 
 def _simulate(policy: str, partition_capacity: int, accesses: list[_Access], num_layers: int) -> CacheTally:
-    """Drive one fresh cache through ``accesses``; count decode hits/accesses per layer and all loads."""
+    """Drive one fresh cache through ``accesses``; count the scored ones' decode hits/accesses per layer and
+    loads."""
     cache = build_cache(policy, partition_capacity, future=[access.key for access in accesses])
     hits = [0] * num_layers
     counted = [0] * num_layers
     loads = 0
     for access in accesses:
         hit = cache.access(access.key, access.step).hit
+        if not access.scored:
+            continue
         loads += not hit
         if access.decode:
             layer = access.key[0]
@@ -330,7 +345,8 @@ class _ModelledDevice:
 
 class _PredictiveReplay:
     """`PREDICTIVE_POLICY` over a trace: one global `ExpertCache` (LRU under the predictor's priorities), one
-    `PrefetchQueue`, one `Predictor` (its store and statistics span the requests), one modelled device."""
+    `PrefetchQueue`, one `Predictor` (its store and statistics span the requests, warm-up ones included), one
+    modelled device."""
 
     def __init__(self, requests: Sequence[RequestTrace], capacity: int, clock: ClockModel,
                  settings: PrefetchSettings | None = None) -> None:
@@ -352,27 +368,41 @@ class _PredictiveReplay:
                                    transitions=transitions)
         self.device = _ModelledDevice(clock.expert_load_seconds)
         self.now = 0.0
+        self.step_index = 0
+        self._start_counting()
+
+    def run(self, requests: Sequence[RequestTrace], warm_up: Sequence[RequestTrace] = ()) -> PrefetchTally:
+        """Replay ``warm_up`` then ``requests``; the tally counts ``requests`` alone (its times from their
+        start)."""
+        for request in warm_up:
+            self._request(request)
+        self._start_counting()
+        started = self.now
+        for request in requests:
+            self._request(request)
+        return PrefetchTally(hits=tuple(self.hits), accesses=tuple(self.accesses), loads=self.loads,
+                             stall_seconds=self.stall, modelled_seconds=self.now - started, **self.counts)
+
+    def _start_counting(self) -> None:
+        """Zero every count (the cache, queue, predictor and device keep their state)."""
         self.stall = 0.0
-        self.hits = [0] * header.num_layers
-        self.accesses = [0] * header.num_layers
+        self.hits = [0] * self.num_layers
+        self.accesses = [0] * self.num_layers
         self.loads = 0
-        self.prefetched: set[Key] = set()  # resident by a prefetch, not accessed since
+        self.prefetched: set[Key] = set()  # resident by a counted prefetch, not accessed since
         self.counts = {"prefetches": 0, "prefetches_used": 0, "prefetch_served": 0, "demand_misses": 0}
 
-    def run(self, requests: Sequence[RequestTrace]) -> PrefetchTally:
-        step_index = 0
-        for request in requests:
-            state = self.predictor.new_request()
-            for step in request.steps:
-                decode = step.phase == "decode"
-                self.predictor.begin_step(state, decode)
-                for layer, experts in enumerate(step.experts):
-                    self._layer(state, step_index, layer, experts, decode)
-                self.predictor.end_step(state)
-                step_index += 1
-            self.predictor.finish(state)
-        return PrefetchTally(hits=tuple(self.hits), accesses=tuple(self.accesses), loads=self.loads,
-                             stall_seconds=self.stall, modelled_seconds=self.now, **self.counts)
+    def _request(self, request: RequestTrace) -> None:
+        """Replay one request's steps through the predictor, the cache and the clock."""
+        state = self.predictor.new_request()
+        for step in request.steps:
+            decode = step.phase == "decode"
+            self.predictor.begin_step(state, decode)
+            for layer, experts in enumerate(step.experts):
+                self._layer(state, self.step_index, layer, experts, decode)
+            self.predictor.end_step(state)
+            self.step_index += 1
+        self.predictor.finish(state)
 
     def _layer(self, state: RequestState, step: int, layer: int, experts: Sequence[int], decode: bool) -> None:
         """Run one layer: its accesses (stalling on reads), then the plan for what comes next, then its compute."""
@@ -450,14 +480,17 @@ class _PredictiveReplay:
 
 def next_layer_recall(
     requests: Sequence[RequestTrace], sources: Sequence[str], predicted: int | None = None,
-    max_offset: int = DEFAULT_MAX_OFFSET,
+    max_offset: int = DEFAULT_MAX_OFFSET, warm_up: Sequence[RequestTrace] = (),
 ) -> float:
     """Share of decode experts at layers 1..L-1 found among the ``predicted`` (default 2 * top_k) most probable
     experts that `Predictor` with ``sources`` gave after the layer before ran (no source: the per-layer
-    frequency baseline). The requests run in order through one predictor (one store, one set of statistics).
+    frequency baseline). The ``warm_up`` requests, then ``requests``, run in order through one predictor (one
+    store, one set of statistics); only ``requests`` are counted.
 
-    ValueError if the requests hold no decode step.
+    ValueError if ``requests`` hold no decode step, or the requests (warm-up ones included) differ in their
+    layer/expert counts.
     """
+    _shared_num_layers([*warm_up, *requests])
     header = requests[0].header
     top_k = header.top_k or 2
     count = 2 * top_k if predicted is None else predicted
@@ -465,13 +498,13 @@ def next_layer_recall(
                           transitions=TransitionStatistics(header.num_layers, header.num_experts, max_offset,
                                                            top_k=top_k))
     found = total = 0
-    for request in requests:
+    for scored, request in _in_order(warm_up, requests):
         state = predictor.new_request()
         for step in request.steps:
             decode = step.phase == "decode"
             predictor.begin_step(state, decode)
             for layer, experts in enumerate(step.experts):
-                if decode and layer:
+                if scored and decode and layer:
                     row = predictor.predict(state)[layer]
                     best = sorted(range(len(row)), key=lambda expert: (-row[expert], expert))[:count]
                     found += len(set(best) & set(experts))
@@ -484,22 +517,33 @@ def next_layer_recall(
     return found / total
 
 
-def _access_sequence(requests: Sequence[RequestTrace]) -> list[_Access]:
-    """Every expert use of ``requests``, in replay order (module docstring); steps numbered across requests.
+def _access_sequence(requests: Sequence[RequestTrace], warm_up: Sequence[RequestTrace] = ()) -> list[_Access]:
+    """Every expert use of ``warm_up`` (not scored), then of ``requests``, in replay order (module docstring);
+    steps numbered across requests.
 
-    ValueError if none of them is a decode access (there would be no hit rate to measure).
+    ValueError if none of ``requests``' is a decode access (there would be no hit rate to measure).
     """
     accesses = []
     running_step = 0
-    for request in requests:
+    for scored, request in _in_order(warm_up, requests):
         for step in request.steps:
             decode = step.phase == "decode"
             for layer, experts in enumerate(step.experts):
-                accesses.extend(_Access((layer, expert, TRACE_PRECISION), running_step, decode) for expert in experts)
+                accesses.extend(_Access((layer, expert, TRACE_PRECISION), running_step, decode, scored)
+                                for expert in experts)
             running_step += 1
-    if not any(access.decode for access in accesses):
+    if not any(access.decode and access.scored for access in accesses):
         raise ValueError("the traces hold no decode access: there is no hit rate to measure")
     return accesses
+
+
+def _in_order(warm_up: Sequence[RequestTrace],
+              requests: Sequence[RequestTrace]) -> Iterator[tuple[bool, RequestTrace]]:
+    """``(scored, request)``: the warm-up requests (False), then the scored ones (True)."""
+    for request in warm_up:
+        yield False, request
+    for request in requests:
+        yield True, request
 
 
 def _computed_layers(requests: Sequence[RequestTrace]) -> int:
@@ -518,10 +562,13 @@ def _shared_num_layers(requests: Sequence[RequestTrace]) -> int:
 
 
 def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``TRACE... [--policy NAME] [--slots-per-layer K | --capacity N] [--json]`` and the clock's
-    ``[--load-bandwidth B] [--layer-compute-seconds S] [--loads-in-flight N]`` to ``parser``."""
+    """Add ``TRACE... [--warm-up TRACE...] [--policy NAME] [--slots-per-layer K | --capacity N] [--json]`` and the
+    clock's ``[--load-bandwidth B] [--layer-compute-seconds S] [--loads-in-flight N]`` to ``parser``."""
     parser.add_argument("traces", nargs="+", type=Path, metavar="TRACE", help="routing trace files (JSONL), "
                         "replayed in order through one cache")
+    parser.add_argument("--warm-up", nargs="+", type=Path, default=[], metavar="TRACE",
+                        help="trace files replayed first through the same cache, store and statistics, not "
+                        "counted: the figures of a server that has already served them")
     parser.add_argument("--policy", choices=REPLAY_POLICY_NAMES, default=DEFAULT_POLICY,
                         help=f"eviction policy (default {DEFAULT_POLICY}); {PREDICTIVE_POLICY!r} is the engine's: "
                         "predicted priorities and prefetch over a global cache")
@@ -549,7 +596,9 @@ def run_replay_command(args: argparse.Namespace) -> int:
     """
     try:
         requests = [request for path in args.traces for request in read_traces(path)]
-        result = replay(requests, args.policy, args.slots_per_layer, args.capacity, clock_from_arguments(args))
+        warm_up = [request for path in args.warm_up for request in read_traces(path)]
+        result = replay(requests, args.policy, args.slots_per_layer, args.capacity, clock_from_arguments(args),
+                        warm_up=warm_up)
     except (OSError, ValueError) as error:
         sys.stderr.write(f"moeserve replay: error: {error}\n")
         return 2
@@ -571,7 +620,8 @@ def format_table(result: ReplayResult) -> str:
     rows = [
         ("policy", result.policy),
         ("capacity", f"{slots}{result.capacity} in total"),
-        ("requests", f"{result.requests} ({result.decode_steps} decode steps, {result.accesses} decode accesses)"),
+        ("requests", f"{result.requests} ({result.decode_steps} decode steps, {result.accesses} decode accesses)"
+                     + (f" after {result.warm_up_requests} warm-up" if result.warm_up_requests else "")),
         ("hit rate", f"{result.hit_rate:.3f}"),
         ("per-layer Belady", _rate(result.belady_hit_rate)),
         ("global Belady", _rate(result.global_belady_hit_rate)),

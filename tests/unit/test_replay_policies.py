@@ -85,6 +85,45 @@ def test_each_clock_plans_as_far_ahead_as_a_read_takes() -> None:
             != replay(mario, PREDICTIVE_POLICY, 4, clock=CLOCKS["nvme"], settings=settings["disk"]))
 
 
+@pytest.mark.parametrize("policy", ["lru", "global-lru", PREDICTIVE_POLICY])
+@pytest.mark.parametrize("clock", [INSTANT, SLOW], ids=["instant", "slow"])
+def test_warm_up_requests_run_through_the_same_cache_and_count_nowhere(policy: str, clock: ClockModel) -> None:
+    # Nothing looks ahead (no Belady here): the warm run over [a, b] minus the run over [a] alone is b after a.
+    a, b = cycle(60), cycle(12)
+    both, first = replay([a, b], policy, 1, clock=clock), replay([a], policy, 1, clock=clock)
+    warm = replay([b], policy, 1, clock=clock, warm_up=[a])
+    assert (warm.requests, warm.warm_up_requests, warm.decode_steps, warm.accesses) == (1, 1, 12, 48)
+    assert warm.to_json()["warm_up_requests"] == 1 and replay([b], policy, 1, clock=clock).warm_up_requests == 0
+    assert (warm.hits, warm.bytes_loaded) == (both.hits - first.hits, both.bytes_loaded - first.bytes_loaded)
+    assert warm.stall_seconds == pytest.approx(both.stall_seconds - first.stall_seconds)
+    assert warm.modelled_seconds == pytest.approx(both.modelled_seconds - first.modelled_seconds)
+    prefill_only = RequestTrace(b.header, (TraceStep(0, "prefill", ((0,), (1,), (2,), (3,))),))
+    with pytest.raises(ValueError, match="no decode access"):
+        replay([prefill_only], policy, 1, clock=clock, warm_up=[a])
+
+
+def test_a_warm_up_teaches_the_predictor_before_the_scored_requests() -> None:
+    a, b = cycle(60), cycle(12)
+    cold, warm = replay([b], PREDICTIVE_POLICY, 1, clock=INSTANT), replay([b], PREDICTIVE_POLICY, 1, clock=INSTANT,
+                                                                            warm_up=[a])
+    assert (cold.hit_rate, warm.hit_rate) == (0.3125, 0.9375)
+    assert next_layer_recall([b], ("transitions",)) < 0.9 < next_layer_recall([b], ("transitions",), warm_up=[a]) == 1
+    with pytest.raises(ValueError, match="different models"):
+        next_layer_recall([b], ("transitions",), warm_up=[cycle(4, layers=3)])
+
+
+def test_the_cli_warms_up_on_other_traces(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="moeserve replay")
+    add_replay_arguments(parser)
+    assert run_replay_command(parser.parse_args([str(MARIO), "--warm-up", str(MARIO), "--json"])) == 0
+    result = json.loads(capsys.readouterr().out)
+    mario = read_traces(MARIO)
+    assert (result["requests"], result["warm_up_requests"]) == (2, 2)
+    assert result["hit_rate"] == replay(mario, "lru", warm_up=mario).hit_rate != replay(mario, "lru").hit_rate
+    assert run_replay_command(parser.parse_args([str(MARIO), "--warm-up", str(MARIO)])) == 0
+    assert "after 2 warm-up" in capsys.readouterr().out
+
+
 # Next-layer recall at M = 2 * top_k (README "Replay and prediction"): tuned on h39s, mario held out.
 RECALL = {
     "h39s": {"frequency": 0.571, "transitions": 0.811, "store": 0.571},
