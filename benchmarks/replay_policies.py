@@ -1,6 +1,8 @@
 """Cache policies and expert prediction replayed on the real Mixtral-8x7B routing traces of tests/data.
 
-Two measurements, each on both trace files:
+Two measurements, each on both trace files, cold (``recall``, ``policies``: the predictor, store and cache start
+empty) and warm (``recall_warm``, ``policies_warm``: after the other file's requests ran, uncounted, through
+the same predictor, store, cache and clock — `replay`'s ``warm_up``; ``warm_up`` names which file warmed which):
 
 - ``recall``: next-layer recall with M = 2 * top_k experts predicted (engine.trace.replay.next_layer_recall) for
   each prediction source — the per-layer frequency baseline, (c) the transition statistics, (a) the trace store,
@@ -14,7 +16,8 @@ Held out: every setting of the predictor and of the default policy (`PrefetchSet
 constants, `DEFAULT_MISS_STEPS`, `DEFAULT_MAX_OFFSET`, `DEFAULT_SMOOTHING`, the evidence and store weights, the
 store's thresholds) was chosen on mixtral-h39s-prompt1 alone (the cold-start behaviour on its first 160 decode
 steps included); mixtral-mario-2req (two other requests, another checkpoint precision) was evaluated only after
-the settings were fixed, and nothing was changed after seeing it. Each clock's default policy runs with
+the settings were fixed, and nothing was changed after seeing it — nor after its warm figures, which were
+measured with the settings as they were. Each clock's default policy runs with
 `PrefetchSettings.for_read_time` of that clock (recorded under ``settings``). Replay is deterministic: the figures
 are exact and tests/unit/test_replay_policies.py pins them.
 
@@ -39,6 +42,8 @@ DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 RESULTS = Path(__file__).parent / "results" / "replay_policies.json"
 TRACES = {"h39s": DATA / "mixtral-h39s-prompt1.jsonl", "mario": DATA / "mixtral-mario-2req.jsonl"}
 TUNED_ON = "h39s"
+WARM_UP = {"mario": "h39s", "h39s": "mario"}
+"""Each trace scored after the other one's requests: what a server that has served them achieves."""
 SLOTS_PER_LAYER = 4
 DEMAND_POLICIES = ("lru", "lfu", "global-lru", "global-lfu")
 RECALL_SOURCES = {"frequency": (), "transitions": ("transitions",), "store": ("store",),
@@ -50,27 +55,31 @@ CLOCKS = {
 }
 
 
-def recall_figures(name: str) -> dict[str, float]:
-    """Next-layer recall at M = 2 * top_k for each source on trace ``name``, and random's."""
+def recall_figures(name: str, warm_up: str | None = None) -> dict[str, float]:
+    """Next-layer recall at M = 2 * top_k for each source on trace ``name`` (after trace ``warm_up``'s requests,
+    uncounted, if given), and random's."""
     requests = read_traces(TRACES[name])
+    warm = read_traces(TRACES[warm_up]) if warm_up else []
     header = requests[0].header
-    figures = {source: next_layer_recall(requests, sources) for source, sources in RECALL_SOURCES.items()}
+    figures = {source: next_layer_recall(requests, sources, warm_up=warm) for source, sources in RECALL_SOURCES.items()}
     figures["random"] = 2 * (header.top_k or 2) / header.num_experts
-    logger.info("%s recall: %s", name, {source: round(value, 3) for source, value in figures.items()})
+    logger.info("%s recall%s: %s", name, f" after {warm_up}" if warm_up else "",
+                {source: round(value, 3) for source, value in figures.items()})
     return figures
 
 
-def policy_figures(name: str) -> dict[str, dict[str, dict]]:
-    """{clock: {policy: replay JSON}} on trace ``name`` (demand policies' hit rates do not depend on the clock,
-    their stall does)."""
+def policy_figures(name: str, warm_up: str | None = None) -> dict[str, dict[str, dict]]:
+    """{clock: {policy: replay JSON}} on trace ``name`` (after trace ``warm_up``'s requests, uncounted, if
+    given; demand policies' hit rates do not depend on the clock, their stall does)."""
     requests = read_traces(TRACES[name])
+    warm = read_traces(TRACES[warm_up]) if warm_up else []
     figures = {}
     for clock_name, clock in CLOCKS.items():
-        figures[clock_name] = {policy: replay(requests, policy, SLOTS_PER_LAYER, clock=clock).to_json()
+        figures[clock_name] = {policy: replay(requests, policy, SLOTS_PER_LAYER, clock=clock, warm_up=warm).to_json()
                                for policy in (*DEMAND_POLICIES, PREDICTIVE_POLICY)}
         result, lru = figures[clock_name][PREDICTIVE_POLICY], figures[clock_name]["lru"]
-        logger.info("%s @%s: %s hit rate %.3f (%.3f of global Belady), %d blobs, stall %.0f s (LRU %d, %.0f s)",
-                    name, clock_name, PREDICTIVE_POLICY, result["hit_rate"],
+        logger.info("%s%s @%s: %s hit rate %.3f (%.3f of global Belady), %d blobs, stall %.0f s (LRU %d, %.0f s)",
+                    name, f" after {warm_up}" if warm_up else "", clock_name, PREDICTIVE_POLICY, result["hit_rate"],
                     result["hit_rate"] / result["global_belady_hit_rate"], result["bytes_loaded"],
                     result["stall_seconds"], lru["bytes_loaded"], lru["stall_seconds"])
     return figures
@@ -91,6 +100,9 @@ def main() -> None:
         "clocks": {name: dataclasses.asdict(clock) for name, clock in CLOCKS.items()},
         "recall": {name: recall_figures(name) for name in TRACES},
         "policies": {name: policy_figures(name) for name in TRACES},
+        "warm_up": WARM_UP,
+        "recall_warm": {name: recall_figures(name, WARM_UP[name]) for name in TRACES},
+        "policies_warm": {name: policy_figures(name, WARM_UP[name]) for name in TRACES},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
