@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from engine.attention import ATTENTION_NAME, BatchLayout, PagedKVStore
+from engine.dense import RowStreamConfig, row_stream_available
 from engine.kv_cache import DEFAULT_BLOCK_SIZE
 from engine.offload.experts import (
     ExpertsForward,
@@ -36,12 +37,16 @@ logger = logging.getLogger(__name__)
 
 
 def load_model(model_dir: str | Path, dtype: str = "auto", device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The checkpoint's transformers model in eval mode, on ``device``, with paged attention selected."""
+    """The checkpoint's transformers model in eval mode, on ``device``, with paged attention selected; on the CPU its
+    linear layers are engine.dense's RowStreamLinear (unless the checkpoint is quantized: its own layers stay)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
     torch_dtype = "auto" if dtype == "auto" else TORCH_DTYPES[dtype]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation=ATTENTION_NAME)
+    quantized = getattr(AutoConfig.from_pretrained(model_dir), "quantization_config", None) is not None
+    row_stream = torch.device(device).type == "cpu" and not quantized and row_stream_available()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation=ATTENTION_NAME,
+                                                 quantization_config=RowStreamConfig() if row_stream else None)
     return model.to(device).eval()
 
 

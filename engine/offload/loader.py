@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
+from engine.dense import replace_linears, row_stream_available
 from engine.offload.experts import is_experts_module
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ def load_offloaded_model(
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or config.dtype,
                                                  attn_implementation=attn_implementation)
+    if torch.device(device).type == "cpu" and row_stream_available():
+        replace_linears(model)  # what load_model's RowStreamConfig does inside from_pretrained (engine.dense)
     experts_prefixes = tuple(f"{name}." for name, module in model.named_modules() if is_experts_module(module))
     for name, module in model.named_modules():
         if not f"{name}.".startswith(experts_prefixes):

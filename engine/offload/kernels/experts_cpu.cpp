@@ -1,5 +1,6 @@
-// moeserve's CPU experts kernel: one op, `torch.ops.moeserve.experts_group`, that runs a group of routed experts
-// of one MoE layer and adds their routing-weighted outputs into an fp32 accumulator.
+// moeserve's CPU experts kernel: `torch.ops.moeserve.experts_group`, which runs a group of routed experts of one MoE
+// layer and adds their routing-weighted outputs into an fp32 accumulator, and `torch.ops.moeserve.dense`, one dense
+// projection on the same row paths (torch's bf16 one-row products run far below RAM speed on these machines).
 //
 // Why it exists: decode is memory-bound, and torch's per-expert matmuls over few tokens stream the weights far
 // below RAM speed on AVX2 machines (and bf16 ones worse). Here each weight row is read once for all of an
@@ -570,6 +571,45 @@ void experts_group(const Tensor& hidden, const Tensor& token_ids, const Tensor& 
   }
 }
 
+// out [T, N] fp32 = x [T, K] @ w [N, K]^T (+ bias [N]): a dense projection (attention, router, LM head) on the
+// experts' row paths, split over torch's threads in chunks of output rows. x fp32, bf16 or fp16; w and bias fp32,
+// bf16 or fp16, of one dtype. engine.dense runs the model's one-row products through it.
+void dense(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, const Tensor& out) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be [T, K] contiguous");
+  TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1 && w.size(1) == x.size(1), "w must be [N, ", x.size(1),
+              "] with unit inner stride");
+  const int64_t T = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == T &&
+                  out.size(1) == N, "out must be fp32 [", T, ", ", N, "] contiguous");
+  TORCH_CHECK(!bias.has_value() || (bias->numel() == N && bias->is_contiguous() &&
+                                    bias->scalar_type() == w.scalar_type()), "bias must be [N] of w's dtype");
+  static thread_local std::vector<float> x_buf;
+  static thread_local std::vector<int64_t> row_buf;
+  float* xf = scratch(x_buf, T * K);
+  int64_t* rows = scratch(row_buf, T);
+  for (int64_t t = 0; t < T; ++t) rows[t] = t;
+  gather_tokens(x, rows, T, xf);
+  float* y = out.data_ptr<float>();
+  const int64_t ldw = w.stride(0);
+  auto run = [&](const auto* weights) {
+    using W = std::remove_cv_t<std::remove_pointer_t<decltype(weights)>>;
+    const W* b = bias.has_value() ? bias->const_data_ptr<W>() : nullptr;
+    for_each_chunk((N + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
+      const int64_t c0 = c * kRowsPerChunk, c1 = std::min(N, c0 + kRowsPerChunk);
+      project_any(xf, T, K, weights, ldw, false, c0, c1, y, N);
+      if (b != nullptr)
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t n = c0; n < c1; ++n) y[t * N + n] += static_cast<float>(b[n]);
+    });
+  };
+  switch (w.scalar_type()) {
+    case at::kFloat: return run(w.const_data_ptr<float>());
+    case at::kBFloat16: return run(w.const_data_ptr<c10::BFloat16>());
+    case at::kHalf: return run(w.const_data_ptr<c10::Half>());
+    default: TORCH_CHECK(false, "w must be fp32, bf16 or fp16");
+  }
+}
+
 // The instruction set the kernel's decode paths use: 0 AVX2 (every CPU the kernel loads on), 1 AVX-512 (the default
 // where the CPU has it). ``choice`` >= 0 selects one; returns the one in use.
 int64_t experts_isa(int64_t choice) {
@@ -584,6 +624,7 @@ int64_t experts_isa(int64_t choice) {
 
 TORCH_LIBRARY(moeserve, m) {
   m.def("experts_isa(int choice) -> int", &experts_isa);
+  m.def("dense(Tensor x, Tensor w, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("experts_best_isa() -> int", [] { return static_cast<int64_t>(best_isa()); });
   m.def(
       "experts_group(Tensor hidden, Tensor token_ids, Tensor route_weights, int[] starts, int[] counts, "
@@ -591,4 +632,7 @@ TORCH_LIBRARY(moeserve, m) {
       "int gate_kind, float alpha, float limit, Tensor(a!) out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(moeserve, CPU, m) { m.impl("experts_group", &experts_group); }
+TORCH_LIBRARY_IMPL(moeserve, CPU, m) {
+  m.impl("experts_group", &experts_group);
+  m.impl("dense", &dense);
+}

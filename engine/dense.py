@@ -1,0 +1,106 @@
+"""Dense projections at RAM speed on the CPU: ``nn.Linear`` layers whose few-row products run on the experts kernel.
+
+Decode multiplies one row per request by every attention, router and LM-head weight. torch's bf16 path for that
+(oneDNN) streams those weights at 8-13 GB/s on the machines we measured, a third of RAM speed, and spends ~25 us
+on the smallest (the routers); the compiled kernel's row paths (``torch.ops.moeserve.dense``, engine.offload.kernels)
+stream them at ~20 GB/s. ``RowStreamLinear`` is an ``nn.Linear`` that sends products of at most ``MAX_ROWS`` rows
+on the CPU to the kernel and everything else (prefill, other devices, dtypes the kernel lacks) to ``nn.Linear``;
+parameters, names and state dict are ``nn.Linear``'s, so checkpoints load unchanged.
+
+The layers are swapped in through transformers' own extension point for replacing linear layers at load time, the
+quantizer registry (``register_quantizer`` / ``register_quantization_config``): ``RowStreamConfig`` passed to
+``from_pretrained`` makes ``RowStreamQuantizer`` replace every ``nn.Linear`` of the model before its weights load.
+The weights themselves are not quantized: the arithmetic is the kernel's (weights widened to fp32, fp32
+accumulation), accurate to fp32 like the experts forward. The offload loader, which assembles its model itself,
+calls ``replace_linears`` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.quantizers.auto import register_quantization_config, register_quantizer
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from engine.offload.kernels import load_experts_kernel
+
+logger = logging.getLogger(__name__)
+
+METHOD = "moeserve_row_stream"
+MAX_ROWS = 8
+"""Rows up to which the kernel runs a product (benchmarks/experts_kernel.py: torch's GEMM wins from ~16)."""
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class RowStreamLinear(nn.Linear):
+    """``nn.Linear`` whose products of at most MAX_ROWS rows on the CPU run on ``torch.ops.moeserve.dense``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows > MAX_ROWS or not _kernel_serves(x, self.weight):
+            return F.linear(x, self.weight, self.bias)
+        out = torch.empty(rows, self.out_features)  # [rows, N] fp32
+        torch.ops.moeserve.dense(x.reshape(rows, self.in_features).contiguous(), self.weight, self.bias, out)
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+def _kernel_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the compiled kernel is loaded and takes this input and weight (CPU, its dtypes, unit inner stride)."""
+    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype in KERNEL_DTYPES
+            and weight.dtype in KERNEL_DTYPES and weight.stride(-1) == 1 and not torch.is_grad_enabled()
+            and load_experts_kernel() is not None)
+
+
+def replace_linears(model: nn.Module) -> int:
+    """Swap every ``nn.Linear`` of ``model`` (exactly that class) for a ``RowStreamLinear`` holding the very same
+    parameters; return how many. Works on a model on the meta device (before its weights load) as on a loaded one."""
+    replaced = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            with torch.device("meta"):
+                swapped = RowStreamLinear(child.in_features, child.out_features, bias=child.bias is not None)
+            swapped.weight = child.weight
+            swapped.bias = child.bias
+            setattr(module, name, swapped)
+            replaced += 1
+    return replaced
+
+
+def row_stream_available() -> bool:
+    """True when the kernel that RowStreamLinear needs is built and loads on this CPU."""
+    return load_experts_kernel() is not None
+
+
+@register_quantization_config(METHOD)
+class RowStreamConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` that asks ``from_pretrained`` for RowStreamLinear layers (weights unchanged)."""
+
+    def __init__(self, **kwargs) -> None:
+        self.quant_method = METHOD
+
+
+@register_quantizer(METHOD)
+class RowStreamQuantizer(HfQuantizer):
+    """Replaces the model's ``nn.Linear`` layers with ``RowStreamLinear`` before the weights load; quantizes nothing."""
+
+    requires_calibration = False
+
+    def validate_environment(self, *args, **kwargs) -> None:
+        if not row_stream_available():
+            raise RuntimeError("RowStreamLinear needs the compiled experts kernel (python -m engine.offload.kernels.build)")
+
+    def _process_model_before_weight_loading(self, model, **kwargs) -> None:
+        logger.debug("row-stream linears: %d layers", replace_linears(model))
+
+    def is_serializable(self) -> bool:
+        return False
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
