@@ -1,5 +1,6 @@
-"""Shared fixtures: an environment without the user's MOESERVE_* variables, demo checkpoints built once; the
-`cuda` marker (tests that need a GPU)."""
+"""Shared fixtures: an environment without the user's MOESERVE_* variables, demo checkpoints built once, the
+compiled experts kernel built once and run on each instruction set the CPU has; the `cuda` marker (tests that
+need a GPU)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import ENV_PREFIX
+from engine.offload import kernels
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -42,3 +44,28 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         return built[arch, seed]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def experts_kernel():
+    """``torch.ops.moeserve.experts_group``, built once per session (skipped only without a C++ compiler)."""
+    from engine.offload.kernels import build
+
+    try:
+        build.build()
+    except build.CompilerMissing as error:
+        pytest.skip(f"{error}: the kernel cannot be built here (the pure-torch path still runs)")
+    kernels.load_experts_kernel.cache_clear()
+    op = kernels.load_experts_kernel()
+    assert op is not None, "kernel built but not loadable"
+    return op
+
+
+@pytest.fixture(params=kernels.ISAS)
+def kernel_isa(request: pytest.FixtureRequest, experts_kernel) -> str:
+    """The kernel with its decode paths on each instruction set in turn (those this CPU lacks are skipped)."""
+    if kernels.ISAS.index(request.param) > kernels.ISAS.index(kernels.best_isa()):
+        pytest.skip(f"this CPU lacks {request.param} (best: {kernels.best_isa()})")
+    previous = kernels.select_isa(request.param)
+    yield request.param
+    kernels.select_isa(previous)

@@ -16,7 +16,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from engine.models.demo import ARCH_CONFIGS, ARCHITECTURES
-from engine.offload import kernels
 from engine.offload.experts import (
     ExpertsForward,
     Path,
@@ -26,24 +25,12 @@ from engine.offload.experts import (
     register_experts_forward,
     tag_experts_layers,
 )
-from engine.offload.kernels import build
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("experts_kernel")]  # built once: tests/conftest.py
 
 VOCAB = 512
 REL_TOL = 1e-5
 BF16_ROUNDING = 2.0**-8  # one bf16 ulp, relative: twice the final rounding's worst case
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernel_built() -> None:
-    """Build the kernel once (skip only without a compiler) and drop any cached loader result."""
-    try:
-        build.build()
-    except build.CompilerMissing as error:
-        pytest.skip(f"{error}: kernel-path tests need it")
-    kernels.load_experts_kernel.cache_clear()
-    assert kernels.load_experts_kernel() is not None
 
 
 def tiny_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:

@@ -13,36 +13,14 @@ from torch import nn
 
 from engine.dense import MAX_ROWS, RowStreamLinear, replace_linears
 from engine.model_runner import load_model
-from engine.offload import kernels
-from engine.offload.kernels import build
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REL_TOL = 1e-5  # weights widened to fp32, fp32 accumulation: fp32 accuracy on the rounded weights
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    try:
-        build.build()
-    except build.CompilerMissing as error:
-        pytest.skip(f"{error}: without the kernel RowStreamLinear is nn.Linear")
-    kernels.load_experts_kernel.cache_clear()
-    assert kernels.load_experts_kernel() is not None
-
-
-@pytest.fixture(params=kernels.ISAS)
-def isa(request, kernel):
-    """Each instruction set the CPU has, in turn."""
-    if kernels.ISAS.index(request.param) > kernels.ISAS.index(kernels.best_isa()):
-        pytest.skip(f"this CPU lacks {request.param}")
-    previous = kernels.select_isa(request.param)
-    yield request.param
-    kernels.select_isa(previous)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_the_op_matches_fp64_for_1_to_max_rows(isa, dtype: torch.dtype, bias: bool) -> None:
+def test_the_op_matches_fp64_for_1_to_max_rows(kernel_isa, dtype: torch.dtype, bias: bool) -> None:
     torch.manual_seed(0)
     in_features, out_features = 139, 83  # odd on purpose: the row paths' tails
     weight = (torch.randn(out_features, in_features) * in_features**-0.5).to(dtype)
@@ -56,7 +34,7 @@ def test_the_op_matches_fp64_for_1_to_max_rows(isa, dtype: torch.dtype, bias: bo
 
 
 @torch.inference_mode()
-def test_row_stream_linear_equals_linear_and_hands_larger_products_to_torch(kernel) -> None:
+def test_row_stream_linear_equals_linear_and_hands_larger_products_to_torch(experts_kernel) -> None:
     torch.manual_seed(1)
     layer = nn.Linear(64, 48)
     swapped = RowStreamLinear(64, 48)
@@ -77,7 +55,7 @@ def test_replace_linears_keeps_the_parameters_and_their_names() -> None:
     assert replace_linears(model) == 0  # only exact nn.Linear layers are swapped
 
 
-def test_the_resident_loader_swaps_every_linear_layer(kernel, demo_model: Callable[..., Path]) -> None:
+def test_the_resident_loader_swaps_every_linear_layer(experts_kernel, demo_model: Callable[..., Path]) -> None:
     model = load_model(demo_model("qwen2_moe"))
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert linears and all(type(m) is RowStreamLinear for m in linears)

@@ -14,7 +14,6 @@ import torch
 
 from engine.offload import kernels
 from engine.offload.experts import Path, PathTable, RoutingPlan, plan_routing
-from engine.offload.kernels import build
 
 SILU, OSS = 0, 1
 ALPHA, LIMIT = 1.702, 7.0
@@ -26,27 +25,10 @@ HIDDEN, INTERMEDIATE = 37, 45
 REL_TOL = 1e-5
 
 
-@pytest.fixture(scope="session")
-def kernel_op():
-    """``torch.ops.moeserve.experts_group``, built once per session (skipped only without a C++ compiler)."""
-    try:
-        build.build()
-    except build.CompilerMissing as error:
-        pytest.skip(f"{error}: the kernel cannot be built here (the pure-torch path still runs)")
-    kernels.load_experts_kernel.cache_clear()
-    op = kernels.load_experts_kernel()
-    assert op is not None, "kernel built but not loadable"
-    return op
-
-
-@pytest.fixture(params=kernels.ISAS)
-def experts_group(request, kernel_op):
-    """The kernel with its decode paths on each instruction set in turn (those this CPU lacks are skipped)."""
-    if kernels.ISAS.index(request.param) > kernels.ISAS.index(kernels.best_isa()):
-        pytest.skip(f"this CPU lacks {request.param} (best: {kernels.best_isa()})")
-    previous = kernels.select_isa(request.param)
-    yield kernel_op
-    kernels.select_isa(previous)
+@pytest.fixture
+def experts_group(experts_kernel, kernel_isa):
+    """The kernel, its decode paths on each instruction set the CPU has in turn (tests/conftest.py)."""
+    return experts_kernel
 
 
 def make_expert(dtype: torch.dtype, transposed: bool, bias: bool, hidden: int = HIDDEN, inter: int = INTERMEDIATE):
@@ -179,7 +161,7 @@ def test_kernel_rejects_token_ids_out_of_range(experts_group) -> None:
                   False, SILU)
 
 
-def test_the_default_instruction_set_is_the_best_and_unknown_ones_are_refused(kernel_op) -> None:
+def test_the_default_instruction_set_is_the_best_and_unknown_ones_are_refused(experts_kernel) -> None:
     assert torch.ops.moeserve.experts_isa(-1) == kernels.ISAS.index(kernels.best_isa())
     with pytest.raises(ValueError, match="unknown instruction set 'sse2'"):
         kernels.select_isa("sse2")
