@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from engine import SamplingParams
 from engine.config import load_config
 from engine.engine import LLMEngine
+from engine.offload.layout import BlobEntry, StoreError
 
 PROMPTS = [
     "def fib(n):",
@@ -44,3 +46,25 @@ def top_k_of(model_dir: Path) -> int:
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(model_dir).get_text_config().num_experts_per_tok
+
+
+def flip_a_byte(entry: BlobEntry) -> None:
+    """Corrupt ``entry``'s blob on disk: its byte 100 inverted."""
+    with open(entry.file, "r+b") as handle:
+        handle.seek(entry.offset + 100)
+        byte = handle.read(1)
+        handle.seek(entry.offset + 100)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+def checksum_error(engine: LLMEngine, layer: int, good: int, bad: int) -> str:
+    """Hold expert ``good`` of ``layer`` (it loads), then ``good`` and ``bad`` together: the text of the
+    StoreError that ``bad``'s failed checksum must raise."""
+    offload = engine.offload
+    experts = next(m for m in engine.runner.model.modules() if getattr(m, "moeserve_layer", None) == layer)
+    with offload.hold(experts, layer, [good]):
+        pass
+    with pytest.raises(StoreError) as error:
+        with offload.hold(experts, layer, [good, bad]):
+            pass
+    return str(error.value)

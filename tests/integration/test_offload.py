@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 
 from engine.models.demo import ARCHITECTURES
-from engine.offload.layout import ExpertStore, StoreError, ensure_store
+from engine.offload.layout import ExpertStore, ensure_store
 from engine.offload.offloaded import BudgetTooSmall, expert_tensors_on_meta, minimum_budget
 from engine.trace.batch import ADAPT_EVERY
 from engine.trace.planner import PrefetchSettings
-from offload_runs import GREEDY, PROMPTS, engine_for, generate  # pytest puts tests/integration on sys.path
+from offload_runs import (  # pytest puts tests/integration on sys.path
+    GREEDY, PROMPTS, checksum_error, engine_for, flip_a_byte, generate,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -102,20 +104,10 @@ def test_a_flipped_byte_names_file_layer_and_expert(demo_model: Callable[..., Pa
     store = ensure_store(model_dir, tmp_path)
     layer = store.moe_layers[-1]
     victim = store.blob(layer, 3)
-    with open(victim.file, "r+b") as handle:
-        handle.seek(victim.offset + 100)
-        byte = handle.read(1)
-        handle.seek(victim.offset + 100)
-        handle.write(bytes([byte[0] ^ 0xFF]))
+    flip_a_byte(victim)
     engine = engine_for(model_dir, expert_cache_bytes=4 * store.max_blob_bytes, offload_dir=str(tmp_path))
+    message = checksum_error(engine, layer, good=2, bad=3)
     offload = engine.offload
-    experts = next(m for m in engine.runner.model.modules() if getattr(m, "moeserve_layer", None) == layer)
-    with offload.hold(experts, layer, [2]):
-        pass
-    with pytest.raises(StoreError) as error:
-        with offload.hold(experts, layer, [2, 3]):
-            pass
-    message = str(error.value)
     assert victim.file.name in message and f"layer {layer}" in message and "expert 3" in message
     assert (layer, 3, "native") not in offload.cache, "a blob that failed its checksum is not cached"
     assert (layer, 2, "native") in offload.cache and not offload.cache.policy._pins

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from engine.engine import LLMEngine
-from engine.offload.layout import ExpertStore, StoreError, ensure_store
+from engine.offload.layout import ExpertStore, ensure_store
 from engine.offload.offloaded import (
     MAX_PREFETCH_IN_FLIGHT,
     BudgetTooSmall,
@@ -28,7 +28,9 @@ from engine.offload.offloaded import (
     minimum_budget,
 )
 from server.metrics import ServerMetrics
-from offload_runs import GREEDY, PROMPTS, engine_for, generate, top_k_of  # pytest puts tests/integration on sys.path
+from offload_runs import (  # pytest puts tests/integration on sys.path
+    GREEDY, PROMPTS, checksum_error, engine_for, flip_a_byte, generate, top_k_of,
+)
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
@@ -148,21 +150,11 @@ def test_a_flipped_byte_names_file_layer_and_expert_through_the_host_tier(
     store = ensure_store(model_dir, tmp_path)
     layer = store.moe_layers[-1]
     victim = store.blob(layer, 3)
-    with open(victim.file, "r+b") as handle:
-        handle.seek(victim.offset + 100)
-        byte = handle.read(1)
-        handle.seek(victim.offset + 100)
-        handle.write(bytes([byte[0] ^ 0xFF]))
+    flip_a_byte(victim)
     engine = engine_for(model_dir, CPU, expert_cache_bytes=4 * store.max_blob_bytes,
                         host_cache_bytes=4 * store.max_blob_bytes, offload_dir=str(tmp_path))
+    message = checksum_error(engine, layer, good=2, bad=3)
     offload = engine.offload
-    experts = next(m for m in engine.runner.model.modules() if getattr(m, "moeserve_layer", None) == layer)
-    with offload.hold(experts, layer, [2]):
-        pass
-    with pytest.raises(StoreError) as error:
-        with offload.hold(experts, layer, [2, 3]):
-            pass
-    message = str(error.value)
     assert victim.file.name in message and f"layer {layer}" in message and "expert 3" in message
     bad, good = (layer, 3, "native"), (layer, 2, "native")
     assert bad not in offload.cache and bad not in offload.host.cache, "a blob that failed its checksum is in no tier"
