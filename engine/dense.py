@@ -26,14 +26,13 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from engine.offload.kernels import load_experts_kernel
+from engine.offload.kernels import KERNEL_DTYPES, load_experts_kernel
 
 logger = logging.getLogger(__name__)
 
 METHOD = "moeserve_row_stream"
 MAX_ROWS = 8
 """Rows up to which the kernel runs a product (benchmarks/experts_kernel.py: torch's GEMM wins from ~16)."""
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class RowStreamLinear(nn.Linear):
@@ -52,7 +51,7 @@ def _kernel_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the compiled kernel is loaded and takes this input and weight (CPU, its dtypes, unit inner stride)."""
     return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype in KERNEL_DTYPES
             and weight.dtype in KERNEL_DTYPES and weight.stride(-1) == 1 and not torch.is_grad_enabled()
-            and load_experts_kernel() is not None)
+            and row_stream_available())
 
 
 def replace_linears(model: nn.Module) -> int:

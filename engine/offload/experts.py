@@ -39,13 +39,12 @@ from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_gate
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
-from engine.offload.kernels import load_experts_kernel
+from engine.offload.kernels import KERNEL_DTYPES, load_experts_kernel
 
 logger = logging.getLogger(__name__)
 
 EXPERTS_IMPLEMENTATION = "moeserve"
 LAYER_ATTRIBUTE = "moeserve_layer"
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class GateKind(enum.IntEnum):

@@ -5,8 +5,9 @@ The kernel (``experts_cpu.cpp``, one torch op ``torch.ops.moeserve.experts_group
 library is missing, stale (source, flags or torch changed since the build) or the CPU lacks AVX2+FMA,
 ``load_experts_kernel()`` logs one line and returns ``None``, and callers use their pure-torch path.
 
-The kernel's decode paths (1-4 tokens on bf16 weight rows) come in two instruction sets, chosen at load time by
-what the CPU has: ``avx512`` (AVX-512 F, BW and VL) where present, else ``avx2``. ``select_isa`` switches
+The kernel's paths for bf16 weight rows (at up to 64 tokens: decode, and the few-row products of engine.dense)
+come in two instruction sets, chosen at load time by what the CPU has: ``avx512`` (AVX-512 F, BW and VL) where
+present, else ``avx2``. ``select_isa`` switches
 between them (tests check both; benchmarks compare them in one run).
 """
 
@@ -44,6 +45,8 @@ def _cpu_supported() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""The dtypes of inputs and weights the kernel's ops take."""
 ISAS = ("avx2", "avx512")
 """The kernel's instruction sets, in the order of its ``experts_isa`` codes (each includes the ones before)."""
 

@@ -233,7 +233,7 @@ MOESERVE_AVX512_TARGET inline __m512 widen16(const uint16_t* w, __mmask16 mask) 
 template <int R, int TB, bool PF>
 MOESERVE_AVX512_TARGET inline void wide_dot_block(const float* x, int64_t K, const uint16_t* w, int64_t ldw, float* y,
                                                   int64_t ldy) {
-  constexpr int U = TB == 1 ? 2 : 1;  // 16-weight vectors per row and step: R * TB * U >= 4 accumulators
+  constexpr int U = TB == 1 ? 2 : 1;  // 16-weight vectors per row and step: 2 * TB * U >= 4 accumulators at R = 2
   constexpr int kStepBytes = 16 * U * 2;
   __m512 acc[TB][R][U];
   for (int t = 0; t < TB; ++t)
