@@ -1,9 +1,8 @@
 """Dense projections at RAM speed on the CPU: ``nn.Linear`` layers whose few-row products run on the experts kernel.
 
 Decode multiplies one row per request by every attention, router and LM-head weight. torch's bf16 path for that
-(oneDNN) streams those weights at 8-13 GB/s on the machines we measured, a third of RAM speed, and spends ~25 us
-on the smallest (the routers); the compiled kernel's row paths (``torch.ops.moeserve.dense``, engine.offload.kernels)
-stream them at ~20 GB/s. ``RowStreamLinear`` is an ``nn.Linear`` that sends products of at most ``MAX_ROWS`` rows
+(oneDNN) streams those weights well below RAM speed on the machines we measured; the compiled kernel's row paths
+(``torch.ops.moeserve.dense``, engine.offload.kernels) run them 1.2-2.1 x faster (benchmarks/dense_linear.py). ``RowStreamLinear`` is an ``nn.Linear`` that sends products of at most ``MAX_ROWS`` rows
 on the CPU to the kernel and everything else (prefill, other devices, dtypes the kernel lacks) to ``nn.Linear``;
 parameters, names and state dict are ``nn.Linear``'s, so checkpoints load unchanged.
 

@@ -189,11 +189,10 @@ void project(const float* x, int64_t n, int64_t K, const W* w, int64_t ldw, bool
 
 // ---- AVX-512 (where the CPU has it): the path for bf16 weight rows ----
 // At 1-4 tokens a projection is a stream over its weights, and what limits it on a core is how many lines are in
-// flight. Measured on a 2-core Sapphire Rapids VM (benchmarks/experts_kernel.py): the AVX2 path streams bf16 rows at
-// ~9 GB/s per core against ~14 for fp32 weights through MKL; 16-wide widening FMAs over two rows at a time, with
-// every line asked into L2 kAvx512PrefetchBytes ahead (prefetcht1: further than the L2 streamer runs by itself;
-// into L1 it evicts lines still in use), stream ~12 GB/s per core (0.85 of STREAM triad on both cores at one
-// token, 0.67 for AVX2). More tokens pass over a pair of rows in blocks of 8, the first block streaming the rows
+// flight. Measured on a 2-core Sapphire Rapids VM (benchmarks/experts_kernel.py, one token): the AVX2 path streams
+// bf16 rows at 0.62 of STREAM triad against 0.84 for fp32 weights; 16-wide widening FMAs over two rows at a time,
+// with every line asked into L2 kAvx512PrefetchBytes ahead (prefetcht1: further than the L2 streamer runs by
+// itself; into L1 it evicts lines still in use), stream bf16 rows at 0.80-0.84 of triad. More tokens pass over a pair of rows in blocks of 8, the first block streaming the rows
 // and the others finding them in L1. Same arithmetic as the AVX2 path: weights widened to fp32, fp32 inputs, fp32
 // FMA accumulation.
 #define MOESERVE_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
