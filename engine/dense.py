@@ -17,6 +17,7 @@ calls ``replace_linears`` directly.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -37,20 +38,30 @@ MAX_ROWS = 8
 class RowStreamLinear(nn.Linear):
     """``nn.Linear`` whose products of at most MAX_ROWS rows on the CPU run on ``torch.ops.moeserve.dense``."""
 
+    _served: weakref.ref | None = None  # the weight last found servable (a weak reference: never keeps it alive)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows > MAX_ROWS or not _kernel_serves(x, self.weight):
+        if rows > MAX_ROWS or not self._kernel_serves(x):
             return F.linear(x, self.weight, self.bias)
-        out = torch.empty(rows, self.out_features)  # [rows, N] fp32
-        torch.ops.moeserve.dense(x.reshape(rows, self.in_features).contiguous(), self.weight, self.bias, out)
-        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        out = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype)  # rounded by the op from fp32
+        # The overload itself (.default): the packet's per-call overload resolution is Python.
+        torch.ops.moeserve.dense.default(x.reshape(rows, self.in_features).contiguous(), self.weight, self.bias,
+                                         out.view(rows, -1))
+        return out
 
-
-def _kernel_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the compiled kernel is loaded and takes this input and weight (CPU, its dtypes, unit inner stride)."""
-    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype in KERNEL_DTYPES
-            and weight.dtype in KERNEL_DTYPES and weight.stride(-1) == 1 and not torch.is_grad_enabled()
-            and row_stream_available())
+    def _kernel_serves(self, x: torch.Tensor) -> bool:
+        """Whether the kernel takes this input with this layer's weight: the weight's side (CPU, a kernel dtype,
+        unit inner stride, kernel built) is checked once per weight tensor, the input's on every call."""
+        if not (x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and not torch.is_grad_enabled()):
+            return False
+        weight = self.weight
+        if self._served is None or self._served() is not weight:
+            if not (weight.device.type == "cpu" and weight.dtype in KERNEL_DTYPES and weight.stride(-1) == 1
+                    and row_stream_available()):
+                return False
+            self._served = weakref.ref(weight)
+        return True
 
 
 def replace_linears(model: nn.Module) -> int:

@@ -33,6 +33,21 @@ def test_the_op_matches_fp64_for_1_to_max_rows(kernel_isa, dtype: torch.dtype, b
         assert ((out.double() - expected).abs().max() / expected.abs().max()).item() < REL_TOL, rows
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_the_op_rounds_into_an_output_of_the_inputs_dtype(kernel_isa, dtype: torch.dtype) -> None:
+    torch.manual_seed(2)
+    weight = (torch.randn(83, 139) * 139**-0.5).to(dtype)
+    b = torch.randn(83).to(dtype)
+    for rows in (1, MAX_ROWS):
+        x = torch.randn(rows, 139).to(dtype)
+        wide, narrow = torch.empty(rows, 83), torch.empty(rows, 83, dtype=dtype)
+        torch.ops.moeserve.dense(x, weight, b, wide)
+        torch.ops.moeserve.dense(x, weight, b, narrow)
+        assert torch.equal(narrow, wide.to(dtype))  # the fp32 result, rounded once
+    with pytest.raises(RuntimeError, match="fp32 or x's dtype"):
+        torch.ops.moeserve.dense(x.float(), weight, b, narrow)
+
+
 @torch.inference_mode()
 def test_row_stream_linear_equals_linear_and_hands_larger_products_to_torch(experts_kernel) -> None:
     torch.manual_seed(1)

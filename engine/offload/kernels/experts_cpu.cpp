@@ -570,25 +570,35 @@ void experts_group(const Tensor& hidden, const Tensor& token_ids, const Tensor& 
   }
 }
 
-// out [T, N] fp32 = x [T, K] @ w [N, K]^T (+ bias [N]): a dense projection (attention, router, LM head) on the
-// experts' row paths, split over torch's threads in chunks of output rows. x fp32, bf16 or fp16; w and bias fp32,
-// bf16 or fp16, of one dtype. engine.dense runs the model's one-row products through it.
+// out [T, N] = x [T, K] @ w [N, K]^T (+ bias [N]): a dense projection (attention, router, LM head) on the experts'
+// row paths, split over torch's threads in chunks of output rows. x fp32, bf16 or fp16; w and bias fp32, bf16 or
+// fp16, of one dtype; out fp32, or x's dtype (rounded from the fp32 result, in the same parallel pass, so a caller
+// in bf16 needs no conversion op after). engine.dense runs the model's one-row products through it.
+template <typename O>
+inline void store_rows(const float* y, int64_t T, int64_t N, int64_t c0, int64_t c1, O* out) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t n = c0; n < c1; ++n) out[t * N + n] = static_cast<O>(y[t * N + n]);
+}
+
 void dense(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, const Tensor& out) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be [T, K] contiguous");
   TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1 && w.size(1) == x.size(1), "w must be [N, ", x.size(1),
               "] with unit inner stride");
   const int64_t T = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == T &&
-                  out.size(1) == N, "out must be fp32 [", T, ", ", N, "] contiguous");
+  TORCH_CHECK((out.scalar_type() == at::kFloat || out.scalar_type() == x.scalar_type()) && out.is_contiguous() &&
+                  out.dim() == 2 && out.size(0) == T && out.size(1) == N,
+              "out must be [", T, ", ", N, "] contiguous, fp32 or x's dtype");
   TORCH_CHECK(!bias.has_value() || (bias->numel() == N && bias->is_contiguous() &&
                                     bias->scalar_type() == w.scalar_type()), "bias must be [N] of w's dtype");
-  static thread_local std::vector<float> x_buf;
+  static thread_local std::vector<float> x_buf, y_buf;
   static thread_local std::vector<int64_t> row_buf;
   float* xf = scratch(x_buf, T * K);
   int64_t* rows = scratch(row_buf, T);
   for (int64_t t = 0; t < T; ++t) rows[t] = t;
   gather_tokens(x, rows, T, xf);
-  float* y = out.data_ptr<float>();
+  const at::ScalarType out_type = out.scalar_type();
+  float* y = out_type == at::kFloat ? out.data_ptr<float>() : scratch(y_buf, T * N);
+  void* o = out.data_ptr();
   const int64_t ldw = w.stride(0);
   auto run = [&](const auto* weights) {
     using W = std::remove_cv_t<std::remove_pointer_t<decltype(weights)>>;
@@ -599,6 +609,8 @@ void dense(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, 
       if (b != nullptr)
         for (int64_t t = 0; t < T; ++t)
           for (int64_t n = c0; n < c1; ++n) y[t * N + n] += static_cast<float>(b[n]);
+      if (out_type == at::kBFloat16) store_rows(y, T, N, c0, c1, static_cast<c10::BFloat16*>(o));
+      else if (out_type == at::kHalf) store_rows(y, T, N, c0, c1, static_cast<c10::Half*>(o));
     });
   };
   switch (w.scalar_type()) {
