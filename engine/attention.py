@@ -80,9 +80,11 @@ def _slots(block_table: Sequence[int], length: int, block_size: int) -> torch.Te
 class PagedKVStore:
     """The KV tensors of every layer, indexed by slot; block bookkeeping lives in engine.kv_cache.
 
-    Storage of a layer is allocated on its first update ([num_slots, heads, dim] for the key and the value
+    Storage of a layer is allocated on its first update ([heads, num_slots, dim] for the key and the value
     separately, each with its own shape and the incoming dtype, on the incoming rows' device: the model's) and
-    reused for the life of the store.
+    reused for the life of the store. Heads outermost, like the model's [1, heads, T, dim] rows: writes are one
+    ``index_copy_`` and the gathered context comes out of one ``index_select`` already in the layout attention
+    reads, with no transposed copies.
     """
 
     def __init__(self, num_layers: int, num_slots: int) -> None:
@@ -109,19 +111,16 @@ class PagedKVStore:
             raise RuntimeError("PagedKVStore.update called outside a step (no BatchLayout set)")
         keys = self._storage(self._keys, layer_idx, key)
         values = self._storage(self._values, layer_idx, value)
-        keys[layout.write_slots] = key[0].transpose(0, 1)
-        values[layout.write_slots] = value[0].transpose(0, 1)
-        return (
-            keys[layout.read_slots].transpose(0, 1).unsqueeze(0),
-            values[layout.read_slots].transpose(0, 1).unsqueeze(0),
-        )
+        keys.index_copy_(1, layout.write_slots, key[0])
+        values.index_copy_(1, layout.write_slots, value[0])
+        return keys.index_select(1, layout.read_slots)[None], values.index_select(1, layout.read_slots)[None]
 
     def _storage(self, tensors: list[torch.Tensor | None], layer_idx: int, rows: torch.Tensor) -> torch.Tensor:
-        """The layer's [num_slots, heads, dim] tensor, allocated on first use with ``rows``' shape and dtype."""
+        """The layer's [heads, num_slots, dim] tensor, allocated on first use with ``rows``' shape and dtype."""
         storage = tensors[layer_idx]
         if storage is None:
             _, heads, _, dim = rows.shape
-            storage = torch.zeros(self.num_slots, heads, dim, dtype=rows.dtype, device=rows.device)
+            storage = torch.zeros(heads, self.num_slots, dim, dtype=rows.dtype, device=rows.device)
             tensors[layer_idx] = storage
         return storage
 
