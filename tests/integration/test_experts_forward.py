@@ -142,6 +142,7 @@ class RecordingSource(StackedParameters):
     """The default source with a group-size limit, recording every hold (layer, ids)."""
 
     def __init__(self, limit: int) -> None:
+        super().__init__()
         self.limit = limit
         self.holds: list[tuple[int | None, list[int]]] = []
 

@@ -53,7 +53,10 @@ ISAS = ("avx2", "avx512")
 
 @functools.cache
 def load_experts_kernel() -> Callable[..., None] | None:
-    """``torch.ops.moeserve.experts_group`` when a current build exists for this CPU, else ``None`` (logged once)."""
+    """``torch.ops.moeserve.experts_group`` when a current build exists for this CPU, else ``None`` (logged once).
+
+    The op's one overload itself (``.default``): calling the overload packet resolves the overload in Python on every
+    call, which a decode step pays once per MoE layer."""
     if not _cpu_supported():
         logger.info("experts kernel: CPU lacks AVX2+FMA; using the pure-torch experts forward")
         return None
@@ -64,7 +67,7 @@ def load_experts_kernel() -> Callable[..., None] | None:
         logger.warning("experts kernel is stale (rebuild with `%s`); using the pure-torch experts forward", BUILD_COMMAND)
         return None
     torch.ops.load_library(str(LIBRARY))
-    return torch.ops.moeserve.experts_group
+    return torch.ops.moeserve.experts_group.default
 
 
 def best_isa() -> str:
