@@ -47,7 +47,7 @@ class RowStreamLinear(nn.Linear):
         out = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype)  # rounded by the op from fp32
         # The overload itself (.default): the packet's per-call overload resolution is Python.
         torch.ops.moeserve.dense.default(x.reshape(rows, self.in_features).contiguous(), self.weight, self.bias,
-                                         out.view(rows, -1))
+                                         out.view(rows, self.out_features))
         return out
 
     def _kernel_serves(self, x: torch.Tensor) -> bool:

@@ -47,9 +47,14 @@ class StepRouting:
 
     def take(self) -> dict[int, tuple[list[list[int]], list[list[float]]]]:
         """This step's routing as Python lists, {layer: (ids [T][k], weights [T][k])}; clears it for the next."""
-        layers = {layer: (ids.tolist(), weights.float().tolist()) for layer, (ids, weights) in self._layers.items()}
+        if not self._layers:
+            return {}
+        order = list(self._layers)
+        # One stack and one host copy per step for all layers (not two per layer): the step's layers share [T, k].
+        ids = torch.stack([self._layers[layer][0] for layer in order]).tolist()
+        weights = torch.stack([self._layers[layer][1] for layer in order]).float().tolist()
         self._layers.clear()
-        return layers
+        return {layer: (ids[i], weights[i]) for i, layer in enumerate(order)}
 
 
 @dataclass

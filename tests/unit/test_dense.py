@@ -57,6 +57,7 @@ def test_row_stream_linear_equals_linear_and_hands_larger_products_to_torch(expe
     for rows in (1, 3, MAX_ROWS):
         x = torch.randn(1, rows, 64)
         assert torch.allclose(swapped(x), layer(x), rtol=REL_TOL, atol=1e-6)
+    assert swapped(torch.randn(1, 0, 64)).shape == (1, 0, 48)  # a step that samples no row
     prefill = torch.randn(1, MAX_ROWS + 1, 64)
     assert torch.equal(swapped(prefill), layer(prefill))  # nn.Linear's own product, bit for bit
 
