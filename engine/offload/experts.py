@@ -221,10 +221,37 @@ class RoutingPlan:
             yield range(begin, min(begin + size, len(self.expert_ids)))
 
 
+HOST_PLAN_MAX_ASSIGNMENTS = 64
+"""Up to this many (token, expert) assignments a call's routing is grouped on the host (see ``plan_routing``)."""
+
+
 def plan_routing(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> RoutingPlan:
-    """Group the [T, k] routing by expert. One host sync (the per-expert counts)."""
+    """Group the [T, k] routing by expert. One host sync.
+
+    Decode-sized calls (at most HOST_PLAN_MAX_ASSIGNMENTS assignments) copy the ids to the host once and sort them
+    there: a few Python operations instead of argsort, bincount and a per-expert list of E entries on tensors.
+    Larger ones group on the tensors and copy only the per-expert counts. Both give the same plan.
+    """
     k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)  # [S]
+    if flat.numel() <= HOST_PLAN_MAX_ASSIGNMENTS:
+        ids = flat.tolist()
+        order = sorted(range(len(ids)), key=ids.__getitem__)  # stable: tokens ascending within an expert
+        expert_ids, starts, counts = [], [], []
+        for position, s in enumerate(order):
+            if not expert_ids or ids[s] != expert_ids[-1]:
+                expert_ids.append(ids[s])
+                starts.append(position)
+                counts.append(0)
+            counts[-1] += 1
+        order_tensor = torch.tensor(order, device=flat.device)
+        return RoutingPlan(
+            expert_ids=expert_ids,
+            starts=starts,
+            counts=counts,
+            token_ids=order_tensor.div(k, rounding_mode="floor"),
+            route_weights=top_k_weights.reshape(-1).index_select(0, order_tensor).float(),
+        )
     order = torch.argsort(flat, stable=True)  # [S], assignments grouped by expert
     counts_all = torch.bincount(flat, minlength=num_experts).tolist()  # [E]
     starts_all = [0, *accumulate(counts_all)][:-1]

@@ -209,6 +209,22 @@ def test_plan_routing_groups_assignments_by_expert() -> None:
     assert plan.route_weights.tolist() == pytest.approx([0.4, 0.7, 0.6, 0.5, 0.3, 0.5], abs=4e-3)
 
 
+@pytest.mark.parametrize("num_tokens", [1, 8, 32, 33, 200])
+def test_host_and_tensor_routing_plans_agree(monkeypatch, num_tokens: int) -> None:
+    from engine.offload import experts as experts_module
+
+    generator = torch.Generator().manual_seed(num_tokens)
+    top_k_index = torch.rand(num_tokens, 16, generator=generator).argsort(dim=-1)[:, :2]  # distinct per token
+    top_k_weights = torch.rand(num_tokens, 2, generator=generator).to(torch.bfloat16)
+    plans = []
+    for limit in (0, 10**6):  # every call on the tensors, then every call on the host
+        monkeypatch.setattr(experts_module, "HOST_PLAN_MAX_ASSIGNMENTS", limit)
+        plans.append(plan_routing(top_k_index, top_k_weights, num_experts=16))
+    tensor, host = plans
+    assert (host.expert_ids, host.starts, host.counts) == (tensor.expert_ids, tensor.starts, tensor.counts)
+    assert torch.equal(host.token_ids, tensor.token_ids) and torch.equal(host.route_weights, tensor.route_weights)
+
+
 def test_plan_groups_respect_the_size_limit() -> None:
     plan = RoutingPlan(list(range(7)), [0] * 7, [1] * 7, torch.zeros(7, dtype=torch.long), torch.ones(7))
     assert [list(g) for g in plan.groups(3)] == [[0, 1, 2], [3, 4, 5], [6]]
