@@ -232,35 +232,29 @@ def plan_routing(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_exp
     there: a few Python operations instead of argsort, bincount and a per-expert list of E entries on tensors.
     Larger ones group on the tensors and copy only the per-expert counts. Both give the same plan.
     """
-    k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)  # [S]
     if flat.numel() <= HOST_PLAN_MAX_ASSIGNMENTS:
         ids = flat.tolist()
-        order = sorted(range(len(ids)), key=ids.__getitem__)  # stable: tokens ascending within an expert
+        host_order = sorted(range(len(ids)), key=ids.__getitem__)  # stable: tokens ascending within an expert
         expert_ids, starts, counts = [], [], []
-        for position, s in enumerate(order):
+        for position, s in enumerate(host_order):
             if not expert_ids or ids[s] != expert_ids[-1]:
                 expert_ids.append(ids[s])
                 starts.append(position)
                 counts.append(0)
             counts[-1] += 1
-        order_tensor = torch.tensor(order, device=flat.device)
-        return RoutingPlan(
-            expert_ids=expert_ids,
-            starts=starts,
-            counts=counts,
-            token_ids=order_tensor.div(k, rounding_mode="floor"),
-            route_weights=top_k_weights.reshape(-1).index_select(0, order_tensor).float(),
-        )
-    order = torch.argsort(flat, stable=True)  # [S], assignments grouped by expert
-    counts_all = torch.bincount(flat, minlength=num_experts).tolist()  # [E]
-    starts_all = [0, *accumulate(counts_all)][:-1]
-    routed = [e for e, count in enumerate(counts_all) if count]
+        order = torch.tensor(host_order, device=flat.device)
+    else:
+        order = torch.argsort(flat, stable=True)  # [S], assignments grouped by expert
+        counts_all = torch.bincount(flat, minlength=num_experts).tolist()  # [E]
+        starts_all = [0, *accumulate(counts_all)][:-1]
+        expert_ids = [e for e, count in enumerate(counts_all) if count]
+        starts, counts = [starts_all[e] for e in expert_ids], [counts_all[e] for e in expert_ids]
     return RoutingPlan(
-        expert_ids=routed,
-        starts=[starts_all[e] for e in routed],
-        counts=[counts_all[e] for e in routed],
-        token_ids=order.div(k, rounding_mode="floor"),
+        expert_ids=expert_ids,
+        starts=starts,
+        counts=counts,
+        token_ids=order.div(top_k_index.shape[-1], rounding_mode="floor"),
         route_weights=top_k_weights.reshape(-1).index_select(0, order).float(),
     )
 
