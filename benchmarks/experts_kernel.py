@@ -17,8 +17,12 @@ each is the best and the median of ``--repeats`` rounds after one warm-up, every
 path) once. The bound is the STREAM triad of benchmarks/bandwidth.py measured in the same run (fraction_of_triad
 uses the best time). Results: benchmarks/results/experts_kernel.json.
 
+``--busy-core`` measures the paths while another process spins on one core (a Python busy loop started after the
+triad and ended before the results are written): how a kernel's threads cope with a core they do not have to
+themselves, as in a server whose other threads (HTTP, expert reads) or neighbours run beside the decode.
+
 Usage: python benchmarks/experts_kernel.py [--threads 2] [--repeats 7] [--dtypes bfloat16 float32]
-[--tokens 1 2 4 8 16 64] [--paths kernel torch] [--library PATH] [--out PATH]
+[--tokens 1 2 4 8 16 64] [--paths kernel torch] [--library PATH] [--out PATH] [--busy-core]
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import logging
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -156,6 +162,7 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", choices=["kernel", "torch"], default=["kernel", "torch"])
     parser.add_argument("--library", type=Path, help="kernel library to load instead of the built one")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--busy-core", action="store_true", help="measure beside a process spinning on one core")
     args = parser.parse_args()
     configure_logging("info")
     torch.set_num_threads(args.threads)
@@ -165,12 +172,19 @@ def main() -> None:
     rates = stream_rate(2**30)
     triad = rates["triad"]
     logger.info("STREAM triad: %.1f GB/s", triad / 1e9)
-    results = {shape: {name: measure(shape, getattr(torch, name), args, forward, triad) for name in args.dtypes}
-               for shape in args.shapes}
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy_core else None
+    try:
+        results = {shape: {name: measure(shape, getattr(torch, name), args, forward, triad) for name in args.dtypes}
+                   for shape in args.shapes}
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
     write_result(args.out, "experts_kernel", load_before, {
         "threads": args.threads,
         "repeats": args.repeats,
         "library": str(args.library) if args.library else "built",
+        "busy_core": args.busy_core,
         "kernel_isa": best_isa(),
         "stream_bytes_per_s": {k: round(v) for k, v in rates.items()},
         "shapes": results,

@@ -8,6 +8,8 @@ math on the same (already rounded) weights to fp32 accuracy: 1e-5 relative, on e
 from __future__ import annotations
 
 import logging
+import multiprocessing
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -144,6 +146,50 @@ def test_result_does_not_depend_on_the_thread_count(experts_group) -> None:
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(single, double)
+
+
+def test_calls_from_several_threads_at_once_each_get_their_own_result(experts_group) -> None:
+    """The kernel's worker pool serves one call at a time; a call arriving meanwhile runs on its own thread alone
+    (torch releases the GIL around op calls, so Python threads overlap in it): every result is the single-call one."""
+    torch.manual_seed(3)
+    groups = [random_group(torch.bfloat16, False, hidden=512, inter=128) for _ in range(4)]
+    args = [(hidden, plan.token_ids, plan.route_weights, plan.starts, plan.counts, experts, False, SILU)
+            for hidden, plan, experts in groups]
+    expected = [run_group(experts_group, *a) for a in args]
+    with ThreadPoolExecutor(len(args)) as pool:
+        for _ in range(5):
+            results = list(pool.map(lambda a: run_group(experts_group, *a), args))
+            assert all(torch.equal(r, e) for r, e in zip(results, expected))
+
+
+def _group_in_child(args, queue) -> None:
+    torch.set_num_threads(2)
+    queue.put(run_group(torch.ops.moeserve.experts_group.default, *args).numpy().tobytes())
+
+
+def test_a_forked_child_runs_the_kernel_without_its_parents_workers(experts_group) -> None:
+    """Worker threads do not survive fork; the child's calls run on the threads it has, with the same result."""
+    torch.manual_seed(4)
+    hidden, plan, experts = random_group(torch.bfloat16, False, hidden=512, inter=128)
+    args = (hidden, plan.token_ids, plan.route_weights, plan.starts, plan.counts, experts, False, SILU)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        expected = run_group(experts_group, *args)  # the parent's pool is running now
+    finally:
+        torch.set_num_threads(threads)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_group_in_child, args=(args, queue))
+    child.start()
+    try:
+        result = queue.get(timeout=60)
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+    assert result == expected.numpy().tobytes()
 
 
 def test_kernel_rejects_weights_of_the_wrong_shape(experts_group) -> None:
