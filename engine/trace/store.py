@@ -14,7 +14,8 @@ which share of a layer's activations went to each expert), MoE-Infinity's EAMs.
   kinds, and eviction by last usefulness lets the store follow a changing workload.
 - `match(partial, layers_seen)`: the ``top_matches`` most similar entries (positive similarity only), weighted
   by their similarity, averaged into one prediction: per layer, the expected share of each expert.
-- Persistence: `save` writes safetensors (tensors ``matrices`` [N, L, E] float32, ``merged`` [N] float32,
+- Persistence: `save` writes safetensors (tensors ``matrices`` [N, L, E] float64, ``merged`` [N] float64 (files of
+  float32 ones, as earlier versions wrote, load as well),
   ``last_used`` [N] int64, and, given the predictor's `TransitionStatistics`, their `state_tensors`:
   ``transition_counts`` [max_offset + 1, L, E, E], ``frequency_counts`` [L, E], ``transition_tokens`` [], int64;
   metadata ``format``, ``version``, ``num_layers``, ``num_experts``, ``clock``) to a temporary file in the same
@@ -83,8 +84,11 @@ class TraceStore:
         self.merge_threshold = merge_threshold
         self.decay = decay
         self.top_matches = top_matches
-        self._matrices = torch.zeros(0, num_layers, num_experts)  # [N, L, E], rows sum to 1 or 0
-        self._merged = torch.zeros(0)  # [N] how many requests each entry averages
+        # float64 throughout: similarities then agree to ~1e-16 across CPUs whose vector reductions sum in
+        # different orders (in float32 the held-out store recall of tests/unit/test_replay_policies.py came out
+        # 0.546 on an AVX-512 machine and 0.545 on an AVX2 one)
+        self._matrices = torch.zeros(0, num_layers, num_experts, dtype=torch.float64)  # [N, L, E], rows sum to 1 or 0
+        self._merged = torch.zeros(0, dtype=torch.float64)  # [N] how many requests each entry averages
         self._last_used = torch.zeros(0, dtype=torch.int64)  # [N]
         self._clock = 0
 
@@ -106,7 +110,7 @@ class TraceStore:
             return -1
         self._clock += 1
         if len(self):
-            similarity = _cosine(self._matrices, normalized, torch.ones(self.num_layers))
+            similarity = _cosine(self._matrices, normalized, torch.ones(self.num_layers, dtype=torch.float64))
             best = int(similarity.argmax())
             if similarity[best] >= self.merge_threshold:
                 return self._merge(best, normalized)
@@ -135,7 +139,7 @@ class TraceStore:
         """Per-layer weight of the similarity [L]: ``decay ** (distance to layer layers_seen - 1)``, wrapping
         around (the layers after the frontier were last seen one step ago); all ones when ``layers_seen`` is 0."""
         if layers_seen <= 0:
-            return torch.ones(self.num_layers)
+            return torch.ones(self.num_layers, dtype=torch.float64)
         layers = torch.arange(self.num_layers)
         distance = (layers_seen - 1 - layers) % self.num_layers
         return self.decay ** distance.double()
@@ -215,17 +219,17 @@ class TraceStore:
             logger.info("trace store file of version 1: no transition statistics in it, they start empty")
         if transitions is not None and any(name in tensors for name in STATISTICS_TENSORS):
             transitions.restore(tensors)  # last: a file refused leaves the statistics as they were
-        self._matrices, self._merged, self._last_used = matrices.float(), merged.float(), last_used.long()
+        self._matrices, self._merged, self._last_used = matrices.double(), merged.double(), last_used.long()
         self._clock = clock
         while len(self) > self.capacity:
             self._remove(int(self._last_used.argmin()))
 
     def _normalized(self, matrix: torch.Tensor) -> torch.Tensor:
-        """``matrix`` [L, E] as float rows summing to 1 (all-zero rows stay zero)."""
+        """``matrix`` [L, E] as float64 rows summing to 1 (all-zero rows stay zero)."""
         if tuple(matrix.shape) != (self.num_layers, self.num_experts):
             raise ValueError(f"matrix of shape {tuple(matrix.shape)}, expected ({self.num_layers}, "
                              f"{self.num_experts})")
-        matrix = matrix.float()
+        matrix = matrix.double()
         if (matrix < 0).any():
             raise ValueError("activation counts cannot be negative")
         totals = matrix.sum(dim=1, keepdim=True)
@@ -245,7 +249,7 @@ class TraceStore:
             logger.debug("trace store full: evicting entry %d", evicted)
             self._remove(evicted)
         self._matrices = torch.cat([self._matrices, normalized.unsqueeze(0)])
-        self._merged = torch.cat([self._merged, torch.ones(1)])
+        self._merged = torch.cat([self._merged, torch.ones(1, dtype=torch.float64)])
         self._last_used = torch.cat([self._last_used, torch.tensor([self._clock])])
         return len(self) - 1
 
@@ -257,7 +261,7 @@ class TraceStore:
 
 def _cosine(entries: torch.Tensor, query: torch.Tensor, layer_weights: torch.Tensor) -> torch.Tensor:
     """Row-weighted cosine similarity of each entry [N, L, E] with ``query`` [L, E]: [N] (0 for a zero side)."""
-    weights = layer_weights.float().unsqueeze(1)  # [L, 1]
+    weights = layer_weights.double().unsqueeze(1)  # [L, 1]
     dots = (entries * query * weights).sum(dim=(1, 2))
     entry_norms = (entries.square() * weights).sum(dim=(1, 2)).sqrt()
     query_norm = (query.square() * weights).sum().sqrt()

@@ -77,7 +77,7 @@ def test_match_weights_the_entries_by_similarity_and_the_layers_by_distance() ->
     prediction = store.match(one_hot([[0], [0], []]), layers_seen=2)
     assert prediction.shape == (3, 4)
     assert prediction[2, 2] > prediction[2, 3] > 0
-    assert torch.allclose(prediction.sum(dim=1), torch.ones(3))
+    assert torch.allclose(prediction.sum(dim=1), torch.ones(3, dtype=prediction.dtype))
     assert store.layer_weights(2).tolist() == pytest.approx([0.1, 1.0, 0.01])
     assert TraceStore(3, 4).match(one_hot([[0], [0], [2]]), 1) is None
 
