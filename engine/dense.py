@@ -4,7 +4,10 @@ Decode multiplies one row per request by every attention, router and LM-head wei
 (oneDNN) streams those weights well below RAM speed on the machines we measured; the compiled kernel's row paths
 (``torch.ops.moeserve.dense``, engine.offload.kernels) run them 1.2-2.1 x faster (benchmarks/dense_linear.py). ``RowStreamLinear`` is an ``nn.Linear`` that sends products of at most ``MAX_ROWS`` rows
 on the CPU to the kernel and everything else (prefill, other devices, dtypes the kernel lacks) to ``nn.Linear``;
-parameters, names and state dict are ``nn.Linear``'s, so checkpoints load unchanged.
+parameters, names and state dict are ``nn.Linear``'s, so checkpoints load unchanged. Where torch's GEMM loses
+at more rows too (bf16 on CPUs without native bf16 arithmetic: on a Zen 3 server 4-5 x slower than the kernel
+at 16-64 rows, benchmarks/experts_kernel.py), ``calibrate_row_paths`` measures both per weight shape at load and
+raises each layer's ``max_rows``.
 
 The layers are swapped in through transformers' own extension point for replacing linear layers at load time, the
 quantizer registry (``register_quantizer`` / ``register_quantization_config``): ``RowStreamConfig`` passed to
@@ -17,7 +20,10 @@ calls ``replace_linears`` directly.
 from __future__ import annotations
 
 import logging
+import sys
+import time
 import weakref
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,17 +38,22 @@ logger = logging.getLogger(__name__)
 
 METHOD = "moeserve_row_stream"
 MAX_ROWS = 8
-"""Rows up to which the kernel runs a product (benchmarks/experts_kernel.py: torch's GEMM wins from ~16)."""
+"""Rows up to which the kernel runs a product unless calibrated (benchmarks/experts_kernel.py: where torch's GEMM
+is fast, as with AMX on Sapphire Rapids, it wins from ~16)."""
+CALIBRATION_ROWS = (16, 32, 64)
+"""Row counts at which `calibrate_row_paths` times the kernel against ``nn.Linear`` (up to MAX_ROWS the kernel
+wins on every machine measured: 1.2-2.1 x at one row)."""
 
 
 class RowStreamLinear(nn.Linear):
-    """``nn.Linear`` whose products of at most MAX_ROWS rows on the CPU run on ``torch.ops.moeserve.dense``."""
+    """``nn.Linear`` whose products of at most ``max_rows`` rows on the CPU run on ``torch.ops.moeserve.dense``."""
 
+    max_rows: int = MAX_ROWS  # per layer once calibrated (calibrate_row_paths)
     _served: weakref.ref | None = None  # the weight last found servable (a weak reference: never keeps it alive)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows > MAX_ROWS or not self._kernel_serves(x):
+        if rows > self.max_rows or not self._kernel_serves(x):
             return F.linear(x, self.weight, self.bias)
         out = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype)  # rounded by the op from fp32
         # The overload itself (.default): the packet's per-call overload resolution is Python.
@@ -79,6 +90,67 @@ def replace_linears(model: nn.Module) -> int:
             setattr(module, name, swapped)
             replaced += 1
     return replaced
+
+
+def kernel_max_rows(seconds: Mapping[int, tuple[float, float]]) -> int:
+    """The calibrated ``max_rows`` from (kernel, nn.Linear) seconds per row count above MAX_ROWS: the largest count
+    up to which the kernel won at every measured count; unbounded (sys.maxsize) when it won at all of them."""
+    best = MAX_ROWS
+    for rows in sorted(seconds):
+        kernel, linear = seconds[rows]
+        if kernel >= linear:
+            return best
+        best = rows
+    return sys.maxsize
+
+
+def calibrate_row_paths(model: nn.Module, rows: Sequence[int] = CALIBRATION_ROWS,
+                        timer: Callable[[RowStreamLinear, int], tuple[float, float]] | None = None) -> dict[tuple, int]:
+    """Time the kernel against ``nn.Linear`` at each of ``rows`` for every distinct (out, in, dtype, bias) of the
+    model's RowStreamLinear layers the kernel serves, on one such layer's own weight, and set ``max_rows`` on all of
+    them (`kernel_max_rows`); returns shape -> max_rows. ``timer(layer, rows)`` -> (kernel s, nn.Linear s) replaces
+    the measurement (tests)."""
+    timer = timer or _time_row_paths
+    layers: dict[tuple, list[RowStreamLinear]] = {}
+    for module in model.modules():
+        if isinstance(module, RowStreamLinear):
+            key = (module.out_features, module.in_features, module.weight.dtype, module.bias is not None)
+            layers.setdefault(key, []).append(module)
+    chosen: dict[tuple, int] = {}
+    for key, group in layers.items():
+        probe = torch.zeros(1, group[0].in_features, dtype=group[0].weight.dtype)
+        with torch.no_grad():
+            if not group[0]._kernel_serves(probe):
+                continue
+        chosen[key] = kernel_max_rows({r: timer(group[0], r) for r in rows})
+        for layer in group:
+            layer.max_rows = chosen[key]
+    return chosen
+
+
+@torch.no_grad()
+def _time_row_paths(layer: RowStreamLinear, rows: int) -> tuple[float, float]:
+    """Best of 3 seconds of ``layer``'s product over ``rows`` rows on the kernel and on ``nn.Linear``."""
+    x = torch.randn(rows, layer.in_features).to(layer.weight.dtype)  # [rows, in]
+    out = torch.empty(rows, layer.out_features, dtype=x.dtype)
+
+    def kernel() -> None:
+        torch.ops.moeserve.dense.default(x, layer.weight, layer.bias, out)
+
+    def linear() -> None:
+        F.linear(x, layer.weight, layer.bias)
+
+    return _best_seconds(kernel), _best_seconds(linear)
+
+
+def _best_seconds(fn: Callable[[], None], repeats: int = 3) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def row_stream_available() -> bool:

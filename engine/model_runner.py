@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from engine.attention import ATTENTION_NAME, BatchLayout, PagedKVStore
-from engine.dense import RowStreamConfig, row_stream_available
+from engine.dense import RowStreamConfig, calibrate_row_paths, row_stream_available
 from engine.kv_cache import DEFAULT_BLOCK_SIZE
 from engine.offload.experts import (
     ExpertsForward,
@@ -110,11 +110,32 @@ class ModelRunner:
         # A name per runner: the registry is global, and two engines in one process must not share a forward.
         name = f"moeserve_{id(self.experts_forward):x}"
         self.model.set_experts_implementation(register_experts_forward(self.experts_forward, name))
+        if self.device.type == "cpu":
+            self._calibrate_paths()
         logger.info(
             "loaded %s (%s, %d layers, %d with experts%s) with %d KV blocks of %d tokens",
             model_dir, self.config.model_type, self.config.num_hidden_layers, self.num_moe_layers,
             ", experts offloaded" if offload else "", num_kv_blocks, block_size,
         )
+
+    def _calibrate_paths(self) -> None:
+        """Kernel or torch per shape, by measurement on this machine (engine.dense.calibrate_row_paths,
+        ExpertsForward.calibrate): the dense layers' row counts, and with resident experts, tokens per expert for
+        each experts shape (offloaded experts keep the default: timing them would read blobs into the cache)."""
+        rows = calibrate_row_paths(self.model)
+        if rows:
+            logger.info("dense row paths: kernel up to %s rows", {key[:2]: n for key, n in rows.items()})
+        if self.offload is not None:
+            return
+        measured = set()
+        for module in self.model.modules():
+            if is_experts_module(module) and module.down_proj.device.type == "cpu":
+                key = self.experts_forward.spec(module).shape_key
+                if key not in measured:
+                    measured.add(key)
+                    winners = self.experts_forward.calibrate(module)
+                    if winners:
+                        logger.info("experts paths %s: %s", key, {n: path.value for n, path in winners.items()})
 
     @property
     def vocab_size(self) -> int:

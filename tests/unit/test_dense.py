@@ -3,6 +3,7 @@ nn.Linear, the layer swap, and the loaders that apply it."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,8 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.dense import MAX_ROWS, RowStreamLinear, replace_linears
-from engine.model_runner import load_model
+from engine.dense import (
+    CALIBRATION_ROWS,
+    MAX_ROWS,
+    RowStreamLinear,
+    calibrate_row_paths,
+    kernel_max_rows,
+    replace_linears,
+)
+from engine.model_runner import ModelRunner, load_model
+from engine.offload.experts import TOKEN_BUCKETS
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REL_TOL = 1e-5  # weights widened to fp32, fp32 accumulation: fp32 accuracy on the rounded weights
@@ -75,3 +84,51 @@ def test_the_resident_loader_swaps_every_linear_layer(experts_kernel, demo_model
     model = load_model(demo_model("qwen2_moe"))
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert linears and all(type(m) is RowStreamLinear for m in linears)
+
+
+def test_max_rows_rises_while_the_kernel_keeps_winning() -> None:
+    """kernel_max_rows: the last row count of an unbroken run of kernel wins; unbounded if it never loses."""
+    assert kernel_max_rows({16: (2.0, 1.0), 32: (1.0, 2.0)}) == MAX_ROWS
+    assert kernel_max_rows({16: (1.0, 2.0), 32: (3.0, 2.0), 64: (1.0, 2.0)}) == 16
+    assert kernel_max_rows({16: (1.0, 2.0), 32: (1.0, 2.0), 64: (1.0, 2.0)}) == sys.maxsize
+
+
+def test_calibration_sets_max_rows_per_weight_shape_and_outputs_stay_linears(experts_kernel) -> None:
+    """Layers of one shape get one measured max_rows (a timer decides here: kernel faster only on the 64-wide
+    layers); products of every size still equal nn.Linear's."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 32, bias=False)).to(torch.bfloat16)
+    assert replace_linears(model) == 3
+    timed: list[tuple[int, int]] = []
+
+    def timer(layer: RowStreamLinear, rows: int) -> tuple[float, float]:
+        timed.append((layer.out_features, rows))
+        return (1.0, 2.0) if layer.out_features == 64 else (2.0, 1.0)
+
+    chosen = calibrate_row_paths(model, timer=timer)
+    assert chosen == {(64, 64, torch.bfloat16, True): sys.maxsize, (32, 64, torch.bfloat16, False): MAX_ROWS}
+    assert sorted(timed) == sorted((out, rows) for out in (64, 32) for rows in CALIBRATION_ROWS)
+    assert [layer.max_rows for layer in model] == [sys.maxsize, sys.maxsize, MAX_ROWS]
+    with torch.no_grad():
+        for rows in (1, 16, 100):
+            x = torch.randn(rows, 64).to(torch.bfloat16)
+            for layer in model:
+                expected = F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+                assert (layer(x).float() - expected).abs().max() <= 2e-2 * expected.abs().max()
+
+
+def test_calibration_measures_real_timings_on_a_small_layer(experts_kernel) -> None:
+    model = nn.Sequential(nn.Linear(128, 256)).to(torch.bfloat16)
+    replace_linears(model)
+    chosen = calibrate_row_paths(model)
+    assert list(chosen) == [(256, 128, torch.bfloat16, True)]
+    assert model[0].max_rows == chosen[(256, 128, torch.bfloat16, True)] >= MAX_ROWS
+
+
+def test_the_model_runner_calibrates_row_and_experts_paths(experts_kernel, demo_model: Callable[..., Path]) -> None:
+    """A resident CPU runner measures each dense weight shape and each experts shape once at load."""
+    runner = ModelRunner(demo_model("mixtral"), num_kv_blocks=4)
+    linears = [m for m in runner.model.modules() if isinstance(m, RowStreamLinear)]
+    assert linears and all("max_rows" in vars(m) and m.max_rows >= MAX_ROWS for m in linears)
+    (shape, measured), = runner.experts_forward.paths.measured.items()
+    assert set(measured) == set(TOKEN_BUCKETS)
