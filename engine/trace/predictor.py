@@ -13,7 +13,11 @@ full makes the probabilities overconfident (on h39s 0.5 kept recall and raised p
   ``a`` at layer ``l - d`` of the same token, for ``d = 1..max_offset`` (used only where layer ``l - d`` has
   already run in this step), and given ``a`` at layer ``l`` of the previous token (``d = 0``, the temporal
   transition; for a next-step target the current token is that previous token). Learned online from every
-  finished decode step. The smoothing is a prior of ``smoothing`` pseudo-tokens in which every source expert
+  finished decode step, twice: into the shared statistics (all requests, persisted with the store) and into the
+  request's own (`TransitionCounts.scaled`: the shared ones as they were when it started, scaled to
+  ``request_prior_tokens`` pseudo-tokens, then its own tokens at full weight), which are the ones it predicts
+  from: a new request starts from what all past requests taught, and soon follows its own kind (another kind of
+  request's many tokens no longer outweigh its own few). The per-layer frequency is the request's own too. The smoothing is a prior of ``smoothing`` pseudo-tokens in which every source expert
   is active with probability ``top_k / num_experts`` whatever the target, so a target seen rarely gets a
   log-ratio near 0 instead of a large one (on h39s at ``max_offset`` 4: recall 0.799 -> 0.802, over its first
   160 tokens 0.738 -> 0.760, with ``smoothing`` 4 instead of the former 1 pseudo-token at rate 1).
@@ -54,6 +58,8 @@ DEFAULT_SMOOTHING = 4.0
 """Pseudo-tokens of the statistics' prior (tuned on h39s; 1 to 16 within 0.001 of recall)."""
 DEFAULT_TOP_K = 2
 """Experts per token assumed by a `TransitionStatistics` built without ``top_k`` (its prior's rate)."""
+DEFAULT_REQUEST_PRIOR_TOKENS = 8.0
+"""Pseudo-tokens the shared statistics weigh in a request's own (`TransitionCounts.scaled`)."""
 DEFAULT_STORE_WEIGHT = 1.0
 DEFAULT_EVIDENCE_WEIGHT = 0.5
 DEFAULT_MISS_STEPS = 3.0
@@ -65,14 +71,64 @@ _SHARE_FLOOR = 1e-3
 impossible)."""
 
 
-class TransitionStatistics:
-    """Source (c): smoothed co-activation counts between layers and between consecutive tokens, and the prior.
+class TransitionCounts:
+    """Co-activation counts of decode tokens and their logs: the tables the transition evidence reads.
 
-    ``log_counts[d][l][a][b]``: log of (decode tokens with expert ``a`` at layer ``l - d`` and ``b`` at layer
-    ``l`` (``d >= 1``), or ``a`` at layer ``l`` of the previous token and ``b`` at layer ``l`` (``d = 0``), plus
-    ``smoothing * top_k / num_experts``). ``log_frequency[l][b]``: log of (decode tokens using ``b`` at ``l``,
-    plus ``smoothing``). So ``exp(log_counts[d][l][a][b] - log_frequency[l][b])`` estimates P(a | b) with a
-    prior of ``smoothing`` tokens in which ``a`` is active at the average rate ``top_k / num_experts``.
+    ``log_counts[d][l][a][b]``: log of the (pseudo-)tokens with expert ``a`` at layer ``l - d`` and ``b`` at
+    layer ``l`` (``d >= 1``), or ``a`` at layer ``l`` of the previous token and ``b`` at layer ``l`` (``d = 0``).
+    ``log_frequency[l][b]``: log of the (pseudo-)tokens using ``b`` at ``l``. So ``exp(log_counts[d][l][a][b] -
+    log_frequency[l][b])`` estimates P(a | b). The tables hold ``tokens`` observed tokens on top of a prior worth
+    ``prior_tokens``. `TransitionStatistics` are the shared, persisted ones; `scaled` gives one request's own.
+    """
+
+    def __init__(self, max_offset: int, counts: list, frequency: list[list[float]], prior_tokens: float) -> None:
+        """``counts`` [max_offset + 1][L][E][E] and ``frequency`` [L][E]: the prior's (pseudo-)counts (owned)."""
+        self.num_layers = len(frequency)
+        self.num_experts = len(frequency[0])
+        self.max_offset = max_offset
+        self.prior_tokens = prior_tokens
+        self.tokens = 0
+        self._counts = counts
+        self._frequency = frequency
+        log = math.log
+        self.log_counts = [[[[log(count) for count in row] for row in layer] for layer in offset]
+                           for offset in counts]
+        self.log_frequency = [[log(count) for count in row] for row in frequency]
+
+    def scaled(self, prior_tokens: float) -> TransitionCounts:
+        """New counts whose prior is these (observed tokens and prior together) scaled to ``prior_tokens``
+        tokens: a request's own statistics start from what all past requests taught, and its own tokens, which
+        `observe` adds at full weight, soon dominate."""
+        scale = prior_tokens / (self.tokens + self.prior_tokens)
+        counts = [[[[count * scale for count in row] for row in layer] for layer in offset] for offset in self._counts]
+        frequency = [[count * scale for count in row] for row in self._frequency]
+        return TransitionCounts(self.max_offset, counts, frequency, prior_tokens)
+
+    def observe(self, token: Sequence[Sequence[int]], previous: Sequence[Sequence[int]] | None) -> None:
+        """Learn from one decode token's expert ids per layer ``token``, after ``previous`` (or None)."""
+        self.tokens += 1
+        log = math.log
+        for layer, experts in enumerate(token):
+            if not experts:
+                continue
+            frequency, log_frequency = self._frequency[layer], self.log_frequency[layer]
+            for expert in experts:
+                frequency[expert] += 1.0
+                log_frequency[expert] = log(frequency[expert])
+            for offset in range(0 if previous is not None else 1, min(self.max_offset, layer) + 1):
+                counts, logs = self._counts[offset][layer], self.log_counts[offset][layer]
+                for source in previous[layer] if offset == 0 else token[layer - offset]:
+                    source_counts, source_logs = counts[source], logs[source]
+                    for target in experts:
+                        source_counts[target] += 1.0
+                        source_logs[target] = log(source_counts[target])
+
+
+class TransitionStatistics(TransitionCounts):
+    """Source (c), shared by all requests: `TransitionCounts` over every finished decode token, on a prior of
+    ``smoothing`` pseudo-tokens in which every source expert is active at the average rate ``top_k /
+    num_experts`` whatever the target (each pair count starts at ``smoothing * top_k / num_experts``, each
+    frequency at ``smoothing``).
 
     What was learned persists with the trace store (engine.trace.store): `state_tensors` gives the observed
     counts without the prior, `restore` puts them back into statistics of the same shape (layers, experts,
@@ -83,19 +139,11 @@ class TransitionStatistics:
                  smoothing: float = DEFAULT_SMOOTHING, top_k: int = DEFAULT_TOP_K) -> None:
         if max_offset < 0 or smoothing <= 0 or not 0 < top_k <= num_experts:
             raise ValueError("max_offset must be >= 0, smoothing > 0 and top_k in 1..num_experts")
-        self.num_layers = num_layers
-        self.num_experts = num_experts
-        self.max_offset = max_offset
         self.smoothing = smoothing
         self.prior = smoothing * top_k / num_experts
-        self.tokens = 0
-        self._counts = [[[[self.prior] * num_experts for _ in range(num_experts)] for _ in range(num_layers)]
-                        for _ in range(max_offset + 1)]
-        self._frequency = [[smoothing] * num_experts for _ in range(num_layers)]
-        log_prior = math.log(self.prior)
-        self.log_counts = [[[[log_prior] * num_experts for _ in range(num_experts)] for _ in range(num_layers)]
-                           for _ in range(max_offset + 1)]
-        self.log_frequency = [[math.log(smoothing)] * num_experts for _ in range(num_layers)]
+        counts = [[[[self.prior] * num_experts for _ in range(num_experts)] for _ in range(num_layers)]
+                  for _ in range(max_offset + 1)]
+        super().__init__(max_offset, counts, [[smoothing] * num_experts for _ in range(num_layers)], smoothing)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -128,38 +176,16 @@ class TransitionStatistics:
             raise ValueError("transition statistics must be int64 counts")
         if (counts < 0).any() or (frequency < 0).any() or tokens < 0:
             raise ValueError("transition statistics hold negative counts")
-        self._counts = (counts.double() + self.prior).tolist()
-        self._frequency = (frequency.double() + self.smoothing).tolist()
-        log = math.log
-        self.log_counts = [[[[log(count) for count in row] for row in layer] for layer in offset]
-                           for offset in self._counts]
-        self.log_frequency = [[log(count) for count in row] for row in self._frequency]
+        TransitionCounts.__init__(self, self.max_offset, (counts.double() + self.prior).tolist(),
+                                  (frequency.double() + self.smoothing).tolist(), self.smoothing)
         self.tokens = int(tokens)
-
-    def observe(self, token: Sequence[Sequence[int]], previous: Sequence[Sequence[int]] | None) -> None:
-        """Learn from one decode token's expert ids per layer ``token``, after ``previous`` (or None)."""
-        self.tokens += 1
-        log = math.log
-        for layer, experts in enumerate(token):
-            if not experts:
-                continue
-            frequency, log_frequency = self._frequency[layer], self.log_frequency[layer]
-            for expert in experts:
-                frequency[expert] += 1.0
-                log_frequency[expert] = log(frequency[expert])
-            for offset in range(0 if previous is not None else 1, min(self.max_offset, layer) + 1):
-                counts, logs = self._counts[offset][layer], self.log_counts[offset][layer]
-                for source in previous[layer] if offset == 0 else token[layer - offset]:
-                    source_counts, source_logs = counts[source], logs[source]
-                    for target in experts:
-                        source_counts[target] += 1.0
-                        source_logs[target] = log(source_counts[target])
 
 
 @dataclass
 class RequestState:
     """One running request as the predictor sees it (create with `Predictor.new_request`)."""
 
+    statistics: TransitionCounts  # the request's own: the shared statistics as prior, then its tokens
     current: list[tuple[int, ...]]  # expert ids of this step's layers run so far (others empty)
     history: list[list[float]]  # [L][E] decode activation counts of the finished steps
     layers_seen: int = 0
@@ -189,6 +215,7 @@ class Predictor:
         transitions: TransitionStatistics | None = None,
         store_weight: float = DEFAULT_STORE_WEIGHT,
         evidence_weight: float = DEFAULT_EVIDENCE_WEIGHT,
+        request_prior_tokens: float = DEFAULT_REQUEST_PRIOR_TOKENS,
     ) -> None:
         unknown = set(sources) - set(SOURCES)
         if unknown:
@@ -202,10 +229,12 @@ class Predictor:
                             else TransitionStatistics(num_layers, num_experts, top_k=top_k))
         self.store_weight = store_weight
         self.evidence_weight = evidence_weight
+        self.request_prior_tokens = request_prior_tokens
 
     def new_request(self) -> RequestState:
         """Tracking state for a request about to run its first step."""
-        return RequestState(current=[()] * self.num_layers,
+        return RequestState(statistics=self.transitions.scaled(self.request_prior_tokens),
+                            current=[()] * self.num_layers,
                             history=[[0.0] * self.num_experts for _ in range(self.num_layers)])
 
     def begin_step(self, state: RequestState, decode: bool) -> None:
@@ -213,7 +242,7 @@ class Predictor:
         state.decode = decode
         state.layers_seen = 0
         state.store_match = self._match(state) if "store" in self.sources else None
-        state.store_terms = self._store_terms(state.store_match)
+        state.store_terms = self._store_terms(state.store_match, state.statistics.log_frequency)
         previous = state.previous or [()] * self.num_layers
         state.scores = [self._base_scores(state, layer, previous[layer]) for layer in range(self.num_layers)]
         state.probabilities = [_use_probabilities(scores, self.top_k) for scores in state.scores]
@@ -230,7 +259,7 @@ class Predictor:
         state.probabilities[layer] = _use_probabilities(state.scores[layer], self.top_k)
         if "transitions" not in self.sources or not experts:
             return
-        stats = self.transitions
+        stats = state.statistics
         for target in range(layer + 1, min(self.num_layers, layer + stats.max_offset + 1)):
             state.scores[target] = _with_evidence(state.scores[target], stats.log_counts[target - layer][target],
                                                   experts, stats.log_frequency[target], self.evidence_weight)
@@ -240,6 +269,7 @@ class Predictor:
         """Close ``state``'s step: a decode step teaches the transition statistics and joins the history."""
         if state.decode:
             self.transitions.observe(state.current, state.previous)
+            state.statistics.observe(state.current, state.previous)
             for layer, experts in enumerate(state.current):
                 for expert in experts:
                     state.history[layer][expert] += 1.0
@@ -263,7 +293,7 @@ class Predictor:
     def _base_scores(self, state: RequestState, layer: int, temporal: Sequence[int]) -> list[float]:
         """``layer``'s log scores before this step's evidence: frequency, the temporal transition from the
         ``temporal`` experts (those of ``layer`` one token before its next visit), the store."""
-        stats = self.transitions
+        stats = state.statistics
         scores = list(stats.log_frequency[layer])
         if "transitions" in self.sources and temporal:
             scores = _with_evidence(scores, stats.log_counts[0][layer], temporal, stats.log_frequency[layer],
@@ -272,11 +302,12 @@ class Predictor:
             scores = [score + term for score, term in zip(scores, state.store_terms[layer])]
         return scores
 
-    def _store_terms(self, match: list[list[float]] | None) -> list[list[float]] | None:
+    def _store_terms(self, match: list[list[float]] | None,
+                     frequencies: list[list[float]]) -> list[list[float]] | None:
         """``store_weight`` * (log share - log frequency) per layer and expert, or None without a match."""
         if match is None:
             return None
-        weight, frequencies = self.store_weight, self.transitions.log_frequency
+        weight = self.store_weight
         return [[weight * (math.log(max(share, _SHARE_FLOOR)) - frequency)
                  for share, frequency in zip(row, log_row)] for row, log_row in zip(match, frequencies)]
 

@@ -85,6 +85,8 @@ def test_incremental_rows_equal_the_naive_bayes_formula() -> None:
     for token in tokens[:-1]:
         run_token(predictor, state, token)
     current, previous = tokens[-1], tokens[-2]
+    stats = state.statistics  # the request's own: its 29 tokens on the empty shared prior
+    assert stats.tokens == 29
     predictor.begin_step(state, decode=True)
     for seen in range(layers):
         predictor.observe_layer(state, seen, current[seen])
@@ -160,3 +162,38 @@ def test_priorities_order_by_probability_then_by_how_soon_the_layer_comes() -> N
     assert priorities[(1, 0, "native")] > priorities[(2, 0, "native")] > priorities[(0, 0, "native")]
     assert priorities[(1, 0, "native")] > priorities[(1, 1, "native")]
     assert batch_priorities([], 0) == {}
+
+
+def test_a_request_starts_from_the_shared_statistics_and_its_own_tokens_soon_dominate() -> None:
+    predictor = Predictor(LAYERS, EXPERTS, top_k=1, sources=["transitions"])
+    taught = predictor.new_request()
+    for start in range(EXPERTS * 40):  # 320 tokens of the chain e -> e + 1
+        run_token(predictor, taught, chain(start))
+    newcomer = predictor.new_request()
+    predictor.begin_step(newcomer, decode=True)
+    predictor.observe_layer(newcomer, 0, [4])
+    assert top(predictor.predict(newcomer)[1]) == [5], "a new request predicts what past requests taught"
+    predictor.end_step(newcomer)
+    for start in range(EXPERTS * 2):  # 16 tokens of its own, of another kind: e -> e + 3
+        run_token(predictor, newcomer, [[(start + 3 * layer) % EXPERTS] for layer in range(LAYERS)])
+    predictor.begin_step(newcomer, decode=True)
+    predictor.observe_layer(newcomer, 0, [4])
+    assert top(predictor.predict(newcomer)[1]) == [7], "17 own tokens outweigh 337 shared ones"
+    assert predictor.transitions.tokens == 337 and newcomer.statistics.tokens == 17
+    later = predictor.new_request()
+    predictor.begin_step(later, decode=True)
+    predictor.observe_layer(later, 0, [4])
+    assert top(predictor.predict(later)[1]) == [5], "the shared statistics learned both; the chain is most of it"
+
+
+def test_scaled_counts_are_a_prior_of_the_given_weight() -> None:
+    stats = TransitionStatistics(2, 4, max_offset=1, smoothing=4.0, top_k=1)
+    for _ in range(36):
+        stats.observe([[0], [2]], None)
+    own = stats.scaled(8.0)
+    assert (own.tokens, own.prior_tokens) == (0, 8.0)
+    assert math.exp(own.log_frequency[1][2]) == pytest.approx((36 + 4) * 8 / 40)
+    assert math.exp(own.log_counts[1][1][0][2] - own.log_frequency[1][2]) == pytest.approx(
+        math.exp(stats.log_counts[1][1][0][2] - stats.log_frequency[1][2])), "the same estimates, less weight"
+    own.observe([[1], [2]], None)
+    assert own.tokens == 1 and stats.tokens == 36, "a request's own counts leave the shared ones alone"
