@@ -3,24 +3,31 @@
 A step runs the layers 0..L-1 in order; after layer ``s - 1`` the request's *frontier* is ``layers_seen = s``.
 `Predictor.predict` answers, for every layer, the probability that each expert is used at that layer's next
 visit: this step for layers ``>= s``, the next step for layers ``< s``. It scores experts by naive Bayes: the
-log of the per-layer frequency of each expert (learned online over all decode tokens; alone, the *frequency*
-baseline) plus, for each enabled source, the log-ratio of the source's evidence over that frequency (terms that
-are equal for every expert of a layer are left out: they cancel in the softmax). The transition log-ratios are
-tempered by ``evidence_weight``: the layers before a target say much the same thing, and counting each in
-full makes the probabilities overconfident (on h39s 0.5 kept recall and raised prefetch precision):
+log of the per-layer frequency of each expert (alone, the *frequency* baseline) plus, for each enabled source,
+the log-ratio of the source's evidence over that frequency (terms that are equal for every expert of a layer
+are left out: they cancel in the softmax). The transition log-ratios are tempered by ``evidence_weight``: the
+layers before a target say much the same thing, and counting each in full makes the probabilities
+overconfident (on h39s 0.5 kept recall and raised prefetch precision).
 
-- (c) ``"transitions"`` (EdgeMoE): `TransitionStatistics`, counts of expert ``b`` at layer ``l`` given expert
-  ``a`` at layer ``l - d`` of the same token, for ``d = 1..max_offset`` (used only where layer ``l - d`` has
-  already run in this step), and given ``a`` at layer ``l`` of the previous token (``d = 0``, the temporal
-  transition; for a next-step target the current token is that previous token). Learned online from every
-  finished decode step, twice: into the shared statistics (all requests, persisted with the store) and into the
-  request's own (`TransitionCounts.scaled`: the shared ones as they were when it started, scaled to
-  ``request_prior_tokens`` pseudo-tokens, then its own tokens at full weight), which are the ones it predicts
-  from: a new request starts from what all past requests taught, and soon follows its own kind (another kind of
-  request's many tokens no longer outweigh its own few). The per-layer frequency is the request's own too. The smoothing is a prior of ``smoothing`` pseudo-tokens in which every source expert
-  is active with probability ``top_k / num_experts`` whatever the target, so a target seen rarely gets a
-  log-ratio near 0 instead of a large one (on h39s at ``max_offset`` 4: recall 0.799 -> 0.802, over its first
-  160 tokens 0.738 -> 0.760, with ``smoothing`` 4 instead of the former 1 pseudo-token at rate 1).
+Frequency and transitions are counted twice, from every finished decode step: into the shared
+`TransitionStatistics` (all requests; persisted with the store) and into the request's own `TransitionCounts`,
+which are the ones it predicts from. A request's own begin as the shared ones when it starts, scaled to
+``request_prior_tokens`` pseudo-tokens (`TransitionCounts.scaled`), and add its own tokens at full weight: a new
+request starts from what all past requests taught and soon follows its own kind, where another kind of
+request's many tokens would otherwise outweigh its own few.
+
+- (c) ``"transitions"`` (EdgeMoE): counts of expert ``b`` at layer ``l`` given expert ``a`` at layer ``l - d``
+  of the same token, for ``d = 1..max_offset`` (used only where layer ``l - d`` has already run in this step),
+  and given ``a`` at layer ``l`` of the previous token (``d = 0``, the temporal transition; for a next-step
+  target the current token is that previous token). The shared statistics' smoothing is a prior of
+  ``smoothing`` pseudo-tokens in which every source expert is active with probability ``top_k / num_experts``
+  whatever the target, so a target seen rarely gets a log-ratio near 0 instead of a large one (on h39s at
+  ``max_offset`` 4: recall 0.799 -> 0.802, over its first 160 tokens 0.738 -> 0.760, with ``smoothing`` 4
+  instead of the former 1 pseudo-token at rate 1).
+- ``"history"``: the token match over the request's own recent decode tokens (`TokenMatch`): tokens repeat
+  routing patterns within a request, so the recent tokens whose routing over the layers run so far is most
+  like this token's predict the layers ahead (a nearest-neighbour vote; unlike the transitions, it sees
+  patterns of several layers together). Its log-ratio is added to the rows ``reach`` layers ahead.
 - (a) ``"store"`` (MoE-Infinity): the `TraceStore` match of the request's decode activation matrix (cosine over
   layer-normalized matrices, `TraceStore.match`), taken at the start of each step, times ``store_weight``.
 
@@ -32,15 +39,17 @@ next visit and how soon that visit comes: Belady's "farthest next use goes first
 Pure Python on purpose: the tables are tiny (layers x experts x experts) and the hot path updates only the rows
 a layer changes; per-call tensor overhead would dominate. Each request keeps every layer's scores: `begin_step`
 computes them all (frequency, temporal evidence, store), `observe_layer` adds the new layer's evidence to the
-``max_offset`` rows after it and rebuilds the observed layer's own row for the next step; only those rows go
-through the softmax again. The statistics change only in `end_step`, so within a step the incremental scores
-equal a recomputation.
+``max_offset`` rows after it, replaces the token match's terms of the ``reach`` rows after it and rebuilds the
+observed layer's own row for the next step; only those rows go through the softmax again. The statistics
+change only in `end_step`, so within a step the incremental scores equal a recomputation.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
+from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -51,7 +60,7 @@ from engine.trace.store import TraceStore
 
 logger = logging.getLogger(__name__)
 
-SOURCES: tuple[str, ...] = ("store", "transitions")
+SOURCES: tuple[str, ...] = ("store", "transitions", "history")
 DEFAULT_MAX_OFFSET = 8
 """Layers back the transition statistics look (tuned on h39s: recall 0.802 at 4, 0.811 at 8, 0.812 at 12)."""
 DEFAULT_SMOOTHING = 4.0
@@ -181,6 +190,31 @@ class TransitionStatistics(TransitionCounts):
         self.tokens = int(tokens)
 
 
+@dataclass(frozen=True)
+class TokenMatch:
+    """Settings of source ``"history"``, the token match over a request's own recent decode tokens.
+
+    ``tokens``: how many of the request's last decode tokens are matched (bounds the hot path's work: on h39s
+    recall 0.833 at 128, 0.840 at 256, 0.843 at 512, 0.845 at 1024); ``neighbours``: how many of them, the most
+    similar, vote (0.832 at 8, 0.840 at 16, 0.839 at 32); ``decay``: a layer ``j`` layers behind the frontier
+    counts ``decay ** j`` in the similarity (0.838 at 0.8, 0.840 at 0.9 and 0.95); ``sharpness``: a neighbour
+    ``x`` less similar than the most similar one votes ``exp(-sharpness * x)`` (0.837 at 0.5, 0.840 at 1 and 2;
+    votes in proportion to the similarity: 0.832); ``prior``: pseudo-votes of the request's own per-layer
+    frequency (0.841 at 0.1, 0.840 at 0.3, 0.837 at 1); ``weight``: the evidence's weight in the scores (0.839 at
+    0.7, 0.840 at 1, 0.841 at 1.5); ``reach``: how many layers ahead of the frontier the neighbours predict. All
+    chosen on h39s with the transitions on (recalls above: transitions + history), values within ~0.001 of
+    the best taken at round numbers.
+    """
+
+    tokens: int = 256
+    neighbours: int = 16
+    decay: float = 0.9
+    sharpness: float = 1.0
+    prior: float = 0.3
+    weight: float = 1.0
+    reach: int = 8
+
+
 @dataclass
 class RequestState:
     """One running request as the predictor sees it (create with `Predictor.new_request`)."""
@@ -195,6 +229,9 @@ class RequestState:
     store_match: list[list[float]] | None = None  # this step's store prediction [L][E]
     scores: list[list[float]] = field(default_factory=list)  # [L][E] log scores behind ``probabilities``
     store_terms: list[list[float]] | None = None  # [L][E] this step's store log-ratios (weighted)
+    recent: deque[list[tuple[int, ...]]] = field(default_factory=deque)  # last decode tokens' ids per layer
+    recent_masks: deque[list[int]] = field(default_factory=deque)  # the same as bit masks per layer
+    similarity: list[float] = field(default_factory=list)  # this step's token's similarity to each recent one
 
 
 class Predictor:
@@ -216,6 +253,7 @@ class Predictor:
         store_weight: float = DEFAULT_STORE_WEIGHT,
         evidence_weight: float = DEFAULT_EVIDENCE_WEIGHT,
         request_prior_tokens: float = DEFAULT_REQUEST_PRIOR_TOKENS,
+        token_match: TokenMatch = TokenMatch(),
     ) -> None:
         unknown = set(sources) - set(SOURCES)
         if unknown:
@@ -230,6 +268,7 @@ class Predictor:
         self.store_weight = store_weight
         self.evidence_weight = evidence_weight
         self.request_prior_tokens = request_prior_tokens
+        self.token_match = token_match
 
     def new_request(self) -> RequestState:
         """Tracking state for a request about to run its first step."""
@@ -241,6 +280,7 @@ class Predictor:
         """``state`` starts a step (a decode token, or a prefill whose experts are not one token's)."""
         state.decode = decode
         state.layers_seen = 0
+        state.similarity = [0.0] * len(state.recent)
         state.store_match = self._match(state) if "store" in self.sources else None
         state.store_terms = self._store_terms(state.store_match, state.statistics.log_frequency)
         previous = state.previous or [()] * self.num_layers
@@ -256,20 +296,27 @@ class Predictor:
         state.current[layer] = experts
         state.layers_seen = layer + 1
         state.scores[layer] = self._base_scores(state, layer, experts)
-        state.probabilities[layer] = _use_probabilities(state.scores[layer], self.top_k)
-        if "transitions" not in self.sources or not experts:
-            return
+        changed = {layer}
         stats = state.statistics
-        for target in range(layer + 1, min(self.num_layers, layer + stats.max_offset + 1)):
-            state.scores[target] = _with_evidence(state.scores[target], stats.log_counts[target - layer][target],
-                                                  experts, stats.log_frequency[target], self.evidence_weight)
-            state.probabilities[target] = _use_probabilities(state.scores[target], self.top_k)
+        if "transitions" in self.sources and experts:
+            for target in range(layer + 1, min(self.num_layers, layer + stats.max_offset + 1)):
+                state.scores[target] = _with_evidence(state.scores[target], stats.log_counts[target - layer][target],
+                                                      experts, stats.log_frequency[target], self.evidence_weight)
+                changed.add(target)
+        history = self._history_terms(state, layer, experts) if "history" in self.sources else {}
+        changed.update(history)
+        for row in changed:
+            scores = state.scores[row]
+            if row in history:
+                scores = [score + term for score, term in zip(scores, history[row])]
+            state.probabilities[row] = _use_probabilities(scores, self.top_k)
 
     def end_step(self, state: RequestState) -> None:
         """Close ``state``'s step: a decode step teaches the transition statistics and joins the history."""
         if state.decode:
             self.transitions.observe(state.current, state.previous)
             state.statistics.observe(state.current, state.previous)
+            self._remember(state)
             for layer, experts in enumerate(state.current):
                 for expert in experts:
                     state.history[layer][expert] += 1.0
@@ -289,6 +336,54 @@ class Predictor:
         `begin_step`.
         """
         return state.probabilities
+
+    def _remember(self, state: RequestState) -> None:
+        """Keep the finished decode token among the request's ``token_match.tokens`` most recent ones."""
+        state.recent.append(state.current)
+        state.recent_masks.append([sum(1 << expert for expert in experts) for experts in state.current])
+        if len(state.recent) > self.token_match.tokens:
+            state.recent.popleft()
+            state.recent_masks.popleft()
+
+    def _history_terms(self, state: RequestState, layer: int, experts: Sequence[int]) -> dict[int, list[float]]:
+        """Source ``"history"``: after ``layer`` ran with ``experts``, the log-ratios of the recent tokens most
+        like this one for the ``token_match.reach`` layers ahead, {target layer: [E] weighted terms}.
+
+        Similarity to a recent token (kept in ``state.similarity``, updated here layer by layer): the experts
+        it shares with this token at each layer run so far, a layer ``j`` behind the frontier counting ``decay
+        ** j``. The ``neighbours`` most similar (ties: the latest) vote for the experts they used at the target,
+        each ``exp(-sharpness * x)`` if ``x`` less similar than the most similar one; the votes, with ``prior``
+        pseudo-votes spread as the request's per-layer frequency, estimate P(expert used), and ``weight`` times
+        its log-ratio over the frequency's is the term. No terms in a prefill step or before a similar token
+        exists."""
+        if not state.decode or not state.recent:
+            return {}
+        match = self.token_match
+        mask = sum(1 << expert for expert in experts)
+        state.similarity = [similarity * match.decay + (masks[layer] & mask).bit_count()
+                            for similarity, masks in zip(state.similarity, state.recent_masks)]
+        latest_first = range(len(state.similarity) - 1, -1, -1)
+        neighbours = [index for index in heapq.nlargest(match.neighbours, latest_first,
+                                                        key=state.similarity.__getitem__)
+                      if state.similarity[index] > 0]
+        if not neighbours:
+            return {}
+        top = state.similarity[neighbours[0]]
+        weights = {index: math.exp(match.sharpness * (state.similarity[index] - top)) for index in neighbours}
+        votes = sum(weights.values()) + match.prior
+        log, exp = math.log, math.exp
+        terms = {}
+        for target in range(layer + 1, min(self.num_layers, layer + match.reach + 1)):
+            log_frequency = state.statistics.log_frequency[target]
+            frequency = [exp(value) for value in log_frequency]
+            rate = self.top_k / sum(frequency)
+            used = [match.prior * count * rate for count in frequency]
+            for index in neighbours:
+                for expert in state.recent[index][target]:
+                    used[expert] += weights[index]
+            terms[target] = [match.weight * (log(count / votes) - value - log(rate))
+                             for count, value in zip(used, log_frequency)]
+        return terms
 
     def _base_scores(self, state: RequestState, layer: int, temporal: Sequence[int]) -> list[float]:
         """``layer``'s log scores before this step's evidence: frequency, the temporal transition from the

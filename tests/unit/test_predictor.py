@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import random
+from collections import deque
 
 import pytest
 import torch
 
-from engine.trace.predictor import Predictor, TransitionStatistics, any_request, batch_priorities
+from engine.trace.predictor import Predictor, TokenMatch, TransitionStatistics, any_request, batch_priorities
 from engine.trace.store import TraceStore
 
 LAYERS, EXPERTS = 4, 8
@@ -197,3 +199,49 @@ def test_scaled_counts_are_a_prior_of_the_given_weight() -> None:
         math.exp(stats.log_counts[1][1][0][2] - stats.log_frequency[1][2])), "the same estimates, less weight"
     own.observe([[1], [2]], None)
     assert own.tokens == 1 and stats.tokens == 36, "a request's own counts leave the shared ones alone"
+
+
+def xor_token(first: int, second: int) -> list[list[int]]:
+    """Layers 0 and 1 use expert 0 or 1; layer 2 uses 2 + (first xor second), layer 3 expert 4."""
+    return [[first], [second], [2 + (first ^ second)], [4]]
+
+
+def test_the_token_match_finds_a_pattern_of_several_layers_that_pairwise_transitions_cannot() -> None:
+    rng = random.Random(0)
+    combinations = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    tokens = [xor_token(*pair) for _ in range(16) for pair in rng.sample(combinations, 4)]  # 16 of each
+    predictors = {sources: Predictor(LAYERS, EXPERTS, top_k=1, sources=sources)
+                  for sources in (("transitions",), ("transitions", "history"))}
+    for sources, predictor in predictors.items():
+        state = predictor.new_request()
+        for token in tokens:
+            run_token(predictor, state, token)
+        for first, second in combinations:
+            predictor.begin_step(state, decode=True)
+            predictor.observe_layer(state, 0, [first])
+            predictor.observe_layer(state, 1, [second])
+            row = predictor.predict(state)[2]
+            if "history" in sources:
+                assert row[2 + (first ^ second)] > 0.9
+            else:  # each of layers 0 and 1 alone says little about layer 2
+                assert row[2 + (first ^ second)] < 0.75
+            predictor.observe_layer(state, 2, xor_token(first, second)[2])
+            predictor.observe_layer(state, 3, [4])
+            predictor.end_step(state)
+
+
+def test_the_token_match_matches_only_the_requests_last_tokens() -> None:
+    predictor = Predictor(LAYERS, EXPERTS, top_k=1, sources=["history"], token_match=TokenMatch(tokens=8))
+    state = predictor.new_request()
+    for _ in range(8):
+        run_token(predictor, state, [[0], [1], [2], [3]])
+    for _ in range(8):  # the same layer 0, another continuation: the first 8 tokens drop out of the window
+        run_token(predictor, state, [[0], [5], [6], [7]])
+    assert len(state.recent) == 8
+    predictor.begin_step(state, decode=True)
+    predictor.observe_layer(state, 0, [0])
+    assert [top(row) for row in predictor.predict(state)[1:]] == [[5], [6], [7]]
+    other = predictor.new_request()  # another request matches its own tokens, none yet
+    predictor.begin_step(other, decode=True)
+    predictor.observe_layer(other, 0, [0])
+    assert other.recent == deque() and max(predictor.predict(other)[3]) < 0.5
