@@ -9,7 +9,7 @@ from collections import deque
 import pytest
 import torch
 
-from engine.trace.predictor import Predictor, TokenMatch, TransitionStatistics, any_request, batch_priorities
+from engine.trace.predictor import Predictor, HistorySettings, TransitionStatistics, any_request, batch_priorities
 from engine.trace.store import TraceStore
 
 LAYERS, EXPERTS = 4, 8
@@ -231,7 +231,7 @@ def test_the_token_match_finds_a_pattern_of_several_layers_that_pairwise_transit
 
 
 def test_the_token_match_matches_only_the_requests_last_tokens() -> None:
-    predictor = Predictor(LAYERS, EXPERTS, top_k=1, sources=["history"], token_match=TokenMatch(tokens=8))
+    predictor = Predictor(LAYERS, EXPERTS, top_k=1, sources=["history"], history=HistorySettings(tokens=8))
     state = predictor.new_request()
     for _ in range(8):
         run_token(predictor, state, [[0], [1], [2], [3]])
@@ -245,3 +245,17 @@ def test_the_token_match_matches_only_the_requests_last_tokens() -> None:
     predictor.begin_step(other, decode=True)
     predictor.observe_layer(other, 0, [0])
     assert other.recent == deque() and max(predictor.predict(other)[3]) < 0.5
+
+
+def test_recent_use_follows_a_request_that_changed_its_experts() -> None:
+    rows = {}
+    for sources in ((), ("history",)):
+        predictor = Predictor(LAYERS, EXPERTS, top_k=1, sources=sources)
+        state = predictor.new_request()
+        for token in range(56):  # layer 0 used expert 1 for 50 tokens, then expert 3 for 6
+            run_token(predictor, state, [[1 if token < 50 else 3], [0], [0], [0]])
+        predictor.begin_step(state, decode=True)
+        rows[sources] = predictor.predict(state)[0]  # nothing of this token seen: no token match, recent use only
+    frequency, recent = rows[()], rows[("history",)]
+    assert recent[3] > 3 * frequency[3] and recent[1] < frequency[1]
+    assert top(frequency, 2) == [1, 3] and recent[3] > 0.3
