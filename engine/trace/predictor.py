@@ -27,9 +27,10 @@ request's many tokens would otherwise outweigh its own few.
 - ``"history"``: the token match over the request's own recent decode tokens (`HistorySettings`): tokens repeat
   routing patterns within a request, so the recent tokens whose routing over the layers run so far is most
   like this token's predict the layers ahead (a nearest-neighbour vote; unlike the transitions, it sees
-  patterns of several layers together). Its log-ratio is added to the rows ``reach`` layers ahead. And the
-  request's recent use of each layer's experts (decaying over its last tokens) adds its log-ratio to every
-  row.
+  patterns of several layers together). Its log-ratio is added to the rows ``reach`` layers ahead.
+- ``"recent"``: the request's recent use of each layer's experts (decaying over its last tokens,
+  `HistorySettings`), its log-ratio added to every row. It raises recall but not the cache: the default policy
+  leaves it out (engine.trace.planner.POLICY_SOURCES).
 - (a) ``"store"`` (MoE-Infinity): the `TraceStore` match of the request's decode activation matrix (cosine over
   layer-normalized matrices, `TraceStore.match`), taken at the start of each step, times ``store_weight``.
 
@@ -62,7 +63,7 @@ from engine.trace.store import TraceStore
 
 logger = logging.getLogger(__name__)
 
-SOURCES: tuple[str, ...] = ("store", "transitions", "history")
+SOURCES: tuple[str, ...] = ("store", "transitions", "history", "recent")
 DEFAULT_MAX_OFFSET = 8
 """Layers back the transition statistics look (tuned on h39s: recall 0.802 at 4, 0.811 at 8, 0.812 at 12)."""
 DEFAULT_SMOOTHING = 4.0
@@ -194,24 +195,27 @@ class TransitionStatistics(TransitionCounts):
 
 @dataclass(frozen=True)
 class HistorySettings:
-    """Settings of source ``"history"``, the request's own recent decode tokens: the token match and recent use.
+    """Settings of the sources from the request's own recent decode tokens: ``"history"`` and ``"recent"``.
 
-    The token match. ``tokens``: how many of the request's last decode tokens are matched (bounds the hot path's work: on h39s
-    recall 0.833 at 128, 0.840 at 256, 0.843 at 512, 0.845 at 1024); ``neighbours``: how many of them, the most
+    The token match (``"history"``). ``tokens``: how many of the request's last decode tokens are matched
+    (bounds the hot path's work: on h39s recall 0.833 at 128, 0.840 at 256, 0.843 at 512, 0.845 at 1024); ``neighbours``: how many of them, the most
     similar, vote (0.832 at 8, 0.840 at 16, 0.839 at 32); ``decay``: a layer ``j`` layers behind the frontier
     counts ``decay ** j`` in the similarity (0.838 at 0.8, 0.840 at 0.9 and 0.95); ``sharpness``: a neighbour
     ``x`` less similar than the most similar one votes ``exp(-sharpness * x)`` (0.837 at 0.5, 0.840 at 1 and 2;
     votes in proportion to the similarity: 0.832); ``prior``: pseudo-votes of the request's own per-layer
     frequency (0.841 at 0.1, 0.840 at 0.3, 0.837 at 1); ``weight``: the evidence's weight in the scores (0.839 at
     0.7, 0.840 at 1, 0.841 at 1.5); ``reach``: how many layers ahead of the frontier the neighbours predict. All
-    chosen on h39s with the transitions on (recalls above: transitions + history, before recent use was
-    added), values within ~0.001 of the best taken at round numbers.
+    chosen on h39s with the transitions on (recalls above: transitions + history), values within ~0.001 of the
+    best taken at round numbers.
 
-    Recent use: each layer's experts over the request's recent tokens, a token ``t`` tokens back counting
+    Recent use (``"recent"``): each layer's experts over the request's recent tokens, a token ``t`` tokens back counting
     ``recent_decay ** t`` — the temporal transition of several previous tokens at once, as a frequency — is
     evidence at ``recent_weight`` (with one pseudo-token spread as the request's per-layer frequency). On h39s:
     recall 0.840 without, 0.846 at decay 0.6 and weight 0.5 (0.845 at 0.4 / 0.6 and 0.6 / 0.4, 0.843 at 0.6 /
-    0.8, 0.844 at 0.8 / 0.6, 0.841 at 0.8 / 1); on h39s cut into 80-token requests 0.794 -> 0.797.
+    0.8, 0.844 at 0.8 / 0.6, 0.841 at 0.8 / 1; all with transitions and history); on h39s cut into 80-token
+    requests 0.794 -> 0.797. The default policy with free reads, at 4 slots per layer on h39s, hits less with it
+    at the same blobs (0.738 at 22,487 blobs with it applied to this step's rows only, 0.711 at 22,721 with it
+    on every row; 0.740 at 22,384 without).
     """
 
     tokens: int = 256
@@ -411,7 +415,7 @@ class Predictor:
         if "transitions" in self.sources and temporal:
             scores = _with_evidence(scores, stats.log_counts[0][layer], temporal, stats.log_frequency[layer],
                                     self.evidence_weight)
-        if "history" in self.sources:
+        if "recent" in self.sources:
             scores = _with_recent_use(scores, state.recent_use[layer], stats.log_frequency[layer],
                                       self.history.recent_weight)
         if state.store_terms is not None:

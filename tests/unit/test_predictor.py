@@ -249,13 +249,13 @@ def test_the_token_match_matches_only_the_requests_last_tokens() -> None:
 
 def test_recent_use_follows_a_request_that_changed_its_experts() -> None:
     rows = {}
-    for sources in ((), ("history",)):
+    for sources in ((), ("recent",)):
         predictor = Predictor(LAYERS, EXPERTS, top_k=1, sources=sources)
         state = predictor.new_request()
         for token in range(56):  # layer 0 used expert 1 for 50 tokens, then expert 3 for 6
             run_token(predictor, state, [[1 if token < 50 else 3], [0], [0], [0]])
         predictor.begin_step(state, decode=True)
         rows[sources] = predictor.predict(state)[0]  # nothing of this token seen: no token match, recent use only
-    frequency, recent = rows[()], rows[("history",)]
+    frequency, recent = rows[()], rows[("recent",)]
     assert recent[3] > 3 * frequency[3] and recent[1] < frequency[1]
     assert top(frequency, 2) == [1, 3] and recent[3] > 0.3
