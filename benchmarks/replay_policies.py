@@ -21,9 +21,9 @@ into 80-token requests, included); mixtral-mario-2req (two other requests, anoth
 evaluated only after the settings were fixed, and nothing was changed after seeing it — nor after its warm
 figures, which were measured with the settings as they were. One caveat: the request's own statistics, the
 token match and the 8 pseudo-tokens of `DEFAULT_REQUEST_PRIOR_TOKENS` follow the design of an earlier attempt
-whose figures on mario (cold and warm) were known, so the design, not its tuning, was informed by them. Each clock's default policy runs with
-`PrefetchSettings.for_read_time` of that clock (recorded under ``settings``). Replay is deterministic: the figures
-are exact and tests/unit/test_replay_policies.py pins them.
+whose figures on mario (cold and warm) were known, so the design, not its tuning, was informed by them. Each
+clock's default policy runs with `PrefetchSettings.for_read_time` of that clock (recorded under ``settings``).
+Replay is deterministic: the figures are exact and tests/unit/test_replay_policies.py pins them.
 
 Usage: python benchmarks/replay_policies.py [--out benchmarks/results/replay_policies.json]
 """
