@@ -252,8 +252,8 @@ class RequestState:
 class Predictor:
     """Per-layer expert probabilities of running requests from the enabled ``sources`` (module docstring).
 
-    The transition statistics and the store are shared by all requests; `end_step` teaches the statistics,
-    `finish` enters the request into the store. Call per request: `new_request`, then per step `begin_step`,
+    The transition statistics and the store are shared by all requests; `end_step` teaches the statistics (and
+    the request's own copy, which it predicts from), `finish` enters the request into the store. Call per request: `new_request`, then per step `begin_step`,
     `observe_layer` for each layer in order (`predict` at any point), `end_step`; finally `finish`.
     """
 
@@ -268,7 +268,7 @@ class Predictor:
         store_weight: float = DEFAULT_STORE_WEIGHT,
         evidence_weight: float = DEFAULT_EVIDENCE_WEIGHT,
         request_prior_tokens: float = DEFAULT_REQUEST_PRIOR_TOKENS,
-        history: HistorySettings = HistorySettings(),
+        history_settings: HistorySettings = HistorySettings(),
     ) -> None:
         unknown = set(sources) - set(SOURCES)
         if unknown:
@@ -283,7 +283,7 @@ class Predictor:
         self.store_weight = store_weight
         self.evidence_weight = evidence_weight
         self.request_prior_tokens = request_prior_tokens
-        self.history = history
+        self.history_settings = history_settings
 
     def new_request(self) -> RequestState:
         """Tracking state for a request about to run its first step."""
@@ -305,7 +305,8 @@ class Predictor:
 
     def observe_layer(self, state: RequestState, layer: int, experts: Sequence[int]) -> None:
         """``state`` ran ``layer`` (the frontier) with ``experts``; the rows this changes are recomputed: the
-        ``max_offset`` layers after it gain its evidence, its own row turns to the next step's visit."""
+        ``max_offset`` layers after it gain its evidence, the token match's ``reach`` layers after it take its
+        new vote, its own row turns to the next step's visit."""
         if layer != state.layers_seen:
             raise ValueError(f"layer {layer} observed at frontier {state.layers_seen}: layers run in order")
         experts = tuple(experts)
@@ -354,14 +355,14 @@ class Predictor:
         return state.probabilities
 
     def _remember(self, state: RequestState) -> None:
-        """Keep the finished decode token among the request's ``history.tokens`` most recent ones, and add it
+        """Keep the finished decode token among the request's ``history_settings.tokens`` most recent ones, and add it
         to the recent use."""
         state.recent.append(state.current)
         state.recent_masks.append([sum(1 << expert for expert in experts) for experts in state.current])
-        if len(state.recent) > self.history.tokens:
+        if len(state.recent) > self.history_settings.tokens:
             state.recent.popleft()
             state.recent_masks.popleft()
-        decay = self.history.recent_decay
+        decay = self.history_settings.recent_decay
         for use, experts in zip(state.recent_use, state.current):
             use[:] = [count * decay for count in use]
             for expert in experts:
@@ -369,7 +370,7 @@ class Predictor:
 
     def _history_terms(self, state: RequestState, layer: int, experts: Sequence[int]) -> dict[int, list[float]]:
         """Source ``"history"``: after ``layer`` ran with ``experts``, the log-ratios of the recent tokens most
-        like this one for the ``history.reach`` layers ahead, {target layer: [E] weighted terms}.
+        like this one for the ``history_settings.reach`` layers ahead, {target layer: [E] weighted terms}.
 
         Similarity to a recent token (kept in ``state.similarity``, updated here layer by layer): the experts
         it shares with this token at each layer run so far, a layer ``j`` behind the frontier counting ``decay
@@ -380,7 +381,7 @@ class Predictor:
         exists."""
         if not state.decode or not state.recent:
             return {}
-        match = self.history
+        match = self.history_settings
         mask = sum(1 << expert for expert in experts)
         state.similarity = [similarity * match.decay + (masks[layer] & mask).bit_count()
                             for similarity, masks in zip(state.similarity, state.recent_masks)]
@@ -417,7 +418,7 @@ class Predictor:
                                     self.evidence_weight)
         if "recent" in self.sources:
             scores = _with_recent_use(scores, state.recent_use[layer], stats.log_frequency[layer],
-                                      self.history.recent_weight)
+                                      self.history_settings.recent_weight)
         if state.store_terms is not None:
             scores = [score + term for score, term in zip(scores, state.store_terms[layer])]
         return scores

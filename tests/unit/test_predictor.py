@@ -231,7 +231,7 @@ def test_the_token_match_finds_a_pattern_of_several_layers_that_pairwise_transit
 
 
 def test_the_token_match_matches_only_the_requests_last_tokens() -> None:
-    predictor = Predictor(LAYERS, EXPERTS, top_k=1, sources=["history"], history=HistorySettings(tokens=8))
+    predictor = Predictor(LAYERS, EXPERTS, top_k=1, sources=["history"], history_settings=HistorySettings(tokens=8))
     state = predictor.new_request()
     for _ in range(8):
         run_token(predictor, state, [[0], [1], [2], [3]])
