@@ -253,8 +253,9 @@ class Predictor:
     """Per-layer expert probabilities of running requests from the enabled ``sources`` (module docstring).
 
     The transition statistics and the store are shared by all requests; `end_step` teaches the statistics (and
-    the request's own copy, which it predicts from), `finish` enters the request into the store. Call per request: `new_request`, then per step `begin_step`,
-    `observe_layer` for each layer in order (`predict` at any point), `end_step`; finally `finish`.
+    the request's own copy, which it predicts from), `finish` enters the request into the store. Call per
+    request: `new_request`, then per step `begin_step`, `observe_layer` for each layer in order (`predict` at any
+    point), `end_step`; finally `finish`.
     """
 
     def __init__(
