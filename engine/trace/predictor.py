@@ -197,16 +197,17 @@ class TransitionStatistics(TransitionCounts):
 class HistorySettings:
     """Settings of the sources from the request's own recent decode tokens: ``"history"`` and ``"recent"``.
 
-    The token match (``"history"``). ``tokens``: how many of the request's last decode tokens are matched (bounds
-    the hot path's work: on h39s recall 0.833 at 128, 0.840 at 256, 0.843 at 512, 0.845 at 1024); ``neighbours``:
-    how many of them, the most similar, vote (0.832 at 8, 0.840 at 16, 0.839 at 32); ``decay``: a layer ``j`` layers
-    behind the frontier counts ``decay ** j`` in the similarity (0.838 at 0.8, 0.840 at 0.9 and 0.95);
-    ``sharpness``: a neighbour ``x`` less similar than the most similar one votes ``exp(-sharpness * x)`` (0.837 at
-    0.5, 0.840 at 1 and 2; votes in proportion to the similarity: 0.832); ``prior``: pseudo-votes of the request's
-    own per-layer frequency (0.841 at 0.1, 0.840 at 0.3, 0.837 at 1); ``weight``: the evidence's weight in the
-    scores (0.839 at 0.7, 0.840 at 1, 0.841 at 1.5); ``reach``: how many layers ahead of the frontier the neighbours
-    predict. All chosen on h39s with the transitions on (recalls above: transitions + history), values within ~0.001
-    of the best taken at round numbers.
+    The token match (``"history"``; with store and transitions, 14.8 ms of Python per decode token on h39s on a
+    loaded development machine, 5.6 ms without it). ``tokens``: how many of the request's last decode tokens are
+    matched (bounds the hot path's work: on h39s recall 0.833 at 128, 0.840 at 256, 0.843 at 512, 0.845 at 1024);
+    ``neighbours``: how many of them, the most similar, vote (0.832 at 8, 0.840 at 16, 0.839 at 32); ``decay``: a
+    layer ``j`` layers behind the frontier counts ``decay ** j`` in the similarity (0.838 at 0.8, 0.840 at 0.9 and
+    0.95); ``sharpness``: a neighbour ``x`` less similar than the most similar one votes ``exp(-sharpness * x)``
+    (0.837 at 0.5, 0.840 at 1 and 2; votes in proportion to the similarity: 0.832); ``prior``: pseudo-votes of the
+    request's own per-layer frequency (0.841 at 0.1, 0.840 at 0.3, 0.837 at 1); ``weight``: the evidence's weight in
+    the scores (0.839 at 0.7, 0.840 at 1, 0.841 at 1.5); ``reach``: how many layers ahead of the frontier the
+    neighbours predict. All chosen on h39s with the transitions on (recalls above: transitions + history), values
+    within ~0.001 of the best taken at round numbers.
 
     Recent use (``"recent"``): each layer's experts over the request's recent tokens, a token ``t`` tokens back
     counting ``recent_decay ** t`` — the temporal transition of several previous tokens at once, as a frequency — is
@@ -214,8 +215,8 @@ class HistorySettings:
     recall 0.840 without, 0.846 at decay 0.6 and weight 0.5 (0.845 at 0.4 / 0.6 and 0.6 / 0.4, 0.843 at 0.6 / 0.8,
     0.844 at 0.8 / 0.6, 0.841 at 0.8 / 1; all with transitions and history); on h39s cut into 80-token requests
     0.794 -> 0.797. The default policy with free reads, at 4 slots per layer on h39s, hits less with it at the same
-    blobs (0.738 at 22,487 blobs with it applied to this step's rows only, threshold 0.6; 0.711 at 22,721 with it
-    on every row, threshold 0.7; 0.740 at 22,384 without, threshold 0.7).
+    blobs (0.738 at 22,487 blobs with it applied to this step's rows only, threshold 0.6; 0.711 at 22,721 with it on
+    every row, threshold 0.7; 0.740 at 22,384 without, threshold 0.7).
     """
 
     tokens: int = 256
