@@ -5,21 +5,25 @@ empty) and warm (``recall_warm``, ``policies_warm``: after the other file's requ
 the same predictor, store, cache and clock — `replay`'s ``warm_up``; ``warm_up`` names which file warmed which):
 
 - ``recall``: next-layer recall with M = 2 * top_k experts predicted (engine.trace.replay.next_layer_recall) for
-  each prediction source — the per-layer frequency baseline, (c) the transition statistics, (a) the trace store,
-  and both — beside random choice (exactly M / num_experts).
+  the prediction sources alone and together — the per-layer frequency baseline, (c) the transition statistics,
+  the token match over the request's own tokens (``history``), its recent use (``recent``), (a) the trace store
+  — beside random choice (exactly M / num_experts).
 - ``policies``: `replay` of the demand-paging policies and of the ``default`` policy (predicted priorities and
   prefetch over a global cache) at 4 slots per layer, each with per-layer and global Belady at the same total
   capacity, under three modelled clocks: ``unbounded`` (reads take no time: what prediction alone can give),
   ``nvme`` (7 GB/s) and ``disk`` (the `ClockModel` default, 1.5 GB/s; 35 ms of compute per layer in all).
 
 Held out: every setting of the predictor and of the default policy (`PrefetchSettings.for_read_time` and its
-constants, `DEFAULT_MISS_STEPS`, `DEFAULT_MAX_OFFSET`, `DEFAULT_SMOOTHING`, the evidence and store weights, the
-store's thresholds) was chosen on mixtral-h39s-prompt1 alone (the cold-start behaviour on its first 160 decode
-steps included); mixtral-mario-2req (two other requests, another checkpoint precision) was evaluated only after
-the settings were fixed, and nothing was changed after seeing it — nor after its warm figures, which were
-measured with the settings as they were. Each clock's default policy runs with
-`PrefetchSettings.for_read_time` of that clock (recorded under ``settings``). Replay is deterministic: the figures
-are exact and tests/unit/test_replay_policies.py pins them.
+constants, `POLICY_SOURCES`, `DEFAULT_MISS_STEPS`, `DEFAULT_MAX_OFFSET`, `DEFAULT_SMOOTHING`,
+`DEFAULT_REQUEST_PRIOR_TOKENS`, `HistorySettings`, the evidence and store weights, the store's thresholds) was
+chosen on mixtral-h39s-prompt1 alone (the cold-start behaviour on its first 160 decode steps, and the trace cut
+into 80-token requests, included); mixtral-mario-2req (two other requests, another checkpoint precision) was
+evaluated only after the settings were fixed, and nothing was changed after seeing it — nor after its warm
+figures, which were measured with the settings as they were. One caveat: the request's own statistics, the
+token match and the 8 pseudo-tokens of `DEFAULT_REQUEST_PRIOR_TOKENS` follow the design of an earlier attempt
+whose figures on mario (cold and warm) were known, so the design, not its tuning, was informed by them. Each
+clock's default policy runs with `PrefetchSettings.for_read_time` of that clock (recorded under ``settings``).
+Replay is deterministic: the figures are exact and tests/unit/test_replay_policies.py pins them.
 
 Usage: python benchmarks/replay_policies.py [--out benchmarks/results/replay_policies.json]
 """
@@ -46,8 +50,9 @@ WARM_UP = {"mario": "h39s", "h39s": "mario"}
 """Each trace scored after the other one's requests: what a server that has served them achieves."""
 SLOTS_PER_LAYER = 4
 DEMAND_POLICIES = ("lru", "lfu", "global-lru", "global-lfu")
-RECALL_SOURCES = {"frequency": (), "transitions": ("transitions",), "store": ("store",),
-                  "store+transitions": ("store", "transitions")}
+RECALL_SOURCES = {"+".join(sources) or "frequency": sources for sources in (
+    (), ("transitions",), ("history",), ("transitions", "history"), ("transitions", "history", "recent"), ("store",),
+    ("store", "transitions", "history", "recent"))}
 CLOCKS = {
     "unbounded": ClockModel(load_bandwidth=1e18),
     "nvme": ClockModel(load_bandwidth=7e9),

@@ -27,33 +27,40 @@ from dataclasses import dataclass
 
 from engine.offload.cache import ExpertCache, Key
 from engine.offload.prefetch import PrefetchQueue
-from engine.trace.predictor import DEFAULT_MAX_OFFSET, DEFAULT_MISS_STEPS, SOURCES, any_request, batch_priorities
+from engine.trace.predictor import DEFAULT_MAX_OFFSET, DEFAULT_MISS_STEPS, any_request, batch_priorities
 
 
+POLICY_SOURCES: tuple[str, ...] = ("store", "transitions", "history")
+"""The predictor's sources the plan uses: all but ``"recent"``, which raises recall and lowers the hit rate at
+the same blobs (engine.trace.predictor.HistorySettings)."""
 MAX_HORIZON = 8
 IO_BOUND_READ_LAYERS = 4.0
 """Reads longer than this many layers of compute make the device the bottleneck (`PrefetchSettings.for_read_time`;
 measured only at 1.4 (NVMe) and 6.7 (disk) layers per read on h39s, so the boundary is loose)."""
-COMPUTE_BOUND_MIN_PROBABILITY = 0.57
-"""Shorter reads: the lowest threshold whose blobs stay within per-layer LRU's on h39s with free reads (0.55
-loads 48 blobs more than LRU; 0.6 hits 0.722 instead of 0.727)."""
-IO_BOUND_MIN_PROBABILITY = 0.8
-"""Longer reads: on h39s at 1.5 GB/s, stall 5,106 s at 0.57, 4,889 s at 0.7, 4,796 s at 0.8, 4,750 s at 0.9 (hit
-rate 0.686, 0.672, 0.661, 0.652); 0.8 keeps most of the hits."""
+COMPUTE_BOUND_MIN_PROBABILITY = 0.7
+"""Shorter reads, chosen on h39s with free reads, 4 slots per layer, against per-layer LRU's 22,702 blobs: 0.66 is
+the lowest within them (22,663 blobs, hit rate 0.745; 0.65: 22,734), 0.7 keeps a margin of 1.4 % (22,384 blobs,
+0.740). The former 0.57, chosen so before the predictor gained its own request's statistics and the token
+match, would now load more than LRU."""
+IO_BOUND_MIN_PROBABILITY = 0.9
+"""Longer reads: on h39s at 1.5 GB/s, the lowest of 0.7, 0.8 and 0.9 whose blobs stay within per-layer LRU's
+22,702: 24,451, 23,346 and 22,522 blobs, stall 5,199 s, 5,017 s and 4,894 s, hit rate 0.715, 0.706 and 0.695 (0.95:
+4,849 s, 0.690). (Without the token match, 0.8 stalled 4,776 s at 21,389 blobs, hit rate 0.656: when reads are
+the bottleneck, the prefetches it adds delay demand reads more than they save.)"""
 
 
 @dataclass(frozen=True)
 class PrefetchSettings:
     """The tuning of the plan (chosen on mixtral-h39s-prompt1 only; see benchmarks/replay_policies.py).
 
-    ``sources``: the predictor's (engine.trace.predictor.SOURCES); ``max_offset``: layers back the transition
+    ``sources``: the predictor's (of engine.trace.predictor.SOURCES); ``max_offset``: layers back the transition
     statistics look; ``miss_steps``: `batch_priorities`' assumed wait after a missed visit;
     ``min_probability``: the least predicted probability of use worth a prefetch; ``horizon``: how many layers
     ahead of the frontier prefetches may target. The defaults are `for_read_time` of a disk read, ~7 layers
     (DESIGN.md: a miss costs 10-25x the compute it feeds).
     """
 
-    sources: tuple[str, ...] = SOURCES
+    sources: tuple[str, ...] = POLICY_SOURCES
     max_offset: int = DEFAULT_MAX_OFFSET
     miss_steps: float = DEFAULT_MISS_STEPS
     min_probability: float = IO_BOUND_MIN_PROBABILITY

@@ -3,20 +3,34 @@
 A step runs the layers 0..L-1 in order; after layer ``s - 1`` the request's *frontier* is ``layers_seen = s``.
 `Predictor.predict` answers, for every layer, the probability that each expert is used at that layer's next
 visit: this step for layers ``>= s``, the next step for layers ``< s``. It scores experts by naive Bayes: the
-log of the per-layer frequency of each expert (learned online over all decode tokens; alone, the *frequency*
-baseline) plus, for each enabled source, the log-ratio of the source's evidence over that frequency (terms that
-are equal for every expert of a layer are left out: they cancel in the softmax). The transition log-ratios are
-tempered by ``evidence_weight``: the layers before a target say much the same thing, and counting each in
-full makes the probabilities overconfident (on h39s 0.5 kept recall and raised prefetch precision):
+log of the per-layer frequency of each expert (alone, the *frequency* baseline) plus, for each enabled source,
+the log-ratio of the source's evidence over that frequency (terms that are equal for every expert of a layer
+are left out: they cancel in the softmax). The transition log-ratios are tempered by ``evidence_weight``: the
+layers before a target say much the same thing, and counting each in full makes the probabilities
+overconfident (on h39s 0.5 kept recall and raised prefetch precision).
 
-- (c) ``"transitions"`` (EdgeMoE): `TransitionStatistics`, counts of expert ``b`` at layer ``l`` given expert
-  ``a`` at layer ``l - d`` of the same token, for ``d = 1..max_offset`` (used only where layer ``l - d`` has
-  already run in this step), and given ``a`` at layer ``l`` of the previous token (``d = 0``, the temporal
-  transition; for a next-step target the current token is that previous token). Learned online from every
-  finished decode step. The smoothing is a prior of ``smoothing`` pseudo-tokens in which every source expert
-  is active with probability ``top_k / num_experts`` whatever the target, so a target seen rarely gets a
-  log-ratio near 0 instead of a large one (on h39s at ``max_offset`` 4: recall 0.799 -> 0.802, over its first
-  160 tokens 0.738 -> 0.760, with ``smoothing`` 4 instead of the former 1 pseudo-token at rate 1).
+Frequency and transitions are counted twice, from every finished decode step: into the shared
+`TransitionStatistics` (all requests; persisted with the store) and into the request's own `TransitionCounts`,
+which are the ones it predicts from. A request's own begin as the shared ones when it starts, scaled to
+``request_prior_tokens`` pseudo-tokens (`TransitionCounts.scaled`), and add its own tokens at full weight: a new
+request starts from what all past requests taught and soon follows its own kind, where another kind of
+request's many tokens would otherwise outweigh its own few.
+
+- (c) ``"transitions"`` (EdgeMoE): counts of expert ``b`` at layer ``l`` given expert ``a`` at layer ``l - d``
+  of the same token, for ``d = 1..max_offset`` (used only where layer ``l - d`` has already run in this step),
+  and given ``a`` at layer ``l`` of the previous token (``d = 0``, the temporal transition; for a next-step
+  target the current token is that previous token). The shared statistics' smoothing is a prior of
+  ``smoothing`` pseudo-tokens in which every source expert is active with probability ``top_k / num_experts``
+  whatever the target, so a target seen rarely gets a log-ratio near 0 instead of a large one (on h39s at
+  ``max_offset`` 4: recall 0.799 -> 0.802, over its first 160 tokens 0.738 -> 0.760, with ``smoothing`` 4
+  instead of the former 1 pseudo-token at rate 1).
+- ``"history"``: the token match over the request's own recent decode tokens (`HistorySettings`): tokens repeat
+  routing patterns within a request, so the recent tokens whose routing over the layers run so far is most
+  like this token's predict the layers ahead (a nearest-neighbour vote; unlike the transitions, it sees
+  patterns of several layers together). Its log-ratio is added to the rows ``reach`` layers ahead.
+- ``"recent"``: the request's recent use of each layer's experts (decaying over its last tokens,
+  `HistorySettings`), its log-ratio added to every row. It raises recall but not the cache: the default policy
+  leaves it out (engine.trace.planner.POLICY_SOURCES).
 - (a) ``"store"`` (MoE-Infinity): the `TraceStore` match of the request's decode activation matrix (cosine over
   layer-normalized matrices, `TraceStore.match`), taken at the start of each step, times ``store_weight``.
 
@@ -28,15 +42,17 @@ next visit and how soon that visit comes: Belady's "farthest next use goes first
 Pure Python on purpose: the tables are tiny (layers x experts x experts) and the hot path updates only the rows
 a layer changes; per-call tensor overhead would dominate. Each request keeps every layer's scores: `begin_step`
 computes them all (frequency, temporal evidence, store), `observe_layer` adds the new layer's evidence to the
-``max_offset`` rows after it and rebuilds the observed layer's own row for the next step; only those rows go
-through the softmax again. The statistics change only in `end_step`, so within a step the incremental scores
-equal a recomputation.
+``max_offset`` rows after it, replaces the token match's terms of the ``reach`` rows after it and rebuilds the
+observed layer's own row for the next step; only those rows go through the softmax again. The statistics
+change only in `end_step`, so within a step the incremental scores equal a recomputation.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
+from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -47,13 +63,15 @@ from engine.trace.store import TraceStore
 
 logger = logging.getLogger(__name__)
 
-SOURCES: tuple[str, ...] = ("store", "transitions")
+SOURCES: tuple[str, ...] = ("store", "transitions", "history", "recent")
 DEFAULT_MAX_OFFSET = 8
 """Layers back the transition statistics look (tuned on h39s: recall 0.802 at 4, 0.811 at 8, 0.812 at 12)."""
 DEFAULT_SMOOTHING = 4.0
 """Pseudo-tokens of the statistics' prior (tuned on h39s; 1 to 16 within 0.001 of recall)."""
 DEFAULT_TOP_K = 2
 """Experts per token assumed by a `TransitionStatistics` built without ``top_k`` (its prior's rate)."""
+DEFAULT_REQUEST_PRIOR_TOKENS = 8.0
+"""Pseudo-tokens the shared statistics weigh in a request's own (`TransitionCounts.scaled`)."""
 DEFAULT_STORE_WEIGHT = 1.0
 DEFAULT_EVIDENCE_WEIGHT = 0.5
 DEFAULT_MISS_STEPS = 3.0
@@ -65,14 +83,64 @@ _SHARE_FLOOR = 1e-3
 impossible)."""
 
 
-class TransitionStatistics:
-    """Source (c): smoothed co-activation counts between layers and between consecutive tokens, and the prior.
+class TransitionCounts:
+    """Co-activation counts of decode tokens and their logs: the tables the transition evidence reads.
 
-    ``log_counts[d][l][a][b]``: log of (decode tokens with expert ``a`` at layer ``l - d`` and ``b`` at layer
-    ``l`` (``d >= 1``), or ``a`` at layer ``l`` of the previous token and ``b`` at layer ``l`` (``d = 0``), plus
-    ``smoothing * top_k / num_experts``). ``log_frequency[l][b]``: log of (decode tokens using ``b`` at ``l``,
-    plus ``smoothing``). So ``exp(log_counts[d][l][a][b] - log_frequency[l][b])`` estimates P(a | b) with a
-    prior of ``smoothing`` tokens in which ``a`` is active at the average rate ``top_k / num_experts``.
+    ``log_counts[d][l][a][b]``: log of the (pseudo-)tokens with expert ``a`` at layer ``l - d`` and ``b`` at
+    layer ``l`` (``d >= 1``), or ``a`` at layer ``l`` of the previous token and ``b`` at layer ``l`` (``d = 0``).
+    ``log_frequency[l][b]``: log of the (pseudo-)tokens using ``b`` at ``l``. So ``exp(log_counts[d][l][a][b] -
+    log_frequency[l][b])`` estimates P(a | b). The tables hold ``tokens`` observed tokens on top of a prior worth
+    ``prior_tokens``. `TransitionStatistics` are the shared, persisted ones; `scaled` gives one request's own.
+    """
+
+    def __init__(self, max_offset: int, counts: list, frequency: list[list[float]], prior_tokens: float) -> None:
+        """``counts`` [max_offset + 1][L][E][E] and ``frequency`` [L][E]: the prior's (pseudo-)counts (owned)."""
+        self.num_layers = len(frequency)
+        self.num_experts = len(frequency[0])
+        self.max_offset = max_offset
+        self.prior_tokens = prior_tokens
+        self.tokens = 0
+        self._counts = counts
+        self._frequency = frequency
+        log = math.log
+        self.log_counts = [[[[log(count) for count in row] for row in layer] for layer in offset]
+                           for offset in counts]
+        self.log_frequency = [[log(count) for count in row] for row in frequency]
+
+    def scaled(self, prior_tokens: float) -> TransitionCounts:
+        """New counts whose prior is these (observed tokens and prior together) scaled to ``prior_tokens``
+        tokens: a request's own statistics start from what all past requests taught, and its own tokens, which
+        `observe` adds at full weight, soon dominate."""
+        scale = prior_tokens / (self.tokens + self.prior_tokens)
+        counts = [[[[count * scale for count in row] for row in layer] for layer in offset] for offset in self._counts]
+        frequency = [[count * scale for count in row] for row in self._frequency]
+        return TransitionCounts(self.max_offset, counts, frequency, prior_tokens)
+
+    def observe(self, token: Sequence[Sequence[int]], previous: Sequence[Sequence[int]] | None) -> None:
+        """Learn from one decode token's expert ids per layer ``token``, after ``previous`` (or None)."""
+        self.tokens += 1
+        log = math.log
+        for layer, experts in enumerate(token):
+            if not experts:
+                continue
+            frequency, log_frequency = self._frequency[layer], self.log_frequency[layer]
+            for expert in experts:
+                frequency[expert] += 1.0
+                log_frequency[expert] = log(frequency[expert])
+            for offset in range(0 if previous is not None else 1, min(self.max_offset, layer) + 1):
+                counts, logs = self._counts[offset][layer], self.log_counts[offset][layer]
+                for source in previous[layer] if offset == 0 else token[layer - offset]:
+                    source_counts, source_logs = counts[source], logs[source]
+                    for target in experts:
+                        source_counts[target] += 1.0
+                        source_logs[target] = log(source_counts[target])
+
+
+class TransitionStatistics(TransitionCounts):
+    """Source (c), shared by all requests: `TransitionCounts` over every finished decode token, on a prior of
+    ``smoothing`` pseudo-tokens in which every source expert is active at the average rate ``top_k /
+    num_experts`` whatever the target (each pair count starts at ``smoothing * top_k / num_experts``, each
+    frequency at ``smoothing``).
 
     What was learned persists with the trace store (engine.trace.store): `state_tensors` gives the observed
     counts without the prior, `restore` puts them back into statistics of the same shape (layers, experts,
@@ -83,19 +151,11 @@ class TransitionStatistics:
                  smoothing: float = DEFAULT_SMOOTHING, top_k: int = DEFAULT_TOP_K) -> None:
         if max_offset < 0 or smoothing <= 0 or not 0 < top_k <= num_experts:
             raise ValueError("max_offset must be >= 0, smoothing > 0 and top_k in 1..num_experts")
-        self.num_layers = num_layers
-        self.num_experts = num_experts
-        self.max_offset = max_offset
         self.smoothing = smoothing
         self.prior = smoothing * top_k / num_experts
-        self.tokens = 0
-        self._counts = [[[[self.prior] * num_experts for _ in range(num_experts)] for _ in range(num_layers)]
-                        for _ in range(max_offset + 1)]
-        self._frequency = [[smoothing] * num_experts for _ in range(num_layers)]
-        log_prior = math.log(self.prior)
-        self.log_counts = [[[[log_prior] * num_experts for _ in range(num_experts)] for _ in range(num_layers)]
-                           for _ in range(max_offset + 1)]
-        self.log_frequency = [[math.log(smoothing)] * num_experts for _ in range(num_layers)]
+        counts = [[[[self.prior] * num_experts for _ in range(num_experts)] for _ in range(num_layers)]
+                  for _ in range(max_offset + 1)]
+        super().__init__(max_offset, counts, [[smoothing] * num_experts for _ in range(num_layers)], smoothing)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -128,38 +188,53 @@ class TransitionStatistics:
             raise ValueError("transition statistics must be int64 counts")
         if (counts < 0).any() or (frequency < 0).any() or tokens < 0:
             raise ValueError("transition statistics hold negative counts")
-        self._counts = (counts.double() + self.prior).tolist()
-        self._frequency = (frequency.double() + self.smoothing).tolist()
-        log = math.log
-        self.log_counts = [[[[log(count) for count in row] for row in layer] for layer in offset]
-                           for offset in self._counts]
-        self.log_frequency = [[log(count) for count in row] for row in self._frequency]
+        TransitionCounts.__init__(self, self.max_offset, (counts.double() + self.prior).tolist(),
+                                  (frequency.double() + self.smoothing).tolist(), self.smoothing)
         self.tokens = int(tokens)
 
-    def observe(self, token: Sequence[Sequence[int]], previous: Sequence[Sequence[int]] | None) -> None:
-        """Learn from one decode token's expert ids per layer ``token``, after ``previous`` (or None)."""
-        self.tokens += 1
-        log = math.log
-        for layer, experts in enumerate(token):
-            if not experts:
-                continue
-            frequency, log_frequency = self._frequency[layer], self.log_frequency[layer]
-            for expert in experts:
-                frequency[expert] += 1.0
-                log_frequency[expert] = log(frequency[expert])
-            for offset in range(0 if previous is not None else 1, min(self.max_offset, layer) + 1):
-                counts, logs = self._counts[offset][layer], self.log_counts[offset][layer]
-                for source in previous[layer] if offset == 0 else token[layer - offset]:
-                    source_counts, source_logs = counts[source], logs[source]
-                    for target in experts:
-                        source_counts[target] += 1.0
-                        source_logs[target] = log(source_counts[target])
+
+@dataclass(frozen=True)
+class HistorySettings:
+    """Settings of the sources from the request's own recent decode tokens: ``"history"`` and ``"recent"``.
+
+    The token match (``"history"``; with store and transitions, 14.8 ms of Python per decode token on h39s on a
+    loaded development machine, 5.6 ms without it). ``tokens``: how many of the request's last decode tokens are
+    matched (bounds the hot path's work: on h39s recall 0.833 at 128, 0.840 at 256, 0.843 at 512, 0.845 at 1024);
+    ``neighbours``: how many of them, the most similar, vote (0.832 at 8, 0.840 at 16, 0.839 at 32); ``decay``: a
+    layer ``j`` layers behind the frontier counts ``decay ** j`` in the similarity (0.838 at 0.8, 0.840 at 0.9 and
+    0.95); ``sharpness``: a neighbour ``x`` less similar than the most similar one votes ``exp(-sharpness * x)``
+    (0.837 at 0.5, 0.840 at 1 and 2; votes in proportion to the similarity: 0.832); ``prior``: pseudo-votes of the
+    request's own per-layer frequency (0.841 at 0.1, 0.840 at 0.3, 0.837 at 1); ``weight``: the evidence's weight in
+    the scores (0.839 at 0.7, 0.840 at 1, 0.841 at 1.5); ``reach``: how many layers ahead of the frontier the
+    neighbours predict. All chosen on h39s with the transitions on (recalls above: transitions + history), values
+    within ~0.001 of the best taken at round numbers.
+
+    Recent use (``"recent"``): each layer's experts over the request's recent tokens, a token ``t`` tokens back
+    counting ``recent_decay ** t`` — the temporal transition of several previous tokens at once, as a frequency — is
+    evidence at ``recent_weight`` (with one pseudo-token spread as the request's per-layer frequency). On h39s:
+    recall 0.840 without, 0.846 at decay 0.6 and weight 0.5 (0.845 at 0.4 / 0.6 and 0.6 / 0.4, 0.843 at 0.6 / 0.8,
+    0.844 at 0.8 / 0.6, 0.841 at 0.8 / 1; all with transitions and history); on h39s cut into 80-token requests
+    0.794 -> 0.797. The default policy with free reads, at 4 slots per layer on h39s, hits less with it at the same
+    blobs (0.738 at 22,487 blobs with it applied to this step's rows only, threshold 0.6; 0.711 at 22,721 with it on
+    every row, threshold 0.7; 0.740 at 22,384 without, threshold 0.7).
+    """
+
+    tokens: int = 256
+    neighbours: int = 16
+    decay: float = 0.9
+    sharpness: float = 1.0
+    prior: float = 0.3
+    weight: float = 1.0
+    reach: int = 8
+    recent_decay: float = 0.6
+    recent_weight: float = 0.5
 
 
 @dataclass
 class RequestState:
     """One running request as the predictor sees it (create with `Predictor.new_request`)."""
 
+    statistics: TransitionCounts  # the request's own: the shared statistics as prior, then its tokens
     current: list[tuple[int, ...]]  # expert ids of this step's layers run so far (others empty)
     history: list[list[float]]  # [L][E] decode activation counts of the finished steps
     layers_seen: int = 0
@@ -169,14 +244,19 @@ class RequestState:
     store_match: list[list[float]] | None = None  # this step's store prediction [L][E]
     scores: list[list[float]] = field(default_factory=list)  # [L][E] log scores behind ``probabilities``
     store_terms: list[list[float]] | None = None  # [L][E] this step's store log-ratios (weighted)
+    recent: deque[list[tuple[int, ...]]] = field(default_factory=deque)  # last decode tokens' ids per layer
+    recent_masks: deque[list[int]] = field(default_factory=deque)  # the same as bit masks per layer
+    similarity: list[float] = field(default_factory=list)  # this step's token's similarity to each recent one
+    recent_use: list[list[float]] = field(default_factory=list)  # [L][E] decayed use over the recent tokens
 
 
 class Predictor:
     """Per-layer expert probabilities of running requests from the enabled ``sources`` (module docstring).
 
-    The transition statistics and the store are shared by all requests; `end_step` teaches the statistics,
-    `finish` enters the request into the store. Call per request: `new_request`, then per step `begin_step`,
-    `observe_layer` for each layer in order (`predict` at any point), `end_step`; finally `finish`.
+    The transition statistics and the store are shared by all requests; `end_step` teaches the statistics (and
+    the request's own copy, which it predicts from), `finish` enters the request into the store. Call per
+    request: `new_request`, then per step `begin_step`, `observe_layer` for each layer in order (`predict` at any
+    point), `end_step`; finally `finish`.
     """
 
     def __init__(
@@ -189,6 +269,8 @@ class Predictor:
         transitions: TransitionStatistics | None = None,
         store_weight: float = DEFAULT_STORE_WEIGHT,
         evidence_weight: float = DEFAULT_EVIDENCE_WEIGHT,
+        request_prior_tokens: float = DEFAULT_REQUEST_PRIOR_TOKENS,
+        history_settings: HistorySettings = HistorySettings(),
     ) -> None:
         unknown = set(sources) - set(SOURCES)
         if unknown:
@@ -202,44 +284,58 @@ class Predictor:
                             else TransitionStatistics(num_layers, num_experts, top_k=top_k))
         self.store_weight = store_weight
         self.evidence_weight = evidence_weight
+        self.request_prior_tokens = request_prior_tokens
+        self.history_settings = history_settings
 
     def new_request(self) -> RequestState:
         """Tracking state for a request about to run its first step."""
-        return RequestState(current=[()] * self.num_layers,
+        return RequestState(statistics=self.transitions.scaled(self.request_prior_tokens),
+                            current=[()] * self.num_layers,
+                            recent_use=[[0.0] * self.num_experts for _ in range(self.num_layers)],
                             history=[[0.0] * self.num_experts for _ in range(self.num_layers)])
 
     def begin_step(self, state: RequestState, decode: bool) -> None:
         """``state`` starts a step (a decode token, or a prefill whose experts are not one token's)."""
         state.decode = decode
         state.layers_seen = 0
+        state.similarity = [0.0] * len(state.recent)
         state.store_match = self._match(state) if "store" in self.sources else None
-        state.store_terms = self._store_terms(state.store_match)
+        state.store_terms = self._store_terms(state.store_match, state.statistics.log_frequency)
         previous = state.previous or [()] * self.num_layers
         state.scores = [self._base_scores(state, layer, previous[layer]) for layer in range(self.num_layers)]
         state.probabilities = [_use_probabilities(scores, self.top_k) for scores in state.scores]
 
     def observe_layer(self, state: RequestState, layer: int, experts: Sequence[int]) -> None:
         """``state`` ran ``layer`` (the frontier) with ``experts``; the rows this changes are recomputed: the
-        ``max_offset`` layers after it gain its evidence, its own row turns to the next step's visit."""
+        ``max_offset`` layers after it gain its evidence, the token match's ``reach`` layers after it take its
+        new vote, its own row turns to the next step's visit."""
         if layer != state.layers_seen:
             raise ValueError(f"layer {layer} observed at frontier {state.layers_seen}: layers run in order")
         experts = tuple(experts)
         state.current[layer] = experts
         state.layers_seen = layer + 1
         state.scores[layer] = self._base_scores(state, layer, experts)
-        state.probabilities[layer] = _use_probabilities(state.scores[layer], self.top_k)
-        if "transitions" not in self.sources or not experts:
-            return
-        stats = self.transitions
-        for target in range(layer + 1, min(self.num_layers, layer + stats.max_offset + 1)):
-            state.scores[target] = _with_evidence(state.scores[target], stats.log_counts[target - layer][target],
-                                                  experts, stats.log_frequency[target], self.evidence_weight)
-            state.probabilities[target] = _use_probabilities(state.scores[target], self.top_k)
+        changed = {layer}
+        stats = state.statistics
+        if "transitions" in self.sources and experts:
+            for target in range(layer + 1, min(self.num_layers, layer + stats.max_offset + 1)):
+                state.scores[target] = _with_evidence(state.scores[target], stats.log_counts[target - layer][target],
+                                                      experts, stats.log_frequency[target], self.evidence_weight)
+                changed.add(target)
+        history = self._history_terms(state, layer, experts) if "history" in self.sources else {}
+        changed.update(history)
+        for row in changed:
+            scores = state.scores[row]
+            if row in history:
+                scores = [score + term for score, term in zip(scores, history[row])]
+            state.probabilities[row] = _use_probabilities(scores, self.top_k)
 
     def end_step(self, state: RequestState) -> None:
         """Close ``state``'s step: a decode step teaches the transition statistics and joins the history."""
         if state.decode:
             self.transitions.observe(state.current, state.previous)
+            state.statistics.observe(state.current, state.previous)
+            self._remember(state)
             for layer, experts in enumerate(state.current):
                 for expert in experts:
                     state.history[layer][expert] += 1.0
@@ -260,23 +356,81 @@ class Predictor:
         """
         return state.probabilities
 
+    def _remember(self, state: RequestState) -> None:
+        """Keep the finished decode token among the request's ``history_settings.tokens`` most recent ones, and add it
+        to the recent use."""
+        state.recent.append(state.current)
+        state.recent_masks.append([sum(1 << expert for expert in experts) for experts in state.current])
+        if len(state.recent) > self.history_settings.tokens:
+            state.recent.popleft()
+            state.recent_masks.popleft()
+        decay = self.history_settings.recent_decay
+        for use, experts in zip(state.recent_use, state.current):
+            use[:] = [count * decay for count in use]
+            for expert in experts:
+                use[expert] += 1.0
+
+    def _history_terms(self, state: RequestState, layer: int, experts: Sequence[int]) -> dict[int, list[float]]:
+        """Source ``"history"``: after ``layer`` ran with ``experts``, the log-ratios of the recent tokens most
+        like this one for the ``history_settings.reach`` layers ahead, {target layer: [E] weighted terms}.
+
+        Similarity to a recent token (kept in ``state.similarity``, updated here layer by layer): the experts
+        it shares with this token at each layer run so far, a layer ``j`` behind the frontier counting ``decay
+        ** j``. The ``neighbours`` most similar (ties: the latest) vote for the experts they used at the target,
+        each ``exp(-sharpness * x)`` if ``x`` less similar than the most similar one; the votes, with ``prior``
+        pseudo-votes spread as the request's per-layer frequency, estimate P(expert used), and ``weight`` times
+        its log-ratio over the frequency's is the term. No terms in a prefill step or before a similar token
+        exists."""
+        if not state.decode or not state.recent:
+            return {}
+        match = self.history_settings
+        mask = sum(1 << expert for expert in experts)
+        state.similarity = [similarity * match.decay + (masks[layer] & mask).bit_count()
+                            for similarity, masks in zip(state.similarity, state.recent_masks)]
+        latest_first = range(len(state.similarity) - 1, -1, -1)
+        neighbours = [index for index in heapq.nlargest(match.neighbours, latest_first,
+                                                        key=state.similarity.__getitem__)
+                      if state.similarity[index] > 0]
+        if not neighbours:
+            return {}
+        top = state.similarity[neighbours[0]]
+        weights = {index: math.exp(match.sharpness * (state.similarity[index] - top)) for index in neighbours}
+        votes = sum(weights.values()) + match.prior
+        log, exp = math.log, math.exp
+        terms = {}
+        for target in range(layer + 1, min(self.num_layers, layer + match.reach + 1)):
+            log_frequency = state.statistics.log_frequency[target]
+            frequency = [exp(value) for value in log_frequency]
+            rate = self.top_k / sum(frequency)
+            used = [match.prior * count * rate for count in frequency]
+            for index in neighbours:
+                for expert in state.recent[index][target]:
+                    used[expert] += weights[index]
+            terms[target] = [match.weight * (log(count / votes) - value - log(rate))
+                             for count, value in zip(used, log_frequency)]
+        return terms
+
     def _base_scores(self, state: RequestState, layer: int, temporal: Sequence[int]) -> list[float]:
         """``layer``'s log scores before this step's evidence: frequency, the temporal transition from the
         ``temporal`` experts (those of ``layer`` one token before its next visit), the store."""
-        stats = self.transitions
+        stats = state.statistics
         scores = list(stats.log_frequency[layer])
         if "transitions" in self.sources and temporal:
             scores = _with_evidence(scores, stats.log_counts[0][layer], temporal, stats.log_frequency[layer],
                                     self.evidence_weight)
+        if "recent" in self.sources:
+            scores = _with_recent_use(scores, state.recent_use[layer], stats.log_frequency[layer],
+                                      self.history_settings.recent_weight)
         if state.store_terms is not None:
             scores = [score + term for score, term in zip(scores, state.store_terms[layer])]
         return scores
 
-    def _store_terms(self, match: list[list[float]] | None) -> list[list[float]] | None:
+    def _store_terms(self, match: list[list[float]] | None,
+                     frequencies: list[list[float]]) -> list[list[float]] | None:
         """``store_weight`` * (log share - log frequency) per layer and expert, or None without a match."""
         if match is None:
             return None
-        weight, frequencies = self.store_weight, self.transitions.log_frequency
+        weight = self.store_weight
         return [[weight * (math.log(max(share, _SHARE_FLOOR)) - frequency)
                  for share, frequency in zip(row, log_row)] for row, log_row in zip(match, frequencies)]
 
@@ -299,6 +453,18 @@ def _with_evidence(scores: list[float], log_counts: list[list[float]], sources: 
     for source in sources:
         scores = _with_evidence(scores, log_counts, (source,), log_frequency, weight)
     return scores
+
+
+def _with_recent_use(scores: list[float], use: list[float], log_frequency: list[float],
+                     weight: float) -> list[float]:
+    """``scores`` plus ``weight`` * (log recent share - log frequency share): the recent ``use`` counts with one
+    pseudo-token spread as the frequency (a new list)."""
+    frequency = [math.exp(value) for value in log_frequency]
+    total = sum(frequency)
+    scale = 1.0 / (sum(use) + 1.0)
+    log = math.log
+    return [score + weight * log((count + share / total) * scale * total / share)
+            for score, count, share in zip(scores, use, frequency)]
 
 
 def _use_probabilities(scores: list[float], top_k: int) -> list[float]:

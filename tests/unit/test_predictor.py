@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import random
+from collections import deque
 
 import pytest
 import torch
 
-from engine.trace.predictor import Predictor, TransitionStatistics, any_request, batch_priorities
+from engine.trace.predictor import Predictor, HistorySettings, TransitionStatistics, any_request, batch_priorities
 from engine.trace.store import TraceStore
 
 LAYERS, EXPERTS = 4, 8
@@ -85,6 +87,8 @@ def test_incremental_rows_equal_the_naive_bayes_formula() -> None:
     for token in tokens[:-1]:
         run_token(predictor, state, token)
     current, previous = tokens[-1], tokens[-2]
+    stats = state.statistics  # the request's own: its 29 tokens on the empty shared prior
+    assert stats.tokens == 29
     predictor.begin_step(state, decode=True)
     for seen in range(layers):
         predictor.observe_layer(state, seen, current[seen])
@@ -160,3 +164,98 @@ def test_priorities_order_by_probability_then_by_how_soon_the_layer_comes() -> N
     assert priorities[(1, 0, "native")] > priorities[(2, 0, "native")] > priorities[(0, 0, "native")]
     assert priorities[(1, 0, "native")] > priorities[(1, 1, "native")]
     assert batch_priorities([], 0) == {}
+
+
+def test_a_request_starts_from_the_shared_statistics_and_its_own_tokens_soon_dominate() -> None:
+    predictor = Predictor(LAYERS, EXPERTS, top_k=1, sources=["transitions"])
+    taught = predictor.new_request()
+    for start in range(EXPERTS * 40):  # 320 tokens of the chain e -> e + 1
+        run_token(predictor, taught, chain(start))
+    newcomer = predictor.new_request()
+    predictor.begin_step(newcomer, decode=True)
+    predictor.observe_layer(newcomer, 0, [4])
+    assert top(predictor.predict(newcomer)[1]) == [5], "a new request predicts what past requests taught"
+    predictor.end_step(newcomer)
+    for start in range(EXPERTS * 2):  # 16 tokens of its own, of another kind: e -> e + 3
+        run_token(predictor, newcomer, [[(start + 3 * layer) % EXPERTS] for layer in range(LAYERS)])
+    predictor.begin_step(newcomer, decode=True)
+    predictor.observe_layer(newcomer, 0, [4])
+    assert top(predictor.predict(newcomer)[1]) == [7], "17 own tokens outweigh 337 shared ones"
+    assert predictor.transitions.tokens == 337 and newcomer.statistics.tokens == 17
+    later = predictor.new_request()
+    predictor.begin_step(later, decode=True)
+    predictor.observe_layer(later, 0, [4])
+    assert top(predictor.predict(later)[1]) == [5], "the shared statistics learned both; the chain is most of it"
+
+
+def test_scaled_counts_are_a_prior_of_the_given_weight() -> None:
+    stats = TransitionStatistics(2, 4, max_offset=1, smoothing=4.0, top_k=1)
+    for _ in range(36):
+        stats.observe([[0], [2]], None)
+    own = stats.scaled(8.0)
+    assert (own.tokens, own.prior_tokens) == (0, 8.0)
+    assert math.exp(own.log_frequency[1][2]) == pytest.approx((36 + 4) * 8 / 40)
+    assert math.exp(own.log_counts[1][1][0][2] - own.log_frequency[1][2]) == pytest.approx(
+        math.exp(stats.log_counts[1][1][0][2] - stats.log_frequency[1][2])), "the same estimates, less weight"
+    own.observe([[1], [2]], None)
+    assert own.tokens == 1 and stats.tokens == 36, "a request's own counts leave the shared ones alone"
+
+
+def xor_token(first: int, second: int) -> list[list[int]]:
+    """Layers 0 and 1 use expert 0 or 1; layer 2 uses 2 + (first xor second), layer 3 expert 4."""
+    return [[first], [second], [2 + (first ^ second)], [4]]
+
+
+def test_the_token_match_finds_a_pattern_of_several_layers_that_pairwise_transitions_cannot() -> None:
+    rng = random.Random(0)
+    combinations = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    tokens = [xor_token(*pair) for _ in range(16) for pair in rng.sample(combinations, 4)]  # 16 of each
+    predictors = {sources: Predictor(LAYERS, EXPERTS, top_k=1, sources=sources)
+                  for sources in (("transitions",), ("transitions", "history"))}
+    for sources, predictor in predictors.items():
+        state = predictor.new_request()
+        for token in tokens:
+            run_token(predictor, state, token)
+        for first, second in combinations:
+            predictor.begin_step(state, decode=True)
+            predictor.observe_layer(state, 0, [first])
+            predictor.observe_layer(state, 1, [second])
+            row = predictor.predict(state)[2]
+            if "history" in sources:
+                assert row[2 + (first ^ second)] > 0.9
+            else:  # each of layers 0 and 1 alone says little about layer 2
+                assert row[2 + (first ^ second)] < 0.75
+            predictor.observe_layer(state, 2, xor_token(first, second)[2])
+            predictor.observe_layer(state, 3, [4])
+            predictor.end_step(state)
+
+
+def test_the_token_match_matches_only_the_requests_last_tokens() -> None:
+    predictor = Predictor(LAYERS, EXPERTS, top_k=1, sources=["history"], history_settings=HistorySettings(tokens=8))
+    state = predictor.new_request()
+    for _ in range(8):
+        run_token(predictor, state, [[0], [1], [2], [3]])
+    for _ in range(8):  # the same layer 0, another continuation: the first 8 tokens drop out of the window
+        run_token(predictor, state, [[0], [5], [6], [7]])
+    assert len(state.recent) == 8
+    predictor.begin_step(state, decode=True)
+    predictor.observe_layer(state, 0, [0])
+    assert [top(row) for row in predictor.predict(state)[1:]] == [[5], [6], [7]]
+    other = predictor.new_request()  # another request matches its own tokens, none yet
+    predictor.begin_step(other, decode=True)
+    predictor.observe_layer(other, 0, [0])
+    assert other.recent == deque() and max(predictor.predict(other)[3]) < 0.5
+
+
+def test_recent_use_follows_a_request_that_changed_its_experts() -> None:
+    rows = {}
+    for sources in ((), ("recent",)):
+        predictor = Predictor(LAYERS, EXPERTS, top_k=1, sources=sources)
+        state = predictor.new_request()
+        for token in range(56):  # layer 0 used expert 1 for 50 tokens, then expert 3 for 6
+            run_token(predictor, state, [[1 if token < 50 else 3], [0], [0], [0]])
+        predictor.begin_step(state, decode=True)
+        rows[sources] = predictor.predict(state)[0]  # nothing of this token seen: no token match, recent use only
+    frequency, recent = rows[()], rows[("recent",)]
+    assert recent[3] > 3 * frequency[3] and recent[1] < frequency[1]
+    assert top(frequency, 2) == [1, 3] and recent[3] > 0.3
