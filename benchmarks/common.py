@@ -37,6 +37,7 @@ def write_result(out: Path, benchmark: str, load_before: tuple[float, ...], fiel
         "benchmark": benchmark,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                     "platform": platform.platform(), "torch": torch.__version__},
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,18 @@ from engine.trace.predictor import TransitionStatistics
 from engine.trace.store import TraceStore
 
 logger = logging.getLogger(__name__)
+
+
+def _log_thread_waiting() -> None:
+    """Say how torch's OpenMP threads wait; where they spin, say what that costs on the CPU (see engine/__init__)."""
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    if policy is not None and policy.upper() == "PASSIVE":
+        logger.debug("torch: %d threads, OpenMP threads wait passively", torch.get_num_threads())
+        return
+    logger.info("torch: %d threads, OpenMP wait policy %s: on the CPU, spinning OpenMP threads compete with the "
+                "experts kernel's own (17-28 %% slower decode in benchmarks/busy_core.py); set "
+                "OMP_WAIT_POLICY=PASSIVE before Python starts, or import engine before torch",
+                torch.get_num_threads(), policy or "unset (threads spin)")
 
 Prompt = str | Sequence[int]
 # Default KV pool: room for every running sequence at this many tokens, and always for one max_model_len one.
@@ -85,6 +98,7 @@ class LLMEngine:
             raise ValueError("model is required: a Hugging Face model directory")
         self.config = config
         self.device = resolve_device(config.device)
+        _log_thread_waiting()
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         model_limit = _model_max_len(config.model)
         self.max_model_len = config.max_model_len or model_limit
