@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from common import write_result
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from engine.dense import best_seconds
 from engine.logs import configure_logging
 
 logger = logging.getLogger("benchmarks.bandwidth")
@@ -35,22 +34,11 @@ GEMV_SHAPE = (7168, 1024)
 REPEATS = 5
 
 
-def best_seconds(fn: Callable[[], None], repeats: int = REPEATS) -> float:
-    """The fastest of ``repeats`` timed runs of ``fn`` after one warm-up."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def triad_rate(total_bytes: int) -> float:
     """Bytes per second of the STREAM triad over three fp32 vectors of total_bytes / 3 each."""
     n = total_bytes // 3 // 4
     a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
-    seconds = best_seconds(lambda: torch.add(b, c, alpha=3.0, out=a))
+    seconds = best_seconds(lambda: torch.add(b, c, alpha=3.0, out=a), REPEATS)
     return 3 * n * 4 / seconds
 
 
@@ -65,7 +53,7 @@ def gemv_rate(total_bytes: int) -> float:
         for w in weights:
             torch.mv(w, x, out=y)
 
-    return count * rows * cols * 4 / best_seconds(run)
+    return count * rows * cols * 4 / best_seconds(run, REPEATS)
 
 
 def stream_rate(total_bytes: int) -> dict[str, float]:

@@ -140,10 +140,11 @@ def _time_row_paths(layer: RowStreamLinear, rows: int) -> tuple[float, float]:
     def linear() -> None:
         F.linear(x, layer.weight, layer.bias)
 
-    return _best_seconds(kernel), _best_seconds(linear)
+    return best_seconds(kernel), best_seconds(linear)
 
 
-def _best_seconds(fn: Callable[[], None], repeats: int = 3) -> float:
+def best_seconds(fn: Callable[[], None], repeats: int = 3) -> float:
+    """The fastest of ``repeats`` timed runs of ``fn`` after one warm-up (benchmarks/bandwidth.py uses it too)."""
     fn()  # warm-up
     best = float("inf")
     for _ in range(repeats):
