@@ -24,8 +24,8 @@ import torch
 from common import write_result
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from engine.dense import best_seconds
 from engine.logs import configure_logging
+from engine.offload.kernels import best_seconds
 
 logger = logging.getLogger("benchmarks.bandwidth")
 

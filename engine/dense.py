@@ -5,7 +5,7 @@ Decode multiplies one row per request by every attention, router and LM-head wei
 (``torch.ops.moeserve.dense``, engine.offload.kernels) run them 1.2-2.1 x faster (benchmarks/dense_linear.py). ``RowStreamLinear`` is an ``nn.Linear`` that sends products of at most ``MAX_ROWS`` rows
 on the CPU to the kernel and everything else (prefill, other devices, dtypes the kernel lacks) to ``nn.Linear``;
 parameters, names and state dict are ``nn.Linear``'s, so checkpoints load unchanged. Where torch's GEMM loses
-at more rows too (bf16 on CPUs without native bf16 arithmetic: on a Zen 3 server 4-5 x slower than the kernel
+at more rows too (bf16 on CPUs without native bf16 arithmetic: on a Zen 3 server 4-6.5 x slower than the kernel
 at 16-64 rows, benchmarks/experts_kernel.py), ``calibrate_row_paths`` measures both per weight shape at load and
 raises each layer's ``max_rows``.
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 
@@ -32,7 +31,7 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from engine.offload.kernels import KERNEL_DTYPES, load_experts_kernel
+from engine.offload.kernels import KERNEL_DTYPES, best_seconds, load_experts_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -141,17 +140,6 @@ def _time_row_paths(layer: RowStreamLinear, rows: int) -> tuple[float, float]:
         F.linear(x, layer.weight, layer.bias)
 
     return best_seconds(kernel), best_seconds(linear)
-
-
-def best_seconds(fn: Callable[[], None], repeats: int = 3) -> float:
-    """The fastest of ``repeats`` timed runs of ``fn`` after one warm-up (benchmarks/bandwidth.py uses it too)."""
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def row_stream_available() -> bool:

@@ -127,15 +127,14 @@ class ModelRunner:
             logger.info("dense row paths: kernel up to %s rows", {key[:2]: n for key, n in rows.items()})
         if self.offload is not None:
             return
-        measured = set()
         for module in self.model.modules():
-            if is_experts_module(module) and module.down_proj.device.type == "cpu":
-                key = self.experts_forward.spec(module).shape_key
-                if key not in measured:
-                    measured.add(key)
-                    winners = self.experts_forward.calibrate(module)
-                    if winners:
-                        logger.info("experts paths %s: %s", key, {n: path.value for n, path in winners.items()})
+            if not is_experts_module(module) or module.down_proj.device.type != "cpu":
+                continue
+            key = self.experts_forward.spec(module).shape_key
+            if key not in self.experts_forward.paths.measured:
+                winners = self.experts_forward.calibrate(module)  # {} (nothing recorded) where the kernel cannot serve
+                if winners:
+                    logger.info("experts paths %s: %s", key, {n: path.value for n, path in winners.items()})
 
     @property
     def vocab_size(self) -> int:

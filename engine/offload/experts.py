@@ -24,7 +24,6 @@ from __future__ import annotations
 import enum
 import logging
 import re
-import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -39,7 +38,7 @@ from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_gate
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
-from engine.offload.kernels import KERNEL_DTYPES, load_experts_kernel
+from engine.offload.kernels import KERNEL_DTYPES, best_seconds, load_experts_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -484,10 +483,7 @@ class ExpertsForward:
                 else:
                     torch_expert(experts, spec, hidden, token_ids, route_weights, w, out)
 
-        run()
-        start = time.perf_counter()
-        run()
-        return time.perf_counter() - start
+        return best_seconds(run, repeats=1)
 
 
 def torch_expert(

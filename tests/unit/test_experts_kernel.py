@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -76,6 +78,17 @@ def run_group(op, hidden, token_ids, route_weights, starts, counts, experts, tra
     return out
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count (which sizes the kernel's pool) set to ``count`` for the block."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
 
@@ -137,14 +150,10 @@ def test_result_does_not_depend_on_the_thread_count(experts_group) -> None:
     torch.manual_seed(2)
     hidden, plan, experts = random_group(torch.bfloat16, False, hidden=1024, inter=256)
     args = (hidden, plan.token_ids, plan.route_weights, plan.starts, plan.counts, experts, False, SILU)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         single = run_group(experts_group, *args)
-        torch.set_num_threads(2)
+    with torch_threads(2):
         double = run_group(experts_group, *args)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(single, double)
 
 
@@ -172,12 +181,8 @@ def test_a_forked_child_runs_the_kernel_without_its_parents_workers(experts_grou
     torch.manual_seed(4)
     hidden, plan, experts = random_group(torch.bfloat16, False, hidden=512, inter=128)
     args = (hidden, plan.token_ids, plan.route_weights, plan.starts, plan.counts, experts, False, SILU)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with torch_threads(2):
         expected = run_group(experts_group, *args)  # the parent's pool is running now
-    finally:
-        torch.set_num_threads(threads)
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_group_in_child, args=(args, queue))

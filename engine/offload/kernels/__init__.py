@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,3 +85,15 @@ def select_isa(name: str) -> str:
     previous = torch.ops.moeserve.experts_isa(-1)
     torch.ops.moeserve.experts_isa(ISAS.index(name))
     return ISAS[previous]
+
+
+def best_seconds(fn: Callable[[], None], repeats: int = 3) -> float:
+    """The fastest of ``repeats`` timed runs of ``fn`` after one warm-up: how the engine times kernel against torch
+    at load (engine.dense, engine.offload.experts) and benchmarks/bandwidth.py its stream rates."""
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
