@@ -20,6 +20,7 @@ import logging
 import os
 from pathlib import Path
 
+import engine  # noqa: F401, I001  (before torch: sets OMP_WAIT_POLICY=PASSIVE, see engine/__init__.py)
 import torch
 from common import write_result
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig

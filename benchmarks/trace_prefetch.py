@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import engine  # noqa: F401, I001  (before torch: sets OMP_WAIT_POLICY=PASSIVE, see engine/__init__.py)
 import torch
 from common import write_mixtral, write_result
 
