@@ -1,17 +1,22 @@
 """Decode speed of the engine's experts forward against transformers' stock forward, as fractions of the bound.
 
-For each shape of benchmarks/bandwidth.py (random bf16 Mixtral-architecture models, all weights resident), in one
-run on the same machine:
+For each shape (random bf16 Mixtral-architecture models, all weights resident: the three of benchmarks/bandwidth.py,
+and, run alone with ``--shapes``, Mixtral-8x7B's own layer cut to 2 layers, whose fp32 build peaks at ~17 GB of
+RAM), in one run on the same machine:
 
 - ``engine``: moeserve's ``LLM.generate`` (registered experts forward, compiled kernel where built) at 1, 4 and
   16 concurrent streams;
+- ``engine_16_streams_tok_per_s_on_isa``: 16 streams again with the kernel's decode paths switched to each
+  instruction set below the CPU's best (engine.offload.kernels.select_isa; the paths calibrated at load stay), so
+  a kernel change shows against the path it adds to in the same run;
 - ``transformers``: the same checkpoint through transformers' own ``generate`` (its default experts
   implementation), one stream.
 
 Decode tok/s per stream excludes the prefill: (tokens - 1) / (time to last token - time to first token), the
 first token's time taken from a run with ``max_tokens=1``. The bound is the RAM stream rate measured in the same
-run divided by the bytes a token touches in bf16 (benchmarks/bandwidth.py). Each model is written to a temporary
-directory and deleted after its shape. Results: benchmarks/results/experts_decode.json.
+run divided by the bytes a token touches in bf16 (benchmarks/bandwidth.py). ``engine_load_seconds``: the time
+``LLM(...)`` took (reading the checkpoint, packing the experts, timing kernel against torch per shape). Each model
+is written to a temporary directory and deleted after its shape. Results: benchmarks/results/experts_decode.json.
 
 Usage: python benchmarks/experts_decode.py [--shapes NAME ...] [--layers N] [--max-tokens 32]
 (``--layers`` trims every shape to N layers for a quick check; the bound is computed for the trimmed model).
@@ -20,6 +25,7 @@ Usage: python benchmarks/experts_decode.py [--shapes NAME ...] [--layers N] [--m
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import tempfile
@@ -34,6 +40,7 @@ from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
 from engine.logs import configure_logging
+from engine.offload.kernels import ISAS, best_isa, load_experts_kernel, select_isa
 
 logger = logging.getLogger("benchmarks.experts_decode")
 
@@ -45,14 +52,20 @@ SHAPES = {
                                      num_local_experts=8, num_experts_per_tok=2),
     "mixtral_8x64_h2048_i768_top8": dict(hidden_size=2048, intermediate_size=768, num_hidden_layers=8,
                                          num_local_experts=64, num_experts_per_tok=8),
+    # Mixtral-8x7B's own layer (its attention heads included), 2 of its 32 layers: 5.6 GB of bf16 experts, what
+    # the kernel and the per-layer overhead come to at the size people serve (the three above are the issue's).
+    "mixtral8x7b_layer_2x8_h4096_i14336": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+                                               num_local_experts=8, num_experts_per_tok=2, num_attention_heads=32,
+                                               num_key_value_heads=8),
 }
+ISSUE_SHAPES = tuple(SHAPES)[:3]
 PROMPT_LEN = 16
 
 
 def with_heads(shape: dict) -> dict:
-    """``shape`` with attention heads of 128 dimensions and half as many key/value heads."""
+    """``shape`` with attention heads of 128 dimensions and half as many key/value heads, unless it names its own."""
     heads = shape["hidden_size"] // 128
-    return {**shape, "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2)}
+    return {"num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2), **shape}
 
 
 def prompts(count: int) -> list[list[int]]:
@@ -82,6 +95,10 @@ def transformers_decode(model: torch.nn.Module, max_tokens: int) -> float:
     return (max_tokens - 1) / (_seconds(lambda: run(max_tokens)) - first)
 
 
+def llm_has_kernel() -> bool:
+    return load_experts_kernel() is not None
+
+
 def _seconds(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -92,17 +109,29 @@ def measure_shape(name: str, shape: dict, rate: float, max_tokens: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         config = write_mixtral(Path(tmp), with_heads(shape), torch.bfloat16)
         bound = rate / bytes_per_token(config, torch.bfloat16)
+        start = time.perf_counter()
         llm = LLM(tmp, max_model_len=PROMPT_LEN + max_tokens + 16, max_num_seqs=16, max_num_batched_tokens=512)
+        load = time.perf_counter() - start  # reading the checkpoint, packing the experts, calibrating the paths
         engine_decode(llm, 1, 4)  # warm-up
         engine = {streams: engine_decode(llm, streams, max_tokens) for streams in (1, 4, 16)}
+        lower_isas = {}  # 16 streams with the kernel's decode paths on each instruction set below the best
+        for isa in ISAS[: ISAS.index(best_isa())] if llm_has_kernel() else ():
+            default = select_isa(isa)
+            try:
+                lower_isas[isa] = engine_decode(llm, 16, max_tokens)
+            finally:
+                select_isa(default)
         del llm
+        gc.collect()
         model = AutoModelForCausalLM.from_pretrained(tmp, dtype="auto").eval()
         transformers_decode(model, 4)  # warm-up
         stock = transformers_decode(model, max_tokens)
         del model
     row = {
         "bound_tok_per_s": round(bound, 2),
+        "engine_load_seconds": round(load, 1),
         "engine_tok_per_s": {str(s): round(v, 2) for s, v in engine.items()},
+        "engine_16_streams_tok_per_s_on_isa": {isa: round(v, 2) for isa, v in lower_isas.items()},
         "transformers_tok_per_s": round(stock, 2),
         "engine_fraction_of_bound": round(engine[1] / bound, 3),
         "transformers_fraction_of_bound": round(stock / bound, 3),
@@ -115,7 +144,9 @@ def measure_shape(name: str, shape: dict, rate: float, max_tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(ISSUE_SHAPES),
+                        help="default: the three issue shapes; run the Mixtral-8x7B layer alone (its build needs "
+                             "~17 GB, and memory of earlier shapes is not all returned within one process)")
     parser.add_argument("--layers", type=int, help="trim every shape to this many layers (quick check)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=RESULTS)

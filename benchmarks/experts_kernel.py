@@ -8,7 +8,8 @@ per ``moeserve::experts_group`` call, like the engine's decode — on:
 
 - ``kernel``: the compiled op (the built one, or ``--library`` to load another build for before/after runs) on
   the richest instruction set this CPU has (engine.offload.kernels.ISAS), the engine's default;
-- ``kernel_avx2``: the same op with its decode paths forced to AVX2, where the CPU has more (AVX-512);
+- ``kernel_avx2``, ``kernel_avx512``: the same op with its decode paths forced to each instruction set below the
+  richest (AVX2 where the CPU has AVX-512; AVX-512 without the bf16 pair products where it has AVX-512 BF16);
 - ``torch``: ``engine.offload.experts.torch_expert``, one expert at a time.
 
 The stack holds at least 16 experts and ``--min-mib`` MiB (default 256, > 2x the last-level cache of the
@@ -47,7 +48,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from engine.logs import configure_logging
 from engine.offload.experts import ExpertsForward, RoutingPlan, StackedParameters, torch_expert
-from engine.offload.kernels import best_isa, load_experts_kernel, select_isa
+from engine.offload.kernels import ISAS, best_isa, load_experts_kernel, select_isa
 
 logger = logging.getLogger("benchmarks.experts_kernel")
 
@@ -100,20 +101,22 @@ def trials(forward: ExpertsForward, experts: torch.nn.Module, top_k: int, tokens
         for group in groups:
             forward._kernel_experts(spec, hidden, plan, group, out)
 
-    def kernel_avx2() -> None:
-        default = select_isa("avx2")
-        try:
-            kernel()
-        finally:
-            select_isa(default)
+    def kernel_on(isa: str) -> Callable[[], None]:
+        def run() -> None:
+            default = select_isa(isa)
+            try:
+                kernel()
+            finally:
+                select_isa(default)
+        return run
 
     def torch_path() -> None:
         for w in weights:
             torch_expert(experts, spec, hidden, token_ids[:tokens], route_weights[:tokens], w, out)
 
     paths = {"kernel": kernel, "torch": torch_path}
-    if best_isa() != "avx2":
-        paths["kernel_avx2"] = kernel_avx2
+    for isa in ISAS[: ISAS.index(best_isa())]:
+        paths[f"kernel_{isa}"] = kernel_on(isa)
     return paths
 
 

@@ -6,9 +6,10 @@ library is missing, stale (source, flags or torch changed since the build) or th
 ``load_experts_kernel()`` logs one line and returns ``None``, and callers use their pure-torch path.
 
 The kernel's paths for bf16 weight rows (at up to 64 tokens: decode, and the few-row products of engine.dense)
-come in two instruction sets, chosen at load time by what the CPU has: ``avx512`` (AVX-512 F, BW and VL) where
-present, else ``avx2``. ``select_isa`` switches
-between them (tests check both; benchmarks compare them in one run).
+come in three instruction sets, chosen at load time by what the CPU has: ``avx512_bf16`` (AVX-512 F, BW, VL and
+BF16: from 3 tokens, bf16 inputs are multiplied with the weights in bf16 pairs, exact in fp32), else ``avx512``
+(AVX-512 F, BW and VL), else ``avx2``. ``select_isa`` switches between them (tests check each the CPU has;
+benchmarks compare them in one run).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _cpu_supported() -> bool:
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """The dtypes of inputs and weights the kernel's ops take."""
-ISAS = ("avx2", "avx512")
+ISAS = ("avx2", "avx512", "avx512_bf16")
 """The kernel's instruction sets, in the order of its ``experts_isa`` codes (each includes the ones before)."""
 
 

@@ -201,13 +201,14 @@ void project(const float* x, int64_t n, int64_t K, const W* w, int64_t ldw, bool
 // FMA accumulation.
 #define MOESERVE_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
 
-enum Isa : int64_t { kIsaAvx2 = 0, kIsaAvx512 = 1 };
+enum Isa : int64_t { kIsaAvx2 = 0, kIsaAvx512 = 1, kIsaAvx512Bf16 = 2 };
 
 Isa best_isa() {
   __builtin_cpu_init();
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl");
-  return avx512 ? kIsaAvx512 : kIsaAvx2;
+  if (!avx512) return kIsaAvx2;
+  return __builtin_cpu_supports("avx512bf16") ? kIsaAvx512Bf16 : kIsaAvx512;
 }
 
 std::atomic<int64_t> g_isa{best_isa()};
@@ -218,7 +219,7 @@ constexpr int64_t kAvx512PrefetchBytes = 8192;
 
 // Whether n tokens against bf16 weight rows take the AVX-512 path.
 inline bool use_avx512(int64_t n) {
-  return n <= kAvx512MaxTokens && g_isa.load(std::memory_order_relaxed) == kIsaAvx512;
+  return n <= kAvx512MaxTokens && g_isa.load(std::memory_order_relaxed) >= kIsaAvx512;
 }
 
 inline __mmask16 tail_mask16(int64_t left) {
@@ -304,15 +305,117 @@ MOESERVE_AVX512_TARGET void project_avx512(const float* x, int64_t n, int64_t K,
   if (c < c1) wide_dot_tokens<1>(x, n, K, w + c * ldw, ldw, y + c, ldy);
 }
 
-// x @ W^T (or x @ W) for outputs [c0, c1): bf16 weight rows at few tokens take the AVX-512 path where the CPU has
-// it, everything else the AVX2 path.
+// ---- AVX-512 BF16 (where the CPU has it): bf16 pair products for bf16 inputs on bf16 weight rows ----
+// From kPairMinTokens tokens the widening path above is bound by arithmetic, not memory (Zen 4: 0.59 of triad at 4
+// tokens, 0.26 at 8). vdpbf16ps multiplies 32 bf16 weights by 32 bf16 inputs into 16 fp32 sums in one instruction,
+// with no widening: twice the products per instruction, half the input bytes. A product of two bf16 is exact in
+// fp32 and sums are fp32, so this path is as exact as the widening one — but only where the input is bf16 already
+// (the gate/up projection of a bf16 hidden state, a bf16 dense input); the down projection's input, computed here
+// in fp32, keeps the widening path rather than being rounded. Same blocking as project_avx512: pairs of rows, token
+// blocks of 8, the first block streaming the rows (every line asked into L2 ahead) and the others finding them in
+// L1.
+#define MOESERVE_AVX512BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+constexpr int64_t kPairMinTokens = 3;
+
+inline bool use_pairs(int64_t n) {
+  return n >= kPairMinTokens && n <= kAvx512MaxTokens && g_isa.load(std::memory_order_relaxed) == kIsaAvx512Bf16;
+}
+
+inline __mmask32 tail_mask32(int64_t left) {
+  return left >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu) : static_cast<__mmask32>((1u << left) - 1);
+}
+
+// y[t * ldy + r] = dot(xb[t], w[r]) over K for R rows and TB tokens; xb[t] at xb + t * ldx, bf16.
+template <int R, int TB, bool PF>
+MOESERVE_AVX512BF16_TARGET inline void pair_dot_block(const uint16_t* xb, int64_t ldx, int64_t K, const uint16_t* w,
+                                                      int64_t ldw, float* y, int64_t ldy) {
+  __m512 acc[TB][R];
+  for (int t = 0; t < TB; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh wv[R];
+    for (int r = 0; r < R; ++r) {
+      if constexpr (PF) _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k) + kAvx512PrefetchBytes,
+                                     _MM_HINT_T1);
+      wv[r] = (__m512bh)_mm512_loadu_si512(w + r * ldw + k);
+    }
+    for (int t = 0; t < TB; ++t) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + t * ldx + k);
+      for (int r = 0; r < R; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], wv[r], xv);
+    }
+  }
+  if (k < K) {  // masked lanes read as zero on both sides: their products add nothing
+    const __mmask32 mask = tail_mask32(K - k);
+    __m512bh wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * ldw + k);
+    for (int t = 0; t < TB; ++t) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, xb + t * ldx + k);
+      for (int r = 0; r < R; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], wv[r], xv);
+    }
+  }
+  for (int t = 0; t < TB; ++t)
+    for (int r = 0; r < R; ++r) y[t * ldy + r] = _mm512_reduce_add_ps(acc[t][r]);
+}
+
+template <int R, bool PF>
+MOESERVE_AVX512BF16_TARGET inline void pair_dot_token_block(int64_t tb, const uint16_t* xb, int64_t ldx, int64_t K,
+                                                            const uint16_t* w, int64_t ldw, float* y, int64_t ldy) {
+  switch (tb) {
+    case 1: return pair_dot_block<R, 1, PF>(xb, ldx, K, w, ldw, y, ldy);
+    case 2: return pair_dot_block<R, 2, PF>(xb, ldx, K, w, ldw, y, ldy);
+    case 3: return pair_dot_block<R, 3, PF>(xb, ldx, K, w, ldw, y, ldy);
+    case 4: return pair_dot_block<R, 4, PF>(xb, ldx, K, w, ldw, y, ldy);
+    case 5: return pair_dot_block<R, 5, PF>(xb, ldx, K, w, ldw, y, ldy);
+    case 6: return pair_dot_block<R, 6, PF>(xb, ldx, K, w, ldw, y, ldy);
+    case 7: return pair_dot_block<R, 7, PF>(xb, ldx, K, w, ldw, y, ldy);
+    default: return pair_dot_block<R, 8, PF>(xb, ldx, K, w, ldw, y, ldy);
+  }
+}
+
+template <int R>
+MOESERVE_AVX512BF16_TARGET void pair_dot_tokens(const uint16_t* xb, int64_t ldx, int64_t n, int64_t K,
+                                                const uint16_t* w, int64_t ldw, float* y, int64_t ldy) {
+  pair_dot_token_block<R, true>(std::min(n, kAvx512TokenBlock), xb, ldx, K, w, ldw, y, ldy);
+  for (int64_t t = kAvx512TokenBlock; t < n; t += kAvx512TokenBlock)
+    pair_dot_token_block<R, false>(std::min(n - t, kAvx512TokenBlock), xb + t * ldx, ldx, K, w, ldw, y + t * ldy,
+                                   ldy);
+}
+
+// y[t][c] for c in [c0, c1) of xb @ W^T: bf16 inputs [n, K] (row stride ldx) on bf16 weight rows, two at a time.
+MOESERVE_AVX512BF16_TARGET void project_pairs(const c10::BFloat16* inputs, int64_t ldx, int64_t n, int64_t K,
+                                              const c10::BFloat16* weights, int64_t ldw, int64_t c0, int64_t c1,
+                                              float* y, int64_t ldy) {
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(inputs);
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(weights);
+  int64_t c = c0;
+  for (; c + 2 <= c1; c += 2) pair_dot_tokens<2>(xb, ldx, n, K, w + c * ldw, ldw, y + c, ldy);
+  if (c < c1) pair_dot_tokens<1>(xb, ldx, n, K, w + c * ldw, ldw, y + c, ldy);
+}
+
+// The input of a projection: fp32 rows x [n, K], and where the input was bf16, the same rows as they were (xb, row
+// stride ldxb; exact in bf16, so the pair products lose nothing), else xb = nullptr.
+struct Input {
+  const float* x;
+  const c10::BFloat16* xb = nullptr;
+  int64_t ldxb = 0;
+  Input rows_from(int64_t row, int64_t K) const {  // the same input from row ``row`` on
+    return {x + row * K, xb ? xb + row * ldxb : nullptr, ldxb};
+  }
+};
+
+// x @ W^T (or x @ W) for outputs [c0, c1): bf16 weight rows at few tokens take the AVX-512 paths where the CPU has
+// them (pair products where the input is bf16 and there are enough tokens), everything else the AVX2 path.
 template <typename W>
-void project_any(const float* x, int64_t n, int64_t K, const W* w, int64_t ldw, bool transposed, int64_t c0,
+void project_any(const Input& in, int64_t n, int64_t K, const W* w, int64_t ldw, bool transposed, int64_t c0,
                  int64_t c1, float* y, int64_t ldy) {
   if constexpr (std::is_same_v<W, c10::BFloat16>) {
-    if (!transposed && use_avx512(n)) return project_avx512(x, n, K, w, ldw, c0, c1, y, ldy);
+    if (!transposed && in.xb != nullptr && use_pairs(n))
+      return project_pairs(in.xb, in.ldxb, n, K, w, ldw, c0, c1, y, ldy);
+    if (!transposed && use_avx512(n)) return project_avx512(in.x, n, K, w, ldw, c0, c1, y, ldy);
   }
-  project(x, n, K, w, ldw, transposed, c0, c1, y, ldy);
+  project(in.x, n, K, w, ldw, transposed, c0, c1, y, ldy);
 }
 
 // ---- work distribution: chunks claimed from one atomic ticket by the caller and the pool's workers ----
@@ -501,7 +604,7 @@ inline float bias_at(const W* b, int64_t i) {
 
 // g[t][j] for gate units j in [j0, j1): projects the gate and up outputs those units need, then gates them.
 template <typename W>
-void gate_up_chunk(const float* x, int64_t n, int64_t H, int64_t I, const W* w, int64_t ldw,
+void gate_up_chunk(const Input& x, int64_t n, int64_t H, int64_t I, const W* w, int64_t ldw,
                    const W* bias, bool transposed, const GateSpec& gate, int64_t j0, int64_t j1, float* h, float* g) {
   const int64_t ldh = 2 * I;
   if (gate.kind == 0) {
@@ -531,7 +634,7 @@ void gate_up_chunk(const float* x, int64_t n, int64_t H, int64_t I, const W* w, 
 template <typename W>
 void down_chunk(const float* g, int64_t n, int64_t H, int64_t I, const W* w, int64_t ldw, const W* bias,
                 bool transposed, int64_t c0, int64_t c1, const int64_t* tok, const float* rw, float* y, float* out) {
-  project_any(g, n, I, w, ldw, transposed, c0, c1, y, H);
+  project_any(Input{g}, n, I, w, ldw, transposed, c0, c1, y, H);
   for (int64_t t = 0; t < n; ++t) {
     float* ot = out + tok[t] * H;
     const float* yt = y + t * H;
@@ -608,7 +711,7 @@ struct ExpertPtrs {
 // gating over (expert, unit chunk) pairs, then the down projections over output-column chunks, each chunk running
 // every expert in turn so that no two threads ever add into the same out[token][column].
 template <typename W>
-void run_group(const float* x, int64_t H, int64_t I, const Tensor& token_ids, const Tensor& route_weights,
+void run_group(const Input& x, int64_t H, int64_t I, const Tensor& token_ids, const Tensor& route_weights,
                at::IntArrayRef starts, at::IntArrayRef counts, at::TensorList gate_up, at::TensorList down,
                const c10::List<std::optional<Tensor>>& gate_up_bias, const c10::List<std::optional<Tensor>>& down_bias,
                bool transposed, const GateSpec& gate, float* out, const std::vector<int64_t>& x_rows, int64_t rows) {
@@ -631,7 +734,7 @@ void run_group(const float* x, int64_t H, int64_t I, const Tensor& token_ids, co
     const ExpertPtrs<W>& e = experts[c / unit_chunks];
     if (e.count == 0) return;
     const int64_t j0 = (c % unit_chunks) * kUnitsPerChunk, j1 = std::min(I, j0 + kUnitsPerChunk);
-    gate_up_chunk(x + e.row * H, e.count, H, I, e.gate_up, e.ld_gate_up,
+    gate_up_chunk(x.rows_from(e.row, H), e.count, H, I, e.gate_up, e.ld_gate_up,
                   e.gate_up_bias, transposed, gate, j0, j1, h + e.row * 2 * I, g + e.row * I);
   });
   for_each_chunk((H + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
@@ -681,8 +784,20 @@ void experts_group(const Tensor& hidden, const Tensor& token_ids, const Tensor& 
   }
 
   static thread_local std::vector<float> x_buf;
-  float* x = scratch(x_buf, rows * H);
-  for (int64_t e = 0; e < G; ++e) gather_tokens(hidden, tok + starts[e], counts[e], x + x_rows[e] * H);
+  static thread_local std::vector<c10::BFloat16> xb_buf;
+  float* xf = scratch(x_buf, rows * H);
+  for (int64_t e = 0; e < G; ++e) gather_tokens(hidden, tok + starts[e], counts[e], xf + x_rows[e] * H);
+  Input x{xf};
+  if (hidden.scalar_type() == at::kBFloat16 && dtype == at::kBFloat16 && !transposed &&
+      g_isa.load(std::memory_order_relaxed) == kIsaAvx512Bf16) {  // the bf16 rows too, for the pair products
+    c10::BFloat16* xb = scratch(xb_buf, rows * H);
+    const c10::BFloat16* src = hidden.const_data_ptr<c10::BFloat16>();
+    for (int64_t e = 0; e < G; ++e)
+      for (int64_t s = 0; s < counts[e]; ++s)
+        std::copy(src + tok[starts[e] + s] * H, src + (tok[starts[e] + s] + 1) * H, xb + (x_rows[e] + s) * H);
+    x.xb = xb;
+    x.ldxb = H;
+  }
   const GateSpec gate{gate_kind, static_cast<float>(alpha), static_cast<float>(limit)};
   float* o = out.data_ptr<float>();
   if (dtype == at::kFloat) {
@@ -723,6 +838,8 @@ void dense(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, 
   int64_t* rows = scratch(row_buf, T);
   for (int64_t t = 0; t < T; ++t) rows[t] = t;
   gather_tokens(x, rows, T, xf);
+  Input in{xf};
+  if (x.scalar_type() == at::kBFloat16) in = {xf, x.const_data_ptr<c10::BFloat16>(), K};  // bf16 pairs if w is bf16
   const at::ScalarType out_type = out.scalar_type();
   float* y = out_type == at::kFloat ? out.data_ptr<float>() : scratch(y_buf, T * N);
   void* o = out.data_ptr();
@@ -732,7 +849,7 @@ void dense(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, 
     const W* b = bias.has_value() ? bias->const_data_ptr<W>() : nullptr;
     for_each_chunk((N + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
       const int64_t c0 = c * kRowsPerChunk, c1 = std::min(N, c0 + kRowsPerChunk);
-      project_any(xf, T, K, weights, ldw, false, c0, c1, y, N);
+      project_any(in, T, K, weights, ldw, false, c0, c1, y, N);
       if (b != nullptr)
         for (int64_t t = 0; t < T; ++t)
           for (int64_t n = c0; n < c1; ++n) y[t * N + n] += static_cast<float>(b[n]);
@@ -748,8 +865,8 @@ void dense(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, 
   }
 }
 
-// The instruction set the kernel's decode paths use: 0 AVX2 (every CPU the kernel loads on), 1 AVX-512 (the default
-// where the CPU has it). ``choice`` >= 0 selects one; returns the one in use.
+// The instruction set the kernel's decode paths use: 0 AVX2 (every CPU the kernel loads on), 1 AVX-512, 2 AVX-512
+// with bf16 pair products (the default is the best the CPU has). ``choice`` >= 0 selects one; returns the one in use.
 int64_t experts_isa(int64_t choice) {
   if (choice >= 0) {
     TORCH_CHECK(choice <= best_isa(), "this CPU lacks the instruction set ", choice, " (best: ", best_isa(), ")");
