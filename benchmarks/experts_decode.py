@@ -7,7 +7,7 @@ RAM), in one run on the same machine:
 - ``engine``: moeserve's ``LLM.generate`` (registered experts forward, compiled kernel where built) at 1, 4 and
   16 concurrent streams;
 - ``engine_16_streams_tok_per_s_on_isa``: 16 streams again with the kernel's decode paths switched to each
-  instruction set below the CPU's best (engine.offload.kernels.select_isa; the paths calibrated at load stay), so
+  instruction set below the CPU's best (engine.offload.kernels.using_isa; the paths calibrated at load stay), so
   a kernel change shows against the path it adds to in the same run;
 - ``transformers``: the same checkpoint through transformers' own ``generate`` (its default experts
   implementation), one stream.
@@ -40,7 +40,7 @@ from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
 from engine.logs import configure_logging
-from engine.offload.kernels import ISAS, best_isa, load_experts_kernel, select_isa
+from engine.offload.kernels import ISAS, best_isa, load_experts_kernel, using_isa
 
 logger = logging.getLogger("benchmarks.experts_decode")
 
@@ -95,10 +95,6 @@ def transformers_decode(model: torch.nn.Module, max_tokens: int) -> float:
     return (max_tokens - 1) / (_seconds(lambda: run(max_tokens)) - first)
 
 
-def llm_has_kernel() -> bool:
-    return load_experts_kernel() is not None
-
-
 def _seconds(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -115,12 +111,9 @@ def measure_shape(name: str, shape: dict, rate: float, max_tokens: int) -> dict:
         engine_decode(llm, 1, 4)  # warm-up
         engine = {streams: engine_decode(llm, streams, max_tokens) for streams in (1, 4, 16)}
         lower_isas = {}  # 16 streams with the kernel's decode paths on each instruction set below the best
-        for isa in ISAS[: ISAS.index(best_isa())] if llm_has_kernel() else ():
-            default = select_isa(isa)
-            try:
+        for isa in ISAS[: ISAS.index(best_isa())] if load_experts_kernel() is not None else ():
+            with using_isa(isa):
                 lower_isas[isa] = engine_decode(llm, 16, max_tokens)
-            finally:
-                select_isa(default)
         del llm
         gc.collect()
         model = AutoModelForCausalLM.from_pretrained(tmp, dtype="auto").eval()

@@ -48,7 +48,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from engine.logs import configure_logging
 from engine.offload.experts import ExpertsForward, RoutingPlan, StackedParameters, torch_expert
-from engine.offload.kernels import ISAS, best_isa, load_experts_kernel, select_isa
+from engine.offload.kernels import ISAS, best_isa, load_experts_kernel, using_isa
 
 logger = logging.getLogger("benchmarks.experts_kernel")
 
@@ -103,11 +103,8 @@ def trials(forward: ExpertsForward, experts: torch.nn.Module, top_k: int, tokens
 
     def kernel_on(isa: str) -> Callable[[], None]:
         def run() -> None:
-            default = select_isa(isa)
-            try:
+            with using_isa(isa):
                 kernel()
-            finally:
-                select_isa(default)
         return run
 
     def torch_path() -> None:

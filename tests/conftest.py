@@ -66,6 +66,5 @@ def kernel_isa(request: pytest.FixtureRequest, experts_kernel) -> str:
     """The kernel with its decode paths on each instruction set in turn (those this CPU lacks are skipped)."""
     if kernels.ISAS.index(request.param) > kernels.ISAS.index(kernels.best_isa()):
         pytest.skip(f"this CPU lacks {request.param} (best: {kernels.best_isa()})")
-    previous = kernels.select_isa(request.param)
-    yield request.param
-    kernels.select_isa(previous)
+    with kernels.using_isa(request.param):
+        yield request.param

@@ -18,7 +18,8 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -86,6 +87,16 @@ def select_isa(name: str) -> str:
     previous = torch.ops.moeserve.experts_isa(-1)
     torch.ops.moeserve.experts_isa(ISAS.index(name))
     return ISAS[previous]
+
+
+@contextmanager
+def using_isa(name: str) -> Iterator[str]:
+    """The loaded kernel's decode paths on ``name`` for the block (`select_isa`), the previous one restored after."""
+    previous = select_isa(name)
+    try:
+        yield name
+    finally:
+        select_isa(previous)
 
 
 def best_seconds(fn: Callable[[], None], repeats: int = 3) -> float:

@@ -642,11 +642,11 @@ void down_chunk(const float* g, int64_t n, int64_t H, int64_t I, const W* w, int
   }
 }
 
-// x[t] = float(hidden[tok[t]]): the expert's tokens, gathered and widened once.
-template <typename A>
-void gather_rows(const A* hidden, int64_t H, const int64_t* tok, int64_t n, float* x) {
+// x[t] = O(hidden[tok[t]]): the expert's tokens, gathered (and widened, for fp32 x) once.
+template <typename A, typename O = float>
+void gather_rows(const A* hidden, int64_t H, const int64_t* tok, int64_t n, O* x) {
   for (int64_t t = 0; t < n; ++t)
-    for (int64_t c = 0; c < H; ++c) x[t * H + c] = static_cast<float>(hidden[tok[t] * H + c]);
+    for (int64_t c = 0; c < H; ++c) x[t * H + c] = static_cast<O>(hidden[tok[t] * H + c]);
 }
 
 void gather_tokens(const Tensor& hidden, const int64_t* tok, int64_t n, float* x) {
@@ -792,9 +792,7 @@ void experts_group(const Tensor& hidden, const Tensor& token_ids, const Tensor& 
       g_isa.load(std::memory_order_relaxed) == kIsaAvx512Bf16) {  // the bf16 rows too, for the pair products
     c10::BFloat16* xb = scratch(xb_buf, rows * H);
     const c10::BFloat16* src = hidden.const_data_ptr<c10::BFloat16>();
-    for (int64_t e = 0; e < G; ++e)
-      for (int64_t s = 0; s < counts[e]; ++s)
-        std::copy(src + tok[starts[e] + s] * H, src + (tok[starts[e] + s] + 1) * H, xb + (x_rows[e] + s) * H);
+    for (int64_t e = 0; e < G; ++e) gather_rows(src, H, tok + starts[e], counts[e], xb + x_rows[e] * H);
     x.xb = xb;
     x.ldxb = H;
   }
