@@ -10,7 +10,11 @@ calls the transformers model with
   and rotary key — so per-layer storage is allocated on first use with the shapes it is given.
 - ``attn_implementation="moeserve_paged"`` (registered with ``AttentionInterface``): attention computed
   request by request over those contexts, so no query ever sees another request's keys; causal within a
-  request, a sliding window where the layer has one, gpt_oss's attention sinks where it has them.
+  request, a sliding window where the layer has one, gpt_oss's attention sinks where it has them. On the CPU,
+  every request with one new token this step (decode) is served by one call of the compiled kernel's
+  ``torch.ops.moeserve.decode_attention`` (engine.offload.kernels; torch's SDPA costs 5-10 x more at decode
+  sizes, mostly per call: benchmarks/decode_attention.py); requests with more new tokens (prompt chunks), other
+  devices and a missing kernel take ``F.scaled_dot_product_attention``.
 - ``moeserve_batch=BatchLayout``: the step's layout, passed through the model's ``**kwargs`` to every
   attention call.
 
@@ -21,10 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+
+from engine.offload.kernels import KERNEL_DTYPES, load_experts_kernel
 
 ATTENTION_NAME = "moeserve_paged"
 
@@ -68,6 +75,19 @@ class BatchLayout:
             read.append(slots)
             q, k = q + num_new, k + context
         return cls(tuple(spans), torch.cat(write).to(device), torch.cat(read).to(device))
+
+    @cached_property
+    def single_token_spans(self) -> torch.Tensor:
+        """[S, 3] int64 on the CPU: (query row, first context row, context length) of each request with one new
+        token this step, the rows ``torch.ops.moeserve.decode_attention`` serves (computed once per step)."""
+        rows = [(span.q_start, span.k_start, span.k_end - span.k_start) for span in self.spans
+                if span.q_end - span.q_start == 1]
+        return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+
+    @cached_property
+    def multi_token_spans(self) -> tuple[RequestSpan, ...]:
+        """The requests with more than one new token this step (prompt chunks)."""
+        return tuple(span for span in self.spans if span.q_end - span.q_start > 1)
 
 
 def _slots(block_table: Sequence[int], length: int, block_size: int) -> torch.Tensor:
@@ -146,19 +166,41 @@ def paged_attention_forward(
     """
     if moeserve_batch is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention needs the step's BatchLayout (moeserve_batch)")
+    if not _kernel_serves(query, key, value):
+        outputs = [_span_attention(query, key, value, span, scaling, sliding_window, s_aux)
+                   for span in moeserve_batch.spans]
+        return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+    out = query.new_empty(1, query.shape[2], query.shape[1], value.shape[3])  # [1, T, H, dv]
+    single = moeserve_batch.single_token_spans
+    if len(single):
+        sinks = s_aux.float().contiguous() if s_aux is not None else None
+        scale = scaling if scaling is not None else query.shape[3] ** -0.5
+        torch.ops.moeserve.decode_attention.default(query[0], key[0], value[0], single, scale, sliding_window or 0,
+                                                    sinks, out[0])
+    for span in moeserve_batch.multi_token_spans:
+        out[:, span.q_start : span.q_end] = _span_attention(query, key, value, span, scaling, sliding_window,
+                                                            s_aux).transpose(1, 2)
+    return out, None
+
+
+def _kernel_serves(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether ``torch.ops.moeserve.decode_attention`` takes these tensors: on the CPU, one kernel dtype, no
+    autograd, the kernel built."""
+    return (query.device.type == "cpu" and query.dtype in KERNEL_DTYPES and key.dtype == value.dtype == query.dtype
+            and not torch.is_grad_enabled() and load_experts_kernel() is not None)
+
+
+def _span_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, span: RequestSpan,
+                    scaling: float | None, sliding_window: int | None, s_aux: torch.Tensor | None) -> torch.Tensor:
+    """One request's attention through torch: [1, H, t, dv]."""
+    q = query[:, :, span.q_start : span.q_end]
+    k = key[:, :, span.k_start : span.k_end]
+    v = value[:, :, span.k_start : span.k_end]
+    mask = _span_mask(span, sliding_window, query.device)
     groups = query.shape[1] // key.shape[1]
-    outputs = []
-    for span in moeserve_batch.spans:
-        q = query[:, :, span.q_start : span.q_end]
-        k = key[:, :, span.k_start : span.k_end]
-        v = value[:, :, span.k_start : span.k_end]
-        mask = _span_mask(span, sliding_window, query.device)
-        if s_aux is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
-        else:
-            out = _attention_with_sinks(q, k, v, mask, scaling, s_aux, groups)
-        outputs.append(out)
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+    if s_aux is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
+    return _attention_with_sinks(q, k, v, mask, scaling, s_aux, groups)
 
 
 def _span_mask(span: RequestSpan, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:

@@ -1,6 +1,7 @@
 // moeserve's CPU experts kernel: `torch.ops.moeserve.experts_group`, which runs a group of routed experts of one MoE
 // layer and adds their routing-weighted outputs into an fp32 accumulator, and `torch.ops.moeserve.dense`, one dense
-// projection on the same row paths (torch's bf16 one-row products run far below RAM speed on these machines).
+// projection on the same row paths (torch's bf16 one-row products run far below RAM speed on these machines), and
+// `torch.ops.moeserve.decode_attention`, attention of one new token per request over its context (below).
 //
 // Why it exists: decode is memory-bound, and torch's per-expert matmuls over few tokens stream the weights far
 // below RAM speed on AVX2 machines (and bf16 ones worse). Here each weight row is read once for all of an
@@ -32,6 +33,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <limits>
 #include <mutex>
 #include <thread>
 #include <cmath>
@@ -863,6 +865,143 @@ void dense(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, 
   }
 }
 
+// ---- decode attention: one new token of each request over its own context ----
+// out[t][h] = sum_j p_j v[g][j] / (sum_j p_j + exp(sink[h] - m)), p_j = exp(scale * q[h][t] . k[g][j] - m), over the
+// request's context rows j, for the query heads h of key/value head g (G = H / Hk heads share one), m the largest
+// logit (the sink's included). A decode token reads every key and value row of its context once; torch's SDPA does
+// the same arithmetic at 2-13 x the time per call on the machines we measured, bf16 worst and the gap growing with
+// the context (benchmarks/decode_attention.py). Work is split over (request, key/value head) pairs on the same
+// chunk pool as the projections before it, whose workers are still spinning then. Products and sums in fp32 (exp to
+// < 2e-7 relative), the result rounded once to the query's dtype.
+template <typename T>
+inline float dot_widened(const float* q, const T* k, int64_t d) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 32 <= d; i += 32)  // four independent sums: one would wait on each FMA's latency
+    for (int u = 0; u < 4; ++u) acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8 * u), load8(k + i + 8 * u), acc[u]);
+  for (; i + 8 <= d; i += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), acc[0]);
+  float sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  for (; i < d; ++i) sum += q[i] * static_cast<float>(k[i]);
+  return sum;
+}
+
+template <typename T>
+inline void axpy_widened(float a, const T* v, int64_t d, float* y) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load8(v + i), _mm256_loadu_ps(y + i)));
+  for (; i < d; ++i) y[i] += a * static_cast<float>(v[i]);
+}
+
+// p[j] = exp(p[j] - m) for j < n; returns their sum.
+inline float exp_shifted(float* p, int64_t n, float m) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), mv));
+    _mm256_storeu_ps(p + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float sum = hsum(acc);
+  for (; j < n; ++j) sum += (p[j] = std::exp(p[j] - m));
+  return sum;
+}
+
+struct AttentionShape {
+  int64_t G, d, dv;                  // query heads per key/value head, key and value head dims
+  int64_t q_head, q_token;           // query strides (elements): [H, T, d]
+  int64_t k_head, k_row, v_head, v_row;  // key [Hk, R, d] and value [Hk, R, dv] strides
+  int64_t o_token, o_head;           // out strides: [T, H, dv]
+  float scale;
+};
+
+// The G query heads of key/value head g for the token at query row t, over context rows [begin, end).
+template <typename T>
+void attend(const AttentionShape& a, const T* q, const T* k, const T* v, const float* sinks, int64_t t, int64_t g,
+            int64_t begin, int64_t end, T* out) {
+  const int64_t n = end - begin, G = a.G, d = a.d, dv = a.dv;
+  static thread_local std::vector<float> q_buf, p_buf, acc_buf, denominator_buf;
+  float* qf = scratch(q_buf, G * d);
+  float* denominators = scratch(denominator_buf, G);
+  float* p = scratch(p_buf, G * n);
+  float* acc = scratch(acc_buf, G * dv);
+  for (int64_t hh = 0; hh < G; ++hh) {
+    const T* qh = q + (g * G + hh) * a.q_head + t * a.q_token;
+    for (int64_t i = 0; i < d; ++i) qf[hh * d + i] = a.scale * static_cast<float>(qh[i]);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const T* kj = k + g * a.k_head + (begin + j) * a.k_row;
+    for (int64_t hh = 0; hh < G; ++hh) p[hh * n + j] = dot_widened(qf + hh * d, kj, d);
+  }
+  std::fill(acc, acc + G * dv, 0.f);
+  for (int64_t hh = 0; hh < G; ++hh) {
+    float* ph = p + hh * n;
+    float m = sinks ? sinks[g * G + hh] : -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < n; ++j) m = std::max(m, ph[j]);
+    denominators[hh] = exp_shifted(ph, n, m) + (sinks ? std::exp(sinks[g * G + hh] - m) : 0.f);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const T* vj = v + g * a.v_head + (begin + j) * a.v_row;
+    for (int64_t hh = 0; hh < G; ++hh) axpy_widened(p[hh * n + j], vj, dv, acc + hh * dv);
+  }
+  for (int64_t hh = 0; hh < G; ++hh) {
+    T* oh = out + t * a.o_token + (g * G + hh) * a.o_head;
+    const float inverse = 1.f / denominators[hh];
+    for (int64_t i = 0; i < dv; ++i) oh[i] = static_cast<T>(acc[hh * dv + i] * inverse);
+  }
+}
+
+// The op. query [H, T, d], key [Hk, R, d], value [Hk, R, dv] (one dtype: fp32, bf16 or fp16; unit inner stride,
+// Hk divides H); spans [S, 3] int64: (query row t, first context row, context length) of each decode token;
+// window > 0 limits a token to its context's last `window` rows (a sliding window); sinks [H] fp32 or None;
+// out [T, H, dv] of the query's dtype, unit inner stride: the spans' rows are written, the others left alone.
+void decode_attention(const Tensor& query, const Tensor& key, const Tensor& value, const Tensor& spans, double scale,
+                      int64_t window, const std::optional<Tensor>& sinks, const Tensor& out) {
+  TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3 && out.dim() == 3,
+              "query [H, T, d], key [Hk, R, d], value [Hk, R, dv], out [T, H, dv]");
+  const int64_t H = query.size(0), T = query.size(1), d = query.size(2), Hk = key.size(0), R = key.size(1);
+  const int64_t dv = value.size(2);
+  TORCH_CHECK(Hk > 0 && H % Hk == 0 && key.size(2) == d && value.size(0) == Hk && value.size(1) == R,
+              "key/value heads must divide the query heads, with matching rows and head dims");
+  TORCH_CHECK(out.size(0) == T && out.size(1) == H && out.size(2) == dv, "out must be [", T, ", ", H, ", ", dv, "]");
+  const at::ScalarType dtype = query.scalar_type();
+  TORCH_CHECK(key.scalar_type() == dtype && value.scalar_type() == dtype && out.scalar_type() == dtype,
+              "query, key, value and out must share one dtype");
+  TORCH_CHECK(query.stride(2) == 1 && key.stride(2) == 1 && value.stride(2) == 1 && out.stride(2) == 1,
+              "unit inner strides");
+  TORCH_CHECK(spans.scalar_type() == at::kLong && spans.dim() == 2 && spans.size(1) == 3 && spans.is_contiguous(),
+              "spans must be [S, 3] int64 contiguous");
+  TORCH_CHECK(!sinks.has_value() || (sinks->scalar_type() == at::kFloat && sinks->numel() == H &&
+                                     sinks->is_contiguous()), "sinks must be [H] fp32 contiguous");
+  const int64_t S = spans.size(0);
+  const int64_t* span = spans.const_data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s)
+    TORCH_CHECK(span[3 * s] >= 0 && span[3 * s] < T && span[3 * s + 1] >= 0 && span[3 * s + 2] > 0 &&
+                    span[3 * s + 1] + span[3 * s + 2] <= R, "span ", s, " out of range");
+  const AttentionShape a{H / Hk, d, dv, query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+                         value.stride(0), value.stride(1), out.stride(0), out.stride(1), static_cast<float>(scale)};
+  const float* sink = sinks.has_value() ? sinks->const_data_ptr<float>() : nullptr;
+  auto run = [&](const auto* q) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(q)>>;
+    const T* k = key.const_data_ptr<T>();
+    const T* v = value.const_data_ptr<T>();
+    T* o = out.data_ptr<T>();
+    for_each_chunk(S * Hk, [&](int64_t c) {
+      const int64_t* sp = span + 3 * (c / Hk);
+      const int64_t end = sp[1] + sp[2];
+      const int64_t begin = window > 0 ? std::max(sp[1], end - window) : sp[1];
+      attend(a, q, k, v, sink, sp[0], c % Hk, begin, end, o);
+    });
+  };
+  switch (dtype) {
+    case at::kFloat: return run(query.const_data_ptr<float>());
+    case at::kBFloat16: return run(query.const_data_ptr<c10::BFloat16>());
+    case at::kHalf: return run(query.const_data_ptr<c10::Half>());
+    default: TORCH_CHECK(false, "query must be fp32, bf16 or fp16");
+  }
+}
+
 // The instruction set the kernel's decode paths use: 0 AVX2 (every CPU the kernel loads on), 1 AVX-512, 2 AVX-512
 // with bf16 pair products (the default is the best the CPU has). ``choice`` >= 0 selects one; returns the one in use.
 int64_t experts_isa(int64_t choice) {
@@ -879,6 +1018,8 @@ TORCH_LIBRARY(moeserve, m) {
   m.def("experts_isa(int choice) -> int", &experts_isa);
   m.def("dense(Tensor x, Tensor w, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("experts_best_isa() -> int", [] { return static_cast<int64_t>(best_isa()); });
+  m.def("decode_attention(Tensor query, Tensor key, Tensor value, Tensor spans, float scale, int window, "
+        "Tensor? sinks, Tensor(a!) out) -> ()");
   m.def(
       "experts_group(Tensor hidden, Tensor token_ids, Tensor route_weights, int[] starts, int[] counts, "
       "Tensor[] gate_up, Tensor[] down, Tensor?[] gate_up_bias, Tensor?[] down_bias, bool transposed, "
@@ -888,4 +1029,5 @@ TORCH_LIBRARY(moeserve, m) {
 TORCH_LIBRARY_IMPL(moeserve, CPU, m) {
   m.impl("experts_group", &experts_group);
   m.impl("dense", &dense);
+  m.impl("decode_attention", &decode_attention);
 }

@@ -1,0 +1,127 @@
+"""Decode attention on the kernel (``torch.ops.moeserve.decode_attention``) against an fp64 reference, and the
+paged attention function with and without it on mixed steps (decode tokens beside prompt chunks)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import engine.attention as attention
+from engine.attention import BatchLayout, paged_attention_forward
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FP32_REL_TOL = 1e-5  # fp32 products and sums, exp to < 2e-7: fp32 accuracy
+
+
+def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: list[tuple[int, int, int]],
+              scale: float, window: int, sinks: torch.Tensor | None) -> dict[int, torch.Tensor]:
+    """fp64 attention of each span's query row over its context (its last ``window`` rows if > 0): {row: [H, dv]}."""
+    heads, groups = query.shape[0], query.shape[0] // key.shape[0]
+    rows = {}
+    for row, first, length in spans:
+        begin = first + max(0, length - window) if window > 0 else first
+        k = key[:, begin : first + length].double().repeat_interleave(groups, dim=0)  # [H, c, d]
+        v = value[:, begin : first + length].double().repeat_interleave(groups, dim=0)  # [H, c, dv]
+        logits = torch.einsum("hd,hcd->hc", query[:, row].double(), k) * scale  # [H, c]
+        if sinks is not None:
+            logits = torch.cat([logits, sinks.double().reshape(heads, 1)], dim=1)
+        weights = torch.softmax(logits, dim=1)[:, : k.shape[1]]
+        rows[row] = torch.einsum("hc,hcd->hd", weights, v)
+    return rows
+
+
+def assert_close_to(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """fp32 within FP32_REL_TOL of the largest value; bf16/fp16 within the one rounding to ``dtype`` on top."""
+    scale = expected.abs().max().item()
+    rounding = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps / 2
+    error = (out.double() - expected).abs()
+    assert (error <= expected.abs() * rounding * 1.01 + FP32_REL_TOL * scale).all(), error.max().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "value_dim"),
+                         [(4, 4, 64, 64), (8, 2, 128, 128), (6, 1, 13, 13), (4, 2, 192, 128)],
+                         ids=["mha", "gqa4", "mqa-odd-dim", "mla-dims"])
+@pytest.mark.parametrize("window", [0, 5], ids=["full", "window5"])
+@pytest.mark.parametrize("with_sinks", [False, True], ids=["nosinks", "sinks"])
+def test_the_op_matches_fp64(experts_kernel, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+                             value_dim: int, window: int, with_sinks: bool) -> None:
+    torch.manual_seed(0)
+    tokens, lengths = 7, [1, 3, 8, 40, 301]  # contexts of 1 row to past the vector width and a long one
+    spans, first = [], 0
+    for row, length in zip((0, 2, 3, 5, 6), lengths):
+        spans.append((row, first, length))
+        first += length
+    query = torch.randn(tokens, heads, head_dim).to(dtype).transpose(0, 1)  # [H, T, d], strided like the model's
+    key = torch.randn(kv_heads, first, head_dim).to(dtype)
+    value = torch.randn(kv_heads, first, value_dim).to(dtype)
+    sinks = torch.randn(heads) if with_sinks else None
+    out = torch.full((tokens, heads, value_dim), float("nan"), dtype=dtype)
+    scale = head_dim**-0.5
+    torch.ops.moeserve.decode_attention(query, key, value, torch.tensor(spans), scale, window, sinks, out)
+    expected = reference(query, key, value, spans, scale, window, sinks)
+    for row in range(tokens):
+        if row in expected:
+            assert_close_to(out[row], expected[row], dtype)
+        else:  # rows of no span are left alone
+            assert out[row].isnan().all()
+
+
+def test_the_op_refuses_bad_input(experts_kernel) -> None:
+    query, key, value = torch.randn(4, 1, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    out = torch.empty(1, 4, 8)
+    op = torch.ops.moeserve.decode_attention
+    with pytest.raises(RuntimeError, match="out of range"):
+        op(query, key, value, torch.tensor([[0, 2, 4]]), 1.0, 0, None, out)  # rows 2..5 of 5
+    with pytest.raises(RuntimeError, match="one dtype"):
+        op(query, key.double(), value, torch.tensor([[0, 0, 5]]), 1.0, 0, None, out)
+    with pytest.raises(RuntimeError, match="divide"):
+        op(torch.randn(3, 1, 8), key, value, torch.tensor([[0, 0, 5]]), 1.0, 0, None, torch.empty(1, 3, 8))
+    with pytest.raises(RuntimeError, match="sinks"):
+        op(query, key, value, torch.tensor([[0, 0, 5]]), 1.0, 0, torch.randn(3), out)
+
+
+def mixed_step(heads: int, kv_heads: int, dim: int, dtype: torch.dtype):
+    """A step of three requests: one decode token at position 20, a prompt chunk of 5 tokens at 9, a decode token
+    at position 0; its layout and the model's query / gathered key / value tensors."""
+    torch.manual_seed(1)
+    requests = [(20, 1, [3, 1]), (9, 5, [0]), (0, 1, [2])]  # (first new position, new tokens, block table)
+    layout = BatchLayout.build(requests, block_size=16)
+    tokens, rows = 7, len(layout.read_slots)
+    query = torch.randn(1, tokens, heads, dim).to(dtype).transpose(1, 2)  # [1, H, T, d]
+    key = torch.randn(1, kv_heads, rows, dim).to(dtype)
+    value = torch.randn(1, kv_heads, rows, dim).to(dtype)
+    return layout, query, key, value
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sliding_window", [None, 4], ids=["full", "window4"])
+@pytest.mark.parametrize("with_sinks", [False, True], ids=["nosinks", "sinks"])
+def test_paged_attention_on_the_kernel_equals_torch(experts_kernel, monkeypatch: pytest.MonkeyPatch,
+                                                    dtype: torch.dtype, sliding_window: int | None,
+                                                    with_sinks: bool) -> None:
+    layout, query, key, value = mixed_step(heads=8, kv_heads=2, dim=64, dtype=dtype)
+    assert layout.single_token_spans.tolist() == [[0, 0, 21], [6, 35, 1]]
+    assert [span.q_start for span in layout.multi_token_spans] == [1]
+    sinks = torch.randn(8).to(dtype) if with_sinks else None
+    kwargs = dict(scaling=0.125, sliding_window=sliding_window, s_aux=sinks, moeserve_batch=layout)
+    with torch.no_grad():
+        on_kernel, _ = paged_attention_forward(None, query, key, value, None, **kwargs)
+        monkeypatch.setattr(attention, "load_experts_kernel", lambda: None)
+        on_torch, _ = paged_attention_forward(None, query, key, value, None, **kwargs)
+    assert on_kernel.shape == on_torch.shape == (1, 7, 8, 64)
+    tolerance = FP32_REL_TOL if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    assert ((on_kernel.double() - on_torch.double()).abs().max() <= tolerance * on_torch.abs().max()).item()
+    # The prompt chunk's rows are torch's in both: bit for bit.
+    assert torch.equal(on_kernel[:, 1:6], on_torch[:, 1:6])
+
+
+def test_paged_attention_scale_defaults_to_inverse_sqrt_dim(experts_kernel) -> None:
+    layout, query, key, value = mixed_step(heads=4, kv_heads=4, dim=16, dtype=torch.float32)
+    with torch.no_grad():
+        default, _ = paged_attention_forward(None, query, key, value, None, moeserve_batch=layout)
+        explicit, _ = paged_attention_forward(None, query, key, value, None, scaling=1 / math.sqrt(16),
+                                              moeserve_batch=layout)
+    assert torch.equal(default, explicit)
