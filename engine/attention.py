@@ -7,14 +7,18 @@ calls the transformers model with
   the store writes the new tokens' key/value rows into their slots (block * 16 + offset) and returns, for
   each request of the step, the rows of its whole context, concatenated request after request. Rows are
   whatever the layer caches — heads x head_dim for most models, DeepSeek's single-head compressed latent
-  and rotary key — so per-layer storage is allocated on first use with the shapes it is given.
+  and rotary key — so per-layer storage is allocated on first use with the shapes it is given. In a step
+  laid out ``by_slot`` the store returns the layer's whole storage instead, and attention reads each context
+  through ``read_slots`` in place: no gathered copy of every context at every layer (the runner chooses it on
+  the CPU for the architectures whose attention takes the cached rows as they are: not DeepSeek's, which
+  expands its cached latents after the update, `GATHERED_CACHE_MODEL_TYPES`).
 - ``attn_implementation="moeserve_paged"`` (registered with ``AttentionInterface``): attention computed
   request by request over those contexts, so no query ever sees another request's keys; causal within a
   request, a sliding window where the layer has one, gpt_oss's attention sinks where it has them. On the CPU,
   every request with one new token this step (decode) is served by one call of the compiled kernel's
-  ``torch.ops.moeserve.decode_attention`` (engine.offload.kernels; torch's SDPA costs 5-10 x more at decode
-  sizes, mostly per call: benchmarks/decode_attention.py); requests with more new tokens (prompt chunks), other
-  devices and a missing kernel take ``F.scaled_dot_product_attention``.
+  ``torch.ops.moeserve.decode_attention`` (engine.offload.kernels; torch's SDPA costs 2-13 x more per call at
+  decode sizes: benchmarks/decode_attention.py); requests with more new tokens (prompt chunks), other devices
+  and a missing kernel take ``F.scaled_dot_product_attention``.
 - ``moeserve_batch=BatchLayout``: the step's layout, passed through the model's ``**kwargs`` to every
   attention call.
 
@@ -34,6 +38,10 @@ from transformers import AttentionInterface
 from engine.offload.kernels import KERNEL_DTYPES, load_experts_kernel
 
 ATTENTION_NAME = "moeserve_paged"
+GATHERED_CACHE_MODEL_TYPES = frozenset({"deepseek_v2", "deepseek_v3"})
+"""Architectures whose attention transforms what the cache returns before attending (DeepSeek expands its cached
+latents into keys and values with ``expand_kv``): their steps gather the context rows, since expanding a whole
+store at every layer would cost far more than the gather."""
 
 
 @dataclass(frozen=True)
@@ -53,16 +61,19 @@ class BatchLayout:
     """Where each request's tokens and context live in one step.
 
     ``write_slots[t]`` is the KV slot of new token t; ``read_slots`` lists, request after request, the slots of
-    every position of each request's context (earlier tokens and this step's), in position order.
+    every position of each request's context (earlier tokens and this step's), in position order. ``by_slot``:
+    the KV store hands attention its whole storage and attention reads the contexts through ``read_slots``
+    (context row r is storage row ``read_slots[r]``), rather than a gathered copy whose row r is that row.
     """
 
     spans: tuple[RequestSpan, ...]
     write_slots: torch.Tensor  # [T] int64
     read_slots: torch.Tensor  # [sum of context lengths] int64
+    by_slot: bool = False
 
     @classmethod
     def build(cls, requests: Sequence[tuple[int, int, Sequence[int]]], block_size: int,
-              device: torch.device | str = "cpu") -> BatchLayout:
+              device: torch.device | str = "cpu", by_slot: bool = False) -> BatchLayout:
         """From (first new position, number of new tokens, block table) per request, in batch order; the slot
         tensors on ``device`` (the KV store's)."""
         spans, write, read = [], [], []
@@ -74,7 +85,7 @@ class BatchLayout:
             write.append(slots[first_position:])
             read.append(slots)
             q, k = q + num_new, k + context
-        return cls(tuple(spans), torch.cat(write).to(device), torch.cat(read).to(device))
+        return cls(tuple(spans), torch.cat(write).to(device), torch.cat(read).to(device), by_slot)
 
     @cached_property
     def single_token_spans(self) -> torch.Tensor:
@@ -121,10 +132,10 @@ class PagedKVStore:
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's rows, return every request's context rows.
+        """Write this step's rows, return every request's context rows (the whole storage in a ``by_slot`` step).
 
         key: [1, heads_k, T, dim_k], value: [1, heads_v, T, dim_v] -> ([1, heads_k, R, dim_k], [1, heads_v, R, dim_v])
-        with R the sum of the step's context lengths (BatchLayout.read_slots).
+        with R the sum of the step's context lengths (BatchLayout.read_slots), or R = num_slots ``by_slot``.
         """
         layout = self.layout
         if layout is None:
@@ -133,6 +144,8 @@ class PagedKVStore:
         values = self._storage(self._values, layer_idx, value)
         keys.index_copy_(1, layout.write_slots, key[0])
         values.index_copy_(1, layout.write_slots, value[0])
+        if layout.by_slot:
+            return keys[None], values[None]
         return keys.index_select(1, layout.read_slots)[None], values.index_select(1, layout.read_slots)[None]
 
     def _storage(self, tensors: list[torch.Tensor | None], layer_idx: int, rows: torch.Tensor) -> torch.Tensor:
@@ -162,23 +175,32 @@ def paged_attention_forward(
 
     query: [1, H, T, d], key: [1, Hk, R, d], value: [1, Hk, R, dv] (Hk divides H) -> ([1, T, H, dv], None).
     ``sliding_window`` w lets position p see positions > p - w (transformers' convention); ``s_aux`` are
-    gpt_oss's per-head sink logits, which join the softmax and are then dropped.
+    gpt_oss's per-head sink logits, which join the softmax and are then dropped. In a ``by_slot`` step key and
+    value are the whole KV store's (R = its slots), read through ``moeserve_batch.read_slots``.
     """
-    if moeserve_batch is None:
+    layout = moeserve_batch
+    if layout is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention needs the step's BatchLayout (moeserve_batch)")
     if not _kernel_serves(query, key, value):
-        outputs = [_span_attention(query, key, value, span, scaling, sliding_window, s_aux)
-                   for span in moeserve_batch.spans]
+        if layout.by_slot:
+            key, value = key.index_select(2, layout.read_slots), value.index_select(2, layout.read_slots)
+        outputs = [_span_attention(query, key[:, :, span.k_start : span.k_end], value[:, :, span.k_start : span.k_end],
+                                   span, scaling, sliding_window, s_aux) for span in layout.spans]
         return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
     out = query.new_empty(1, query.shape[2], query.shape[1], value.shape[3])  # [1, T, H, dv]
-    single = moeserve_batch.single_token_spans
+    single = layout.single_token_spans
     if len(single):
         sinks = s_aux.float().contiguous() if s_aux is not None else None
         scale = scaling if scaling is not None else query.shape[3] ** -0.5
         torch.ops.moeserve.decode_attention.default(query[0], key[0], value[0], single, scale, sliding_window or 0,
-                                                    sinks, out[0])
-    for span in moeserve_batch.multi_token_spans:
-        out[:, span.q_start : span.q_end] = _span_attention(query, key, value, span, scaling, sliding_window,
+                                                    sinks, layout.read_slots if layout.by_slot else None, out[0])
+    for span in layout.multi_token_spans:
+        if layout.by_slot:
+            rows = layout.read_slots[span.k_start : span.k_end]
+            k, v = key.index_select(2, rows), value.index_select(2, rows)
+        else:
+            k, v = key[:, :, span.k_start : span.k_end], value[:, :, span.k_start : span.k_end]
+        out[:, span.q_start : span.q_end] = _span_attention(query, k, v, span, scaling, sliding_window,
                                                             s_aux).transpose(1, 2)
     return out, None
 
@@ -190,14 +212,13 @@ def _kernel_serves(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) 
             and not torch.is_grad_enabled() and load_experts_kernel() is not None)
 
 
-def _span_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, span: RequestSpan,
+def _span_attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: RequestSpan,
                     scaling: float | None, sliding_window: int | None, s_aux: torch.Tensor | None) -> torch.Tensor:
-    """One request's attention through torch: [1, H, t, dv]."""
+    """One request's attention through torch over its context rows ``k`` [1, Hk, c, d], ``v`` [1, Hk, c, dv]:
+    [1, H, t, dv]."""
     q = query[:, :, span.q_start : span.q_end]
-    k = key[:, :, span.k_start : span.k_end]
-    v = value[:, :, span.k_start : span.k_end]
     mask = _span_mask(span, sliding_window, query.device)
-    groups = query.shape[1] // key.shape[1]
+    groups = query.shape[1] // k.shape[1]
     if s_aux is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
     return _attention_with_sinks(q, k, v, mask, scaling, s_aux, groups)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from engine.attention import ATTENTION_NAME, BatchLayout, PagedKVStore
+from engine.attention import ATTENTION_NAME, GATHERED_CACHE_MODEL_TYPES, BatchLayout, PagedKVStore
 from engine.dense import RowStreamConfig, calibrate_row_paths, row_stream_available
 from engine.kv_cache import DEFAULT_BLOCK_SIZE
 from engine.offload.experts import (
@@ -98,6 +98,9 @@ class ModelRunner:
         self.config = text_config(self.model)
         self.block_size = block_size
         self.kv_store = PagedKVStore(self.config.num_hidden_layers, num_kv_blocks * block_size)
+        # Attention reads the KV store in place (engine.attention: the kernel's decode attention by slot) on the
+        # CPU, where the architecture attends over the cached rows as they are.
+        self.kv_by_slot = self.device.type == "cpu" and self.config.model_type not in GATHERED_CACHE_MODEL_TYPES
         self.experts_forward = ExpertsForward(source=offload)
         self.num_moe_layers = tag_experts_layers(self.model)
         if offload is not None and offload.prefetch_limit > 0 and lookahead:
@@ -145,7 +148,8 @@ class ModelRunner:
         """Forward one step; returns float32 CPU logits [number of sampling requests, vocab], in batch order."""
         device = self.device
         layout = BatchLayout.build(
-            [(s.start_position, s.num_tokens, s.block_table) for s in scheduled], self.block_size, device
+            [(s.start_position, s.num_tokens, s.block_table) for s in scheduled], self.block_size, device,
+            by_slot=self.kv_by_slot,
         )
         input_ids = torch.tensor([token for s in scheduled for token in s.token_ids], device=device)[None]  # [1, T]
         positions = torch.tensor([p for s in scheduled for p in s.positions], device=device)[None]  # [1, T]

@@ -1,5 +1,6 @@
 """Decode attention on the kernel (``torch.ops.moeserve.decode_attention``) against an fp64 reference, and the
-paged attention function with and without it on mixed steps (decode tokens beside prompt chunks)."""
+paged attention function with and without it on mixed steps (decode tokens beside prompt chunks), over gathered
+context rows and over the whole KV store read by slot."""
 
 from __future__ import annotations
 
@@ -60,39 +61,55 @@ def test_the_op_matches_fp64(experts_kernel, dtype: torch.dtype, heads: int, kv_
     sinks = torch.randn(heads) if with_sinks else None
     out = torch.full((tokens, heads, value_dim), float("nan"), dtype=dtype)
     scale = head_dim**-0.5
-    torch.ops.moeserve.decode_attention(query, key, value, torch.tensor(spans), scale, window, sinks, out)
+    torch.ops.moeserve.decode_attention(query, key, value, torch.tensor(spans), scale, window, sinks, None, out)
     expected = reference(query, key, value, spans, scale, window, sinks)
     for row in range(tokens):
         if row in expected:
             assert_close_to(out[row], expected[row], dtype)
         else:  # rows of no span are left alone
             assert out[row].isnan().all()
+    # The same rows scattered over a larger store and read through slots: the same result, bit for bit.
+    slots = torch.randperm(2 * first)[:first]
+    store_key = torch.zeros(kv_heads, 2 * first, head_dim, dtype=dtype).index_copy_(1, slots, key)
+    store_value = torch.zeros(kv_heads, 2 * first, value_dim, dtype=dtype).index_copy_(1, slots, value)
+    by_slot = torch.full_like(out, float("nan"))
+    torch.ops.moeserve.decode_attention(query, store_key, store_value, torch.tensor(spans), scale, window, sinks,
+                                        slots, by_slot)
+    assert torch.equal(by_slot.nan_to_num(), out.nan_to_num())
 
 
 def test_the_op_refuses_bad_input(experts_kernel) -> None:
     query, key, value = torch.randn(4, 1, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     out = torch.empty(1, 4, 8)
     op = torch.ops.moeserve.decode_attention
-    with pytest.raises(RuntimeError, match="out of range"):
-        op(query, key, value, torch.tensor([[0, 2, 4]]), 1.0, 0, None, out)  # rows 2..5 of 5
+    with pytest.raises(RuntimeError, match="span 0 out of range"):
+        op(query, key, value, torch.tensor([[0, 2, 4]]), 1.0, 0, None, None, out)  # rows 2..5 of 5
+    with pytest.raises(RuntimeError, match="span 0 out of range"):
+        op(query, key, value, torch.tensor([[0, 0, 4]]), 1.0, 0, None, torch.tensor([0, 1, 2]), out)  # 3 slots
+    with pytest.raises(RuntimeError, match="slot 5 out of range"):
+        op(query, key, value, torch.tensor([[0, 0, 2]]), 1.0, 0, None, torch.tensor([0, 5]), out)
     with pytest.raises(RuntimeError, match="one dtype"):
-        op(query, key.double(), value, torch.tensor([[0, 0, 5]]), 1.0, 0, None, out)
+        op(query, key.double(), value, torch.tensor([[0, 0, 5]]), 1.0, 0, None, None, out)
     with pytest.raises(RuntimeError, match="divide"):
-        op(torch.randn(3, 1, 8), key, value, torch.tensor([[0, 0, 5]]), 1.0, 0, None, torch.empty(1, 3, 8))
+        op(torch.randn(3, 1, 8), key, value, torch.tensor([[0, 0, 5]]), 1.0, 0, None, None, torch.empty(1, 3, 8))
     with pytest.raises(RuntimeError, match="sinks"):
-        op(query, key, value, torch.tensor([[0, 0, 5]]), 1.0, 0, torch.randn(3), out)
+        op(query, key, value, torch.tensor([[0, 0, 5]]), 1.0, 0, torch.randn(3), None, out)
 
 
-def mixed_step(heads: int, kv_heads: int, dim: int, dtype: torch.dtype):
+def mixed_step(heads: int, kv_heads: int, dim: int, dtype: torch.dtype, by_slot: bool = False):
     """A step of three requests: one decode token at position 20, a prompt chunk of 5 tokens at 9, a decode token
-    at position 0; its layout and the model's query / gathered key / value tensors."""
+    at position 0; its layout and the model's query and key / value tensors: the gathered context rows, or
+    ``by_slot`` a KV store of 4 blocks holding those rows in their slots."""
     torch.manual_seed(1)
     requests = [(20, 1, [3, 1]), (9, 5, [0]), (0, 1, [2])]  # (first new position, new tokens, block table)
-    layout = BatchLayout.build(requests, block_size=16)
+    layout = BatchLayout.build(requests, block_size=16, by_slot=by_slot)
     tokens, rows = 7, len(layout.read_slots)
     query = torch.randn(1, tokens, heads, dim).to(dtype).transpose(1, 2)  # [1, H, T, d]
     key = torch.randn(1, kv_heads, rows, dim).to(dtype)
     value = torch.randn(1, kv_heads, rows, dim).to(dtype)
+    if by_slot:
+        store = torch.zeros(1, kv_heads, 4 * 16, dim, dtype=dtype)
+        key, value = (store.clone().index_copy_(2, layout.read_slots, rows) for rows in (key, value))
     return layout, query, key, value
 
 
@@ -116,6 +133,35 @@ def test_paged_attention_on_the_kernel_equals_torch(experts_kernel, monkeypatch:
     assert ((on_kernel.double() - on_torch.double()).abs().max() <= tolerance * on_torch.abs().max()).item()
     # The prompt chunk's rows are torch's in both: bit for bit.
     assert torch.equal(on_kernel[:, 1:6], on_torch[:, 1:6])
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+def test_paged_attention_by_slot_equals_gathered_rows(experts_kernel, monkeypatch: pytest.MonkeyPatch,
+                                                      kernel: bool) -> None:
+    if not kernel:
+        monkeypatch.setattr(attention, "load_experts_kernel", lambda: None)
+    kwargs = dict(scaling=0.125, sliding_window=6, s_aux=torch.randn(8))
+    results = []
+    for by_slot in (False, True):
+        layout, query, key, value = mixed_step(heads=8, kv_heads=2, dim=64, dtype=torch.float32, by_slot=by_slot)
+        with torch.no_grad():
+            results.append(paged_attention_forward(None, query, key, value, None, moeserve_batch=layout,
+                                                   **kwargs)[0])
+    assert torch.equal(*results)
+
+
+def test_the_kv_store_hands_over_its_storage_by_slot() -> None:
+    store = attention.PagedKVStore(num_layers=1, num_slots=64)
+    key, value = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 4)
+    for by_slot in (False, True):
+        store.layout = BatchLayout.build([(20, 1, [3, 1])], block_size=16, by_slot=by_slot)
+        keys, values = store.update(key, value, 0)
+        assert keys.shape == ((1, 2, 64, 8) if by_slot else (1, 2, 21, 8))
+        assert values.shape[2] == keys.shape[2]
+        # Position 20 is in the table's second block (block 1), offset 4: slot 20; gathered, it is context row 20.
+        assert torch.equal(keys[0, :, 20], key[0, :, 0]) and torch.equal(values[0, :, 20], value[0, :, 0])
+    store.layout = BatchLayout.build([(20, 1, [1, 3])], block_size=16, by_slot=True)  # block 3 this time: slot 52
+    assert torch.equal(store.update(key, value, 0)[0][0, :, 52], key[0, :, 0])
 
 
 def test_paged_attention_scale_defaults_to_inverse_sqrt_dim(experts_kernel) -> None:

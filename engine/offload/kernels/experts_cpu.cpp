@@ -916,10 +916,11 @@ struct AttentionShape {
   float scale;
 };
 
-// The G query heads of key/value head g for the token at query row t, over context rows [begin, end).
+// The G query heads of key/value head g for the token at query row t, over context rows [begin, end): key and value
+// rows begin..end-1, or with slots, rows slots[begin..end-1].
 template <typename T>
-void attend(const AttentionShape& a, const T* q, const T* k, const T* v, const float* sinks, int64_t t, int64_t g,
-            int64_t begin, int64_t end, T* out) {
+void attend(const AttentionShape& a, const T* q, const T* k, const T* v, const float* sinks, const int64_t* slots,
+            int64_t t, int64_t g, int64_t begin, int64_t end, T* out) {
   const int64_t n = end - begin, G = a.G, d = a.d, dv = a.dv;
   static thread_local std::vector<float> q_buf, p_buf, acc_buf, denominator_buf;
   float* qf = scratch(q_buf, G * d);
@@ -931,7 +932,7 @@ void attend(const AttentionShape& a, const T* q, const T* k, const T* v, const f
     for (int64_t i = 0; i < d; ++i) qf[hh * d + i] = a.scale * static_cast<float>(qh[i]);
   }
   for (int64_t j = 0; j < n; ++j) {
-    const T* kj = k + g * a.k_head + (begin + j) * a.k_row;
+    const T* kj = k + g * a.k_head + (slots ? slots[begin + j] : begin + j) * a.k_row;
     for (int64_t hh = 0; hh < G; ++hh) p[hh * n + j] = dot_widened(qf + hh * d, kj, d);
   }
   std::fill(acc, acc + G * dv, 0.f);
@@ -942,7 +943,7 @@ void attend(const AttentionShape& a, const T* q, const T* k, const T* v, const f
     denominators[hh] = exp_shifted(ph, n, m) + (sinks ? std::exp(sinks[g * G + hh] - m) : 0.f);
   }
   for (int64_t j = 0; j < n; ++j) {
-    const T* vj = v + g * a.v_head + (begin + j) * a.v_row;
+    const T* vj = v + g * a.v_head + (slots ? slots[begin + j] : begin + j) * a.v_row;
     for (int64_t hh = 0; hh < G; ++hh) axpy_widened(p[hh * n + j], vj, dv, acc + hh * dv);
   }
   for (int64_t hh = 0; hh < G; ++hh) {
@@ -955,9 +956,12 @@ void attend(const AttentionShape& a, const T* q, const T* k, const T* v, const f
 // The op. query [H, T, d], key [Hk, R, d], value [Hk, R, dv] (one dtype: fp32, bf16 or fp16; unit inner stride,
 // Hk divides H); spans [S, 3] int64: (query row t, first context row, context length) of each decode token;
 // window > 0 limits a token to its context's last `window` rows (a sliding window); sinks [H] fp32 or None;
-// out [T, H, dv] of the query's dtype, unit inner stride: the spans' rows are written, the others left alone.
+// slots [C] int64 or None: context row r is key/value row slots[r] (the whole KV store read in place, no gathered
+// copy), else row r; out [T, H, dv] of the query's dtype, unit inner stride: the spans' rows are written, the
+// others left alone.
 void decode_attention(const Tensor& query, const Tensor& key, const Tensor& value, const Tensor& spans, double scale,
-                      int64_t window, const std::optional<Tensor>& sinks, const Tensor& out) {
+                      int64_t window, const std::optional<Tensor>& sinks, const std::optional<Tensor>& slots,
+                      const Tensor& out) {
   TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3 && out.dim() == 3,
               "query [H, T, d], key [Hk, R, d], value [Hk, R, dv], out [T, H, dv]");
   const int64_t H = query.size(0), T = query.size(1), d = query.size(2), Hk = key.size(0), R = key.size(1);
@@ -974,11 +978,17 @@ void decode_attention(const Tensor& query, const Tensor& key, const Tensor& valu
               "spans must be [S, 3] int64 contiguous");
   TORCH_CHECK(!sinks.has_value() || (sinks->scalar_type() == at::kFloat && sinks->numel() == H &&
                                      sinks->is_contiguous()), "sinks must be [H] fp32 contiguous");
-  const int64_t S = spans.size(0);
+  TORCH_CHECK(!slots.has_value() || (slots->scalar_type() == at::kLong && slots->dim() == 1 && slots->is_contiguous()),
+              "slots must be [C] int64 contiguous");
+  const int64_t S = spans.size(0), C = slots.has_value() ? slots->numel() : R;
   const int64_t* span = spans.const_data_ptr<int64_t>();
-  for (int64_t s = 0; s < S; ++s)
+  const int64_t* slot = slots.has_value() ? slots->const_data_ptr<int64_t>() : nullptr;
+  for (int64_t s = 0; s < S; ++s) {
     TORCH_CHECK(span[3 * s] >= 0 && span[3 * s] < T && span[3 * s + 1] >= 0 && span[3 * s + 2] > 0 &&
-                    span[3 * s + 1] + span[3 * s + 2] <= R, "span ", s, " out of range");
+                    span[3 * s + 1] + span[3 * s + 2] <= C, "span ", s, " out of range");
+    for (int64_t r = span[3 * s + 1]; slot && r < span[3 * s + 1] + span[3 * s + 2]; ++r)
+      TORCH_CHECK(slot[r] >= 0 && slot[r] < R, "slot ", slot[r], " out of range (", R, " rows)");
+  }
   const AttentionShape a{H / Hk, d, dv, query.stride(0), query.stride(1), key.stride(0), key.stride(1),
                          value.stride(0), value.stride(1), out.stride(0), out.stride(1), static_cast<float>(scale)};
   const float* sink = sinks.has_value() ? sinks->const_data_ptr<float>() : nullptr;
@@ -991,7 +1001,7 @@ void decode_attention(const Tensor& query, const Tensor& key, const Tensor& valu
       const int64_t* sp = span + 3 * (c / Hk);
       const int64_t end = sp[1] + sp[2];
       const int64_t begin = window > 0 ? std::max(sp[1], end - window) : sp[1];
-      attend(a, q, k, v, sink, sp[0], c % Hk, begin, end, o);
+      attend(a, q, k, v, sink, slot, sp[0], c % Hk, begin, end, o);
     });
   };
   switch (dtype) {
@@ -1019,7 +1029,7 @@ TORCH_LIBRARY(moeserve, m) {
   m.def("dense(Tensor x, Tensor w, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("experts_best_isa() -> int", [] { return static_cast<int64_t>(best_isa()); });
   m.def("decode_attention(Tensor query, Tensor key, Tensor value, Tensor spans, float scale, int window, "
-        "Tensor? sinks, Tensor(a!) out) -> ()");
+        "Tensor? sinks, Tensor? slots, Tensor(a!) out) -> ()");
   m.def(
       "experts_group(Tensor hidden, Tensor token_ids, Tensor route_weights, int[] starts, int[] counts, "
       "Tensor[] gate_up, Tensor[] down, Tensor?[] gate_up_bias, Tensor?[] down_bias, bool transposed, "
