@@ -1,8 +1,9 @@
 """The ``moeserve`` command line.
 
-Subcommands: ``serve``, ``generate``, ``prepare``, ``demo-model``, ``replay``, ``bench``. A subcommand whose
-part of the system has not landed yet says which issue brings it and exits with status 2; it never prints
-made-up output. Configuration flags follow engine.config's precedence: CLI > MOESERVE_* environment > YAML.
+Subcommands: ``serve``, ``generate``, ``prepare``, ``demo-model``, ``replay``, ``bench`` (``throughput``: the
+engine in this process; ``serve``: a running server over HTTP; server.bench). Usage and configuration errors exit
+with status 2 and a message naming what is wrong. Configuration flags follow engine.config's precedence: CLI >
+MOESERVE_* environment > YAML.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from engine import __version__
@@ -20,10 +21,6 @@ from engine.logs import configure_logging
 logger = logging.getLogger("moeserve.cli")
 
 EXIT_USAGE = 2
-
-
-class CommandUnavailable(Exception):
-    """A subcommand (or option) whose implementation has not landed; the message names the issue."""
 
 
 def _add_config_flag(parser: argparse.ArgumentParser) -> None:
@@ -112,11 +109,34 @@ def _add_replay(subparsers) -> None:
 
 
 def _add_bench(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="run the serving benchmarks")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="benchmark arguments")
-    parser.set_defaults(handler=_unavailable(
-        "bench", "#6 (offloading benchmarks); meanwhile the benchmarks run as scripts, see benchmarks/"
-    ))
+    from server.bench import DEFAULT_CONCURRENCY, add_bench_arguments
+
+    parser = subparsers.add_parser("bench", help="measure throughput and latency (engine offline, or a server)")
+    modes = parser.add_subparsers(dest="mode", required=True)
+    offline = modes.add_parser("throughput", help="the engine in this process, every request at once")
+    offline.add_argument("model", help="Hugging Face model directory")
+    _add_config_flag(offline)
+    add_bench_arguments(offline)
+    offline.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype")
+    offline.add_argument("--max-num-seqs", type=int, help="most requests in one step")
+    offline.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step")
+    offline.add_argument("--max-model-len", type=int, help="longest prompt + completion in tokens")
+    offline.add_argument("--expert-cache-bytes", help="run with experts offloaded, cached in this budget (e.g. 4GiB)")
+    offline.add_argument("--offload-dir", type=Path, help="where prepared expert stores live")
+    offline.add_argument("--expert-prefetch", choices=["all", "trace", "lookahead", "none"],
+                         help="offload mode's prefetch sources (default all)")
+    offline.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model computes")
+    offline.set_defaults(handler=_bench_throughput, config_keys=(
+        "dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "expert_cache_bytes", "offload_dir",
+        "expert_prefetch", "device"))
+    online = modes.add_parser("serve", help="a running moeserve (or other OpenAI-compatible) server over HTTP")
+    online.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (default %(default)s)")
+    online.add_argument("--model", help="model id to request (default: the server's first in /v1/models)")
+    online.add_argument("--api-key", help="bearer key, where the server requires one")
+    online.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                        help=f"requests in flight at most (default {DEFAULT_CONCURRENCY})")
+    add_bench_arguments(online)
+    online.set_defaults(handler=_bench_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,13 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_serve, _add_generate, _add_prepare, _add_demo_model, _add_replay, _add_bench):
         add(subparsers)
     return parser
-
-
-def _unavailable(command: str, issue: str) -> Callable[[argparse.Namespace, Config | None], int]:
-    def handler(args: argparse.Namespace, config: Config | None) -> int:
-        raise CommandUnavailable(f"`moeserve {command}` is not available in this build yet: it lands with issue {issue}")
-
-    return handler
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -163,6 +176,33 @@ def _generate(args: argparse.Namespace, config: Config | None) -> int:
         seed=args.seed, dtype=config.dtype, stream=sys.stdout,
     )
     return 0
+
+
+def _bench_throughput(args: argparse.Namespace, config: Config | None) -> int:
+    from engine.offload.layout import StoreError
+    from engine.offload.offloaded import BudgetTooSmall
+    from server.bench import BenchError, bench_throughput, print_report
+
+    if not Path(config.model).is_dir():
+        raise FileNotFoundError(f"model directory not found: {config.model}")
+    try:
+        report = bench_throughput(config, args.num_prompts, args.input_len, args.output_len, args.seed)
+    except (BenchError, BudgetTooSmall, StoreError) as exc:
+        sys.stderr.write(f"moeserve bench: error: {exc}\n")
+        return EXIT_USAGE
+    return print_report(report, args.json)
+
+
+def _bench_serve(args: argparse.Namespace, config: Config | None) -> int:
+    from server.bench import BenchError, bench_serve, print_report
+
+    try:
+        report = bench_serve(args.base_url, args.model, args.api_key, args.num_prompts, args.input_len,
+                             args.output_len, args.concurrency, args.seed)
+    except BenchError as exc:
+        sys.stderr.write(f"moeserve bench: error: {exc}\n")
+        return EXIT_USAGE
+    return print_report(report, args.json)
 
 
 def _prepare(args: argparse.Namespace, config: Config | None) -> int:
@@ -220,9 +260,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args) if hasattr(args, "config") else None
         configure_logging(config.log_level if config else "info")
         return args.handler(args, config)
-    except CommandUnavailable as exc:
-        sys.stderr.write(f"moeserve: {exc}\n")
-        return EXIT_USAGE
     except (ConfigError, FileExistsError, FileNotFoundError) as exc:
         sys.stderr.write(f"moeserve {args.command}: error: {exc}\n")
         return EXIT_USAGE

@@ -381,3 +381,18 @@ def test_bad_input_gets_its_exact_status_and_param(server: Server, path, body, c
 def test_default_values_of_unsupported_parameters_are_accepted(server: Server) -> None:
     body = {**CHAT, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "store": False}
     assert httpx.post(f"{server.api_url}/chat/completions", json=body, timeout=60).status_code == 200
+
+
+def test_bench_serve_measures_the_server_over_http(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import main
+
+    length_stops = 'moeserve:request_success_total{finished_reason="length"}'
+    before = server.metrics().get(length_stops, 0.0)  # the labelled sample exists from its first request
+    assert main(["bench", "serve", "--base-url", server.base_url, "--num-prompts", "5", "--input-len", "6",
+                 "--output-len", "4", "--concurrency", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["requests"], report["failed"], report["model"]) == (5, 0, MODEL)
+    assert (report["prompt_tokens"], report["output_tokens"]) == (30, 20)  # usage: exactly --output-len each
+    assert 0 < report["ttft_ms"]["median"] <= report["e2e_ms"]["median"]
+    # The warm-up request and the five, all stopped by their length, as the server itself counts them.
+    assert server.metrics()[length_stops] - before == 6

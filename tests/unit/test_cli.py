@@ -1,8 +1,9 @@
-"""The `moeserve` command line: every subcommand present, unfinished ones exit 2 naming their issue."""
+"""The `moeserve` command line: every subcommand present, usage and configuration errors exit 2 naming them."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,19 +30,25 @@ def test_console_script_entry_point_runs() -> None:
     assert result.returncode == 0 and result.stdout.startswith("moeserve ")
 
 
-@pytest.mark.parametrize(
-    ("argv", "issue"),
-    [
-        (["bench"], "#6"),
-    ],
-)
-def test_unlanded_subcommands_exit_2_and_name_their_issue(
-    argv: list[str], issue: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(argv) == EXIT_USAGE
+def test_bench_needs_a_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench"])
+    assert exit_.value.code == EXIT_USAGE
+    assert "throughput" in capsys.readouterr().err
+
+
+def test_bench_throughput_of_a_missing_model_directory_exits_2_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "throughput", "no-such-model-dir"]) == EXIT_USAGE
+    assert "model directory not found: no-such-model-dir" in capsys.readouterr().err
+
+
+def test_bench_serve_without_a_server_exits_2_saying_so(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert main(["bench", "serve", "--base-url", f"http://127.0.0.1:{port}"]) == EXIT_USAGE
     captured = capsys.readouterr()
-    assert captured.out == "", "no made-up output"
-    assert "not available in this build yet" in captured.err and issue in captured.err
+    assert captured.out == "" and "did not answer" in captured.err
 
 
 def test_serve_of_a_missing_model_directory_exits_2_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
