@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from engine.models.demo import build_model, build_tokenizer
+from engine.offload.kernels import BUILD_COMMAND, load_experts_kernel
 
 logger = logging.getLogger("benchmarks")
 
@@ -46,3 +47,12 @@ def write_result(out: Path, benchmark: str, load_before: tuple[float, ...], fiel
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     logger.info("wrote %s", out)
+
+
+def require_experts_kernel():
+    """The experts kernel's op (engine.offload.kernels.load_experts_kernel); exits naming the build command when
+    there is no current build, for benchmarks that measure the kernel."""
+    op = load_experts_kernel()
+    if op is None:
+        raise SystemExit(f"experts kernel not built ({BUILD_COMMAND})")
+    return op

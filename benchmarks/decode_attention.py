@@ -39,13 +39,12 @@ from unittest import mock
 
 import engine  # noqa: F401, I001  (before torch: sets OMP_WAIT_POLICY=PASSIVE, see engine/__init__.py)
 import torch
-from common import write_mixtral, write_result
+from common import require_experts_kernel, write_mixtral, write_result
 
 import engine.attention
 from engine import LLM, SamplingParams
 from engine.attention import BatchLayout, paged_attention_forward
 from engine.logs import configure_logging
-from engine.offload.kernels import load_experts_kernel
 
 logger = logging.getLogger("benchmarks.decode_attention")
 
@@ -149,7 +148,6 @@ def measure_engine(rounds: int, max_tokens: int) -> dict:
             rows[str(prompt_len)] = row
             logger.info("engine, prompt %d, best tok/s: %s", prompt_len,
                         ", ".join(f"{path} {max(r):.1f}" for path, r in rates.items()))
-        del llm
     return rows
 
 
@@ -161,8 +159,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     configure_logging("info")
-    if load_experts_kernel() is None:
-        raise SystemExit("experts kernel not built (python -m engine.offload.kernels.build)")
+    require_experts_kernel()
     load_before = os.getloadavg()
     calls = measure_calls(args.calls)
     engine_rows = measure_engine(args.rounds, args.max_tokens)

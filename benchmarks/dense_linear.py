@@ -28,7 +28,7 @@ from pathlib import Path
 
 import engine  # noqa: F401, I001  (before torch: sets OMP_WAIT_POLICY=PASSIVE, see engine/__init__.py)
 import torch
-from common import write_result
+from common import require_experts_kernel, write_result
 from torch import nn
 
 from engine.dense import RowStreamLinear
@@ -137,8 +137,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     configure_logging("info")
-    if load_experts_kernel() is None:
-        raise SystemExit("experts kernel not built (python -m engine.offload.kernels.build)")
+    require_experts_kernel()
     load_before = os.getloadavg()
     write_result(args.out, "dense_linear", load_before, {
         "repeats": args.repeats,

@@ -43,13 +43,13 @@ from pathlib import Path
 import engine  # noqa: F401, I001  (before torch: sets OMP_WAIT_POLICY=PASSIVE, see engine/__init__.py)
 import torch
 from bandwidth import stream_rate
-from common import write_result
+from common import require_experts_kernel, write_result
 from transformers import AutoConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from engine.logs import configure_logging
 from engine.offload.experts import ExpertsForward, RoutingPlan, StackedParameters, torch_expert
-from engine.offload.kernels import ISAS, best_isa, load_experts_kernel, using_isa
+from engine.offload.kernels import ISAS, best_isa, using_isa
 
 logger = logging.getLogger("benchmarks.experts_kernel")
 
@@ -148,10 +148,7 @@ def load_kernel(library: Path | None) -> Callable[..., None]:
     if library is not None:
         torch.ops.load_library(str(library))
         return torch.ops.moeserve.experts_group
-    op = load_experts_kernel()
-    if op is None:
-        raise SystemExit("experts kernel not built (python -m engine.offload.kernels.build)")
-    return op
+    return require_experts_kernel()
 
 
 def main() -> None:
