@@ -182,10 +182,8 @@ def paged_attention_forward(
     if layout is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention needs the step's BatchLayout (moeserve_batch)")
     if not _kernel_serves(query, key, value):
-        if layout.by_slot:
-            key, value = key.index_select(2, layout.read_slots), value.index_select(2, layout.read_slots)
-        outputs = [_span_attention(query, key[:, :, span.k_start : span.k_end], value[:, :, span.k_start : span.k_end],
-                                   span, scaling, sliding_window, s_aux) for span in layout.spans]
+        outputs = [_span_attention(query, *_span_rows(key, value, span, layout), span, scaling, sliding_window, s_aux)
+                   for span in layout.spans]
         return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
     out = query.new_empty(1, query.shape[2], query.shape[1], value.shape[3])  # [1, T, H, dv]
     single = layout.single_token_spans
@@ -195,14 +193,19 @@ def paged_attention_forward(
         torch.ops.moeserve.decode_attention.default(query[0], key[0], value[0], single, scale, sliding_window or 0,
                                                     sinks, layout.read_slots if layout.by_slot else None, out[0])
     for span in layout.multi_token_spans:
-        if layout.by_slot:
-            rows = layout.read_slots[span.k_start : span.k_end]
-            k, v = key.index_select(2, rows), value.index_select(2, rows)
-        else:
-            k, v = key[:, :, span.k_start : span.k_end], value[:, :, span.k_start : span.k_end]
-        out[:, span.q_start : span.q_end] = _span_attention(query, k, v, span, scaling, sliding_window,
-                                                            s_aux).transpose(1, 2)
+        out[:, span.q_start : span.q_end] = _span_attention(query, *_span_rows(key, value, span, layout), span,
+                                                            scaling, sliding_window, s_aux).transpose(1, 2)
     return out, None
+
+
+def _span_rows(key: torch.Tensor, value: torch.Tensor, span: RequestSpan,
+               layout: BatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """One request's context rows of ``key`` and ``value``: [1, Hk, c, d], [1, Hk, c, dv] (gathered through its
+    slots in a ``by_slot`` step, else a slice of the gathered rows)."""
+    if layout.by_slot:
+        slots = layout.read_slots[span.k_start : span.k_end]
+        return key.index_select(2, slots), value.index_select(2, slots)
+    return key[:, :, span.k_start : span.k_end], value[:, :, span.k_start : span.k_end]
 
 
 def _kernel_serves(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
