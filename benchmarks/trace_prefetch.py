@@ -16,11 +16,18 @@ Two parts (results: benchmarks/results/trace_prefetch.json):
   accesses, the prompt's included) at one budget for every ``expert_prefetch`` mode (``none``, ``lookahead``,
   ``trace``, ``all``): how the shared store and the transition statistics warm up with the requests seen, and
   which sources pay on real routing.
+- ``random_routing``: a random bf16 model of issue #6's offload shape (32 layers x 8 experts, top-2, hidden 1024,
+  intermediate 3584: 22 MB blobs, 5.6 GB of experts) on its own routing, 4 of 8 slots per layer, every
+  ``expert_prefetch`` mode taking turns over a few varied prompts: what the sources cost where routing holds no
+  pattern to learn (a random model's residual stream barely changes between layers, so the look-ahead's guess is
+  good, and nothing else is).
 
 Reported per mode: demand misses, hit rate, stall seconds (time the forward waited on reads) per decode token,
-decode tok/s, prefetches issued/used/wasted; and ratios to ``none``.
+decode tok/s, prefetches issued/used/wasted, disk MB read per decode token (the prompt's reads included); and
+ratios to ``none``.
 
-Usage: python benchmarks/trace_prefetch.py [--decode-steps 256] [--prompts 24] [--parts replayed cold_to_warm]
+Usage: python benchmarks/trace_prefetch.py [--decode-steps 256] [--prompts 24]
+    [--parts replayed cold_to_warm random_routing] [--random-prompts 4] [--out PATH]
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ RESULTS = Path(__file__).parent / "results" / "trace_prefetch.json"
 TRACES = [DATA / "mixtral-mario-2req.jsonl", DATA / "mixtral-h39s-prompt1.jsonl"]
 SHAPE = dict(num_hidden_layers=32, num_local_experts=8, num_experts_per_tok=2, hidden_size=512,
              intermediate_size=1792, num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048)
+RANDOM_SHAPE = dict(num_hidden_layers=32, num_local_experts=8, num_experts_per_tok=2, hidden_size=1024,
+                    intermediate_size=3584, num_attention_heads=8, num_key_value_heads=4)
 SLOTS_PER_LAYER = 4
 MODES = ("none", "trace")
 WARM_MODES = ("none", "lookahead", "trace", "all")
@@ -92,6 +101,7 @@ def summarize(rows: list[dict]) -> dict:
         "hit_rate": round(total["expert_hits"] / accesses, 4) if accesses else None,
         "stall_seconds_per_token": round(total["expert_stall_seconds"] / total["decode_tokens"], 5),
         "decode_tok_per_s": round(total["decode_tokens"] / total["decode_seconds"], 3),
+        "disk_mb_per_decode_token": round(sum(row["disk_bytes"] for row in rows) / total["decode_tokens"] / 1e6, 1),
     }
 
 
@@ -109,8 +119,10 @@ def run_request(llm: LLM, prompt: str, max_tokens: int) -> dict:
             first = time.perf_counter()
     seconds = time.perf_counter() - first
     llm.engine.offload.drain()
-    return {**delta(llm.stats(), before), "decode_tokens": max_tokens - 1, "decode_seconds": seconds,
-            "prefill_seconds": first - start}
+    after = llm.stats()
+    return {**delta(after, before), "decode_tokens": max_tokens - 1, "decode_seconds": seconds,
+            "prefill_seconds": first - start,
+            "disk_bytes": after["expert_bytes_read"]["disk"] - before["expert_bytes_read"]["disk"]}
 
 
 def replayed(decode_steps: int) -> dict:
@@ -186,10 +198,37 @@ def cold_to_warm(model: str, prompts: int, fraction: float, max_tokens: int) -> 
     return results
 
 
+def random_routing(prompts: int, max_tokens: int) -> dict:
+    texts = varied_prompts(prompts)
+    results: dict = {"shape": RANDOM_SHAPE, "slots_per_layer": SLOTS_PER_LAYER, "prompts": len(texts),
+                     "max_tokens": max_tokens}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("MOESERVE_BENCH_DIR")) as work:
+        model = Path(work) / "model"
+        logger.warning("writing the 32x8 model to %s", model)
+        write_mixtral(model, RANDOM_SHAPE, torch.bfloat16)
+        store = ensure_store(model, Path(work) / "store")
+        budget = SLOTS_PER_LAYER * store.num_layers * store.max_blob_bytes
+        results["budget_bytes"] = budget
+        engines = {mode: LLM(model, expert_cache_bytes=budget, offload_dir=str(Path(work) / "store"),
+                             expert_prefetch=mode, max_model_len=512, max_num_seqs=1) for mode in WARM_MODES}
+        rows: dict[str, list[dict]] = {mode: [] for mode in WARM_MODES}
+        for text in texts:
+            for mode, llm in engines.items():  # interleaved, so a change in machine load hits every mode
+                rows[mode].append(run_request(llm, text, max_tokens))
+                logger.warning("random routing %s: %s", mode, summarize([rows[mode][-1]]))
+        for mode, llm in engines.items():
+            results[mode] = {"total": summarize(rows[mode])}
+            llm.engine.close()
+    results["ratios_to_none"] = {mode: ratios(results[mode]["total"], results["none"]["total"])
+                                 for mode in WARM_MODES[1:]}
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["replayed", "cold_to_warm"],
-                        choices=["replayed", "cold_to_warm"])
+                        choices=["replayed", "cold_to_warm", "random_routing"])
+    parser.add_argument("--random-prompts", type=int, default=4, help="prompts of the random-routing part")
     parser.add_argument("--decode-steps", type=int, default=256, help="decode steps replayed per request")
     parser.add_argument("--model", default="models/demo-moe", help="model of the cold->warm part")
     parser.add_argument("--prompts", type=int, default=24)
@@ -204,6 +243,8 @@ def main() -> None:
         fields["replayed"] = replayed(args.decode_steps)
     if "cold_to_warm" in args.parts:
         fields["cold_to_warm"] = cold_to_warm(args.model, args.prompts, args.fraction, args.max_tokens)
+    if "random_routing" in args.parts:
+        fields["random_routing"] = random_routing(args.random_prompts, args.max_tokens)
     write_result(args.out, "trace_prefetch", load_before, fields)
 
 
