@@ -144,7 +144,7 @@ def bench_throughput(config: Config, num_prompts: int, input_len: int, output_le
         raise BenchError(f"--input-len + --output-len = {input_len + output_len} exceeds the model's "
                          f"max_model_len {engine.max_model_len}")
     special = set(engine.tokenizer.all_special_ids)
-    vocabulary = [i for i in range(len(engine.tokenizer)) if i not in special]
+    vocabulary = [i for i in range(min(len(engine.tokenizer), engine.runner.vocab_size)) if i not in special]
     prompts = random_prompts(vocabulary, num_prompts + 1, input_len, seed)
     warm_up = SamplingParams(max_tokens=WARM_UP_TOKENS, temperature=0.0, ignore_eos=True)
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
