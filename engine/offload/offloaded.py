@@ -205,6 +205,7 @@ class OffloadedExperts:
         self._staging: set[Key] = set()  # two levels: disk reads into host slots whose device copy is not issued
         self.stats = OffloadStats(store.num_layers)
         self._slot_of: dict[Key, int] = {}
+        self._views: dict[Key, ExpertWeights] = {}  # typed views into each resident key's slot, made on first use
         self._free_slots = list(range(num_slots - 1, -1, -1))
         self._verified: set[Key] = set()
         self._loading: dict[Key, Future] = {}  # prefetch reads in flight (their keys pinned by the queue)
@@ -349,6 +350,7 @@ class OffloadedExperts:
         ``_stage``. The future completes when the bytes are ready to land (``_land``)."""
         if evicted is not None:
             slot = self._slot_of.pop(evicted)
+            self._views.pop(evicted, None)
             if evicted in self._prefetched_unused:
                 self._prefetched_unused.discard(evicted)
                 self.stats.prefetch_wasted += 1
@@ -451,18 +453,24 @@ class OffloadedExperts:
         key's host slot too."""
         self.cache.remove(key)
         self._free_slots.append(self._slot_of.pop(key))
+        self._views.pop(key, None)
         if key in self._staging:
             self._staging.discard(key)
             self.host.cache.policy.unpin(key)
             self.host.forget(key)
 
     def _weights(self, key: Key) -> ExpertWeights:
-        entry: BlobEntry = self.store.blob(*key)
-        views = self.store.view(entry, self.arena.slot(self._slot_of[key]))
-        return ExpertWeights(
-            gate_up=views["gate_up"], down=views["down"],
-            gate_up_bias=views.get("gate_up_bias"), down_bias=views.get("down_bias"),
-        )
+        """``key``'s weights as views into its slot: made once while it stays resident in that slot (a decode step
+        asks for each routed expert of every layer; building the views is Python the forward need not repeat)."""
+        weights = self._views.get(key)
+        if weights is None:
+            entry: BlobEntry = self.store.blob(*key)
+            views = self.store.view(entry, self.arena.slot(self._slot_of[key]))
+            weights = self._views[key] = ExpertWeights(
+                gate_up=views["gate_up"], down=views["down"],
+                gate_up_bias=views.get("gate_up_bias"), down_bias=views.get("down_bias"),
+            )
+        return weights
 
     def _probe_offsets(self, file) -> list[int]:
         """Offsets of two blobs in ``file`` for the read-mode probe (from different layers where possible)."""
