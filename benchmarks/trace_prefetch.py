@@ -33,12 +33,15 @@ Usage: python benchmarks/trace_prefetch.py [--decode-steps 256] [--prompts 24]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sysconfig
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import engine  # noqa: F401, I001  (before torch: sets OMP_WAIT_POLICY=PASSIVE, see engine/__init__.py)
 import torch
@@ -125,20 +128,33 @@ def run_request(llm: LLM, prompt: str, max_tokens: int) -> dict:
             "disk_bytes": after["expert_bytes_read"]["disk"] - before["expert_bytes_read"]["disk"]}
 
 
+@contextlib.contextmanager
+def random_model_engines(shape: dict, modes: Sequence[str], max_model_len: int) -> Iterator[tuple[dict, int, Any]]:
+    """A random bf16 model of ``shape`` written to a temporary directory with its expert store, and one offload
+    engine per ``expert_prefetch`` mode at SLOTS_PER_LAYER slots per layer: (engines by mode, budget bytes, the
+    store). The engines are closed and the files deleted after the block."""
+    with tempfile.TemporaryDirectory(dir=os.environ.get("MOESERVE_BENCH_DIR")) as work:
+        model = Path(work) / "model"
+        logger.warning("writing the %dx%d model to %s", shape["num_hidden_layers"], shape["num_local_experts"], model)
+        write_mixtral(model, shape, torch.bfloat16)
+        store = ensure_store(model, Path(work) / "store")
+        budget = SLOTS_PER_LAYER * store.num_layers * store.max_blob_bytes
+        engines = {mode: LLM(model, expert_cache_bytes=budget, offload_dir=str(Path(work) / "store"),
+                             expert_prefetch=mode, max_model_len=max_model_len, max_num_seqs=1) for mode in modes}
+        try:
+            yield engines, budget, store
+        finally:
+            for llm in engines.values():
+                llm.engine.close()
+
+
 def replayed(decode_steps: int) -> dict:
     requests = [request for path in TRACES for request in read_traces(path)]
     results: dict = {"shape": SHAPE, "slots_per_layer": SLOTS_PER_LAYER,
                      "requests": [f"{r.header.trace} ({min(decode_steps, r.num_decode_steps)} decode steps)"
                                   for r in requests]}
-    with tempfile.TemporaryDirectory(dir=os.environ.get("MOESERVE_BENCH_DIR")) as work:
-        model = Path(work) / "model"
-        logger.warning("writing the 32x8 model to %s", model)
-        write_mixtral(model, SHAPE, torch.bfloat16)
-        store = ensure_store(model, Path(work) / "store")
-        budget = SLOTS_PER_LAYER * store.num_layers * store.max_blob_bytes
+    with random_model_engines(SHAPE, MODES, max_model_len=2048) as (engines, budget, store):
         results["budget_bytes"] = budget
-        engines = {mode: LLM(model, expert_cache_bytes=budget, offload_dir=str(Path(work) / "store"),
-                             expert_prefetch=mode, max_model_len=2048, max_num_seqs=1) for mode in MODES}
         rows: dict[str, list[dict]] = {mode: [] for mode in MODES}
         for request in requests:
             steps = min(decode_steps, request.num_decode_steps)
@@ -150,7 +166,6 @@ def replayed(decode_steps: int) -> dict:
         for mode, llm in engines.items():
             results[mode] = {"per_request": [summarize([row]) for row in rows[mode]], "total": summarize(rows[mode]),
                              "read_mode": llm.engine.offload.reader.mode.value}
-            llm.engine.close()
     results["ratios"] = ratios(results["trace"]["total"], results["none"]["total"])
     return results
 
@@ -202,23 +217,15 @@ def random_routing(prompts: int, max_tokens: int) -> dict:
     texts = varied_prompts(prompts)
     results: dict = {"shape": RANDOM_SHAPE, "slots_per_layer": SLOTS_PER_LAYER, "prompts": len(texts),
                      "max_tokens": max_tokens}
-    with tempfile.TemporaryDirectory(dir=os.environ.get("MOESERVE_BENCH_DIR")) as work:
-        model = Path(work) / "model"
-        logger.warning("writing the 32x8 model to %s", model)
-        write_mixtral(model, RANDOM_SHAPE, torch.bfloat16)
-        store = ensure_store(model, Path(work) / "store")
-        budget = SLOTS_PER_LAYER * store.num_layers * store.max_blob_bytes
+    with random_model_engines(RANDOM_SHAPE, WARM_MODES, max_model_len=512) as (engines, budget, _):
         results["budget_bytes"] = budget
-        engines = {mode: LLM(model, expert_cache_bytes=budget, offload_dir=str(Path(work) / "store"),
-                             expert_prefetch=mode, max_model_len=512, max_num_seqs=1) for mode in WARM_MODES}
         rows: dict[str, list[dict]] = {mode: [] for mode in WARM_MODES}
         for text in texts:
             for mode, llm in engines.items():  # interleaved, so a change in machine load hits every mode
                 rows[mode].append(run_request(llm, text, max_tokens))
                 logger.warning("random routing %s: %s", mode, summarize([rows[mode][-1]]))
-        for mode, llm in engines.items():
+        for mode in WARM_MODES:
             results[mode] = {"total": summarize(rows[mode])}
-            llm.engine.close()
     results["ratios_to_none"] = {mode: ratios(results[mode]["total"], results["none"]["total"])
                                  for mode in WARM_MODES[1:]}
     return results
