@@ -159,11 +159,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(getattr(args, "config", None), overrides)
 
 
+def _require_model_dir(config: Config) -> None:
+    """FileNotFoundError naming the configured model directory when there is none (main exits 2 with it)."""
+    if not Path(config.model).is_dir():
+        raise FileNotFoundError(f"model directory not found: {config.model}")
+
+
 def _serve(args: argparse.Namespace, config: Config | None) -> int:
     from server.app import run_server
 
-    if not Path(config.model).is_dir():
-        raise FileNotFoundError(f"model directory not found: {config.model}")
+    _require_model_dir(config)
     resolve_device(config.device)  # device 'cuda' without a GPU fails here, before the server starts
     return run_server(config)
 
@@ -183,8 +188,7 @@ def _bench_throughput(args: argparse.Namespace, config: Config | None) -> int:
     from engine.offload.offloaded import BudgetTooSmall
     from server.bench import BenchError, bench_throughput, print_report
 
-    if not Path(config.model).is_dir():
-        raise FileNotFoundError(f"model directory not found: {config.model}")
+    _require_model_dir(config)
     try:
         report = bench_throughput(config, args.num_prompts, args.input_len, args.output_len, args.seed)
     except (BenchError, BudgetTooSmall, StoreError) as exc:
