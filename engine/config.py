@@ -93,6 +93,11 @@ class Config(BaseSettings):
         "'trace' (predictions from the running requests' traces and the trace store, which also set the cache's "
         "priorities), 'all' (both) or 'none' (on-demand reads, LRU).",
     )
+    expert_prefetch_gate: bool = Field(
+        True,
+        description="Let prefetch and predicted priorities act only while they beat on-demand LRU, judged every 16 "
+        "steps against shadow caches fed the same accesses (engine/offload/gate.py); false: they always act.",
+    )
 
     # --- tracing ---
     trace_store_path: Path | None = Field(None, description="File the shared trace store and transition statistics persist to.")

@@ -254,6 +254,7 @@ class LLMEngine:
                 "expert_prefetch_used": counters.prefetch_used,
                 "expert_prefetch_wasted": counters.prefetch_wasted,
                 "expert_prediction_recall": self.runner.experts_forward.lookahead_stats.recall,
+                "expert_prefetch_gate": None if self.offload.gate is None else self.offload.gate.snapshot(),
                 "expert_cache_bytes": self.offload.cache_bytes(),
                 "expert_cache_slots": self.offload.num_slots,
                 "per_layer": {"hits": list(counters.per_layer_hits), "misses": list(counters.per_layer_misses)},
@@ -326,12 +327,13 @@ def _offloaded_experts(config: Config, tier_device: torch.device | None) -> Offl
     store = ensure_store(config.model, offload_dir)
     top_k = int(AutoConfig.from_pretrained(config.model).get_text_config().num_experts_per_tok)
     host_budget = None if config.host_cache_bytes is None else int(config.host_cache_bytes)
+    gate = config.expert_prefetch_gate and config.expert_prefetch != "none"
     if tier_device is None:
         if host_budget is not None:
             logger.warning("host_cache_bytes is ignored without a GPU: expert_cache_bytes sizes the host tier")
-        return OffloadedExperts(store, int(config.expert_cache_bytes), top_k)
+        return OffloadedExperts(store, int(config.expert_cache_bytes), top_k, gate=gate)
     return OffloadedExperts(store, int(config.expert_cache_bytes), top_k, device=tier_device,
-                            host_budget_bytes=host_budget)
+                            host_budget_bytes=host_budget, gate=gate)
 
 
 def _model_max_len(model_dir: str | Path) -> int:

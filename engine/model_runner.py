@@ -166,4 +166,6 @@ class ModelRunner:
             )
         finally:
             self.kv_store.layout = None
+            if self.offload is not None:
+                self.offload.end_step()
         return output.logits[0].float().cpu()  # [S, vocab]

@@ -44,12 +44,14 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--offload-dir", type=Path, help="where prepared expert stores live")
     parser.add_argument("--expert-prefetch", choices=["all", "trace", "lookahead", "none"],
                         help="offload mode's prefetch sources (default all)")
+    parser.add_argument("--expert-prefetch-gate", action=argparse.BooleanOptionalAction,
+                        help="prefetch and priorities act only while they beat on-demand LRU (default on)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
                         help="where the model computes (default auto: cuda when a GPU is present)")
     parser.set_defaults(handler=_serve, config_keys=("host", "port", "api_key", "served_model_name",
                                                      "max_model_len", "trace_dump_dir", "trace_store_path",
                                                      "expert_cache_bytes", "offload_dir", "expert_prefetch",
-                                                     "device"))
+                                                     "expert_prefetch_gate", "device"))
 
 
 def _add_generate(subparsers) -> None:
@@ -125,10 +127,12 @@ def _add_bench(subparsers) -> None:
     offline.add_argument("--offload-dir", type=Path, help="where prepared expert stores live")
     offline.add_argument("--expert-prefetch", choices=["all", "trace", "lookahead", "none"],
                          help="offload mode's prefetch sources (default all)")
+    offline.add_argument("--expert-prefetch-gate", action=argparse.BooleanOptionalAction,
+                         help="prefetch and priorities act only while they beat on-demand LRU (default on)")
     offline.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model computes")
     offline.set_defaults(handler=_bench_throughput, config_keys=(
         "dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "expert_cache_bytes", "offload_dir",
-        "expert_prefetch", "device"))
+        "expert_prefetch", "expert_prefetch_gate", "device"))
     online = modes.add_parser("serve", help="a running moeserve (or other OpenAI-compatible) server over HTTP")
     online.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (default %(default)s)")
     online.add_argument("--model", help="model id to request (default: the server's first in /v1/models)")

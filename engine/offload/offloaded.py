@@ -31,6 +31,12 @@ always finds victims once in-flight reads are drained — which ``hold`` does, w
 is pinned. Queued prefetches for a layer the forward has reached are dropped as stale. A demand use of a
 prefetched expert is a hit (``prefetch_used``; the forward waits if its read is still in flight, counted as
 stall); a prefetched expert evicted before any use is ``prefetch_wasted``.
+
+With ``gate`` (``expert_prefetch_gate``, the default when anything prefetches) a `PrefetchGate`
+(engine.offload.gate) shadows the cache with demand-only LRU (and, under a planner, prioritized) caches fed the
+same accesses, and every few steps decides whether prefetch reads start at all and whether the planner's
+priorities act on the cache: both only while they beat on-demand LRU. ``begin_step`` / ``end_step`` bracket each
+forward so the gate knows the step time and how much of it the reader was busy.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from torch import nn
 
 from engine.offload.cache import ExpertCache, Key, LRUPolicy, NoVictimError
 from engine.offload.experts import LAYER_ATTRIBUTE, ExpertWeights
+from engine.offload.gate import PrefetchGate
 from engine.offload.layout import BlobEntry, ExpertStore, StoreError
 from engine.offload.prefetch import PrefetchQueue
 from engine.offload.tiers import (
@@ -183,10 +190,12 @@ class OffloadedExperts:
     ``device`` None: one tier of ``budget_bytes`` in host RAM (a CPU machine). A torch device: ``budget_bytes`` of
     slots on ``device``, the tier the forward computes from, in front of a ``HostTier`` of ``host_budget_bytes``
     (None: ``default_host_budget``), pinned when ``device`` is a GPU. BudgetTooSmall below ``top_k`` blobs.
+    ``gate``: decide online whether prefetch and priorities act (module docstring); False: they always do.
     """
 
     def __init__(self, store: ExpertStore, budget_bytes: int, top_k: int, read_mode: ReadMode | None = None,
-                 device: torch.device | str | None = None, host_budget_bytes: int | None = None) -> None:
+                 device: torch.device | str | None = None, host_budget_bytes: int | None = None,
+                 gate: bool = False) -> None:
         slot_bytes = store.max_blob_bytes
         _check_budget("expert_cache_bytes", budget_bytes, store, top_k)
         total_experts = sum(store.num_experts.values())
@@ -215,6 +224,8 @@ class OffloadedExperts:
             self.prefetch_limit = min(self.prefetch_limit, self.host.num_slots - top_k)
         self.queue = PrefetchQueue(self.cache, slot_bytes, max(self.prefetch_limit, 1) * slot_bytes)
         self._step = 0
+        self.gate = PrefetchGate(num_slots) if gate and self.prefetch_limit >= 1 else None
+        self._step_began: tuple[float, float] | None = None  # (clock, reader busy seconds) at begin_step
         first = store.blob(store.moe_layers[0], 0, PRECISION)
         mode = read_mode or choose_read_mode(first.file, self._probe_offsets(first.file), first.padded_nbytes,
                                              self.read_arena)
@@ -255,6 +266,19 @@ class OffloadedExperts:
     def begin_step(self) -> None:
         """Mark the start of an engine step (the clock the policy sees)."""
         self._step += 1
+        if self.gate is not None:
+            self._step_began = (time.perf_counter(), self.reader.busy_seconds)
+
+    def end_step(self) -> None:
+        """Mark the end of the step's forward: the gate gets its time and the reader's busy time in it, and may
+        decide; priorities it turns off are cleared from the cache's policy at once."""
+        if self.gate is None or self._step_began is None:
+            return
+        began, busy = self._step_began
+        self._step_began = None
+        changed = self.gate.end_step(time.perf_counter() - began, self.reader.busy_seconds - busy)
+        if changed and not self.gate.priorities_on:
+            self.cache.policy.set_priorities({})
 
     def position(self, layer: int) -> int:
         """The position of ``layer`` in this step, the unit prefetch targets are given in."""
@@ -298,7 +322,7 @@ class OffloadedExperts:
     def prefetch(self, layer: int, expert_ids: Sequence[int], priority: float = 1.0) -> None:
         """Queue prefetches of ``expert_ids`` of ``layer`` (needed at its next visit in this step) and start
         what the in-flight limit allows; never blocks."""
-        if self.prefetch_limit < 1:
+        if self.prefetch_limit < 1 or (self.gate is not None and not self.gate.prefetch_on):
             return
         target = self.position(layer)
         for expert in expert_ids:
@@ -310,11 +334,15 @@ class OffloadedExperts:
         if self.prefetch_limit < 1:
             return 0
         self._reap_prefetches(block=False)
+        if self.gate is not None and not self.gate.prefetch_on:
+            return 0  # what is queued waits and goes stale
         started = 0
         while (load := self.queue.next_load()) is not None:
             self._loading[load.key] = self._load_into_slot(load.key, load.evicted)
             self._prefetched_unused.add(load.key)
             self.stats.prefetch_issued += 1
+            if self.gate is not None:
+                self.gate.prefetch_read()
             started += 1
         return started
 
@@ -322,6 +350,8 @@ class OffloadedExperts:
         """A use of ``key`` by the forward: a hit (waiting on its prefetch read if in flight) or a miss that
         claims a slot and starts the read. Returns the future to wait on, if any."""
         layer = key[0]
+        if self.gate is not None:
+            self.gate.access(key, self._step, key in self.cache)
         if key in self.cache:
             self.cache.access(key, self._step)
             self.stats.hits += 1

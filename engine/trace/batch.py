@@ -75,9 +75,10 @@ class BatchPrefetcher:
         self.predictor = Predictor(num_layers, transitions.num_experts, top_k, self.settings.sources, store=store,
                                    transitions=transitions)
         self.planner = PrefetchPlanner(offload.cache, offload.queue, num_layers, self.settings, PRECISION,
-                                       layers=offload.store.moe_layers)
+                                       layers=offload.store.moe_layers, gate=offload.gate)
         self._states: dict[str, RequestState] = {}
         self._step: list[tuple[StepSequence, RequestState]] = []
+        self._predicting = True  # this step predicts and plans (the gate has something acting)
         self.prefetches_planned = 0
         self.read_layers: float | None = None  # the last measured read time in layers of compute
         self._steps = 0
@@ -86,13 +87,18 @@ class BatchPrefetcher:
         self._last_plan: tuple[int, float, float] | None = None  # (layer, time, stall seconds) of the last plan
 
     def begin_step(self, sequences: Sequence[StepSequence]) -> None:
-        """The step about to run: ``sequences`` in batch order (their rows are consecutive in that order)."""
+        """The step about to run: ``sequences`` in batch order (their rows are consecutive in that order).
+
+        While the offload cache's gate has both prefetch and priorities off, the step's routing is only recorded
+        (the statistics and histories still learn) and nothing is predicted or planned."""
         self._step = []
+        gate = self.offload.gate
+        self._predicting = gate is None or gate.acting
         for sequence in sequences:
             state = self._states.get(sequence.sequence_id)
             if state is None:
                 state = self._states[sequence.sequence_id] = self.predictor.new_request()
-            self.predictor.begin_step(state, sequence.decode)
+            self.predictor.begin_step(state, sequence.decode, predict=self._predicting)
             self._step.append((sequence, state))
 
     def observe(self, layer: int | None, top_k_index: torch.Tensor) -> None:
@@ -110,7 +116,7 @@ class BatchPrefetcher:
 
     def plan(self, layer: int | None) -> None:
         """Priorities and prefetches after ``layer``'s routing, from the decode sequences' predictions."""
-        if layer is None:
+        if layer is None or not self._predicting:
             return
         self._time_layers(layer)
         predictions = [self.predictor.predict(state) for sequence, state in self._step if sequence.decode]

@@ -26,6 +26,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from engine.offload.cache import ExpertCache, Key
+from engine.offload.gate import PrefetchGate
 from engine.offload.prefetch import PrefetchQueue
 from engine.trace.predictor import DEFAULT_MAX_OFFSET, DEFAULT_MISS_STEPS, any_request, batch_priorities
 
@@ -81,7 +82,9 @@ class PrefetchPlanner:
     """Priorities and prefetches for one `ExpertCache` and its `PrefetchQueue` (module docstring).
 
     ``layers``: the layers that have experts (default: all ``num_layers``); keys of other layers are never
-    queued. Positions count layers over the engine's steps: ``step * num_layers + layer``.
+    queued. Positions count layers over the engine's steps: ``step * num_layers + layer``. ``gate`` (the engine's
+    `PrefetchGate`; the replay has none): its prioritized shadow follows every plan's priorities, the cache's
+    policy only while the gate has priorities on, and nothing is queued while it has prefetch off.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class PrefetchPlanner:
         settings: PrefetchSettings | None = None,
         precision: str = "native",
         layers: Collection[int] | None = None,
+        gate: PrefetchGate | None = None,
     ) -> None:
         self.cache = cache
         self.queue = queue
@@ -99,6 +103,9 @@ class PrefetchPlanner:
         self.settings = settings or PrefetchSettings()
         self.precision = precision
         self.layers = frozenset(range(num_layers) if layers is None else layers)
+        self.gate = gate
+        if gate is not None:
+            gate.track_priorities()
 
     def plan(self, predictions: Sequence[Sequence[Sequence[float]]], layers_seen: int, position: int) -> int:
         """Act on the running requests' ``predictions`` ([L][E] each) at frontier ``layers_seen``; ``position``
@@ -110,7 +117,13 @@ class PrefetchPlanner:
             return 0
         next_visit = any_request(predictions)
         priorities = batch_priorities(next_visit, layers_seen, self.settings.miss_steps, self.precision)
-        self.cache.policy.set_priorities(priorities)
+        gate = self.gate
+        if gate is not None:
+            gate.set_priorities(priorities)
+        if gate is None or gate.priorities_on:
+            self.cache.policy.set_priorities(priorities)
+        if gate is not None and not gate.prefetch_on:
+            return 0
         queued = 0
         for ahead in range(1, self.settings.horizon + 1):
             target = (layers_seen - 1 + ahead) % self.num_layers

@@ -241,6 +241,7 @@ class RequestState:
     layers_seen: int = 0
     previous: list[tuple[int, ...]] | None = None  # the last decode step's ids, None after a prefill
     decode: bool = True
+    predicting: bool = True  # this step computes predictions (False: `begin_step(predict=False)`, only recorded)
     probabilities: list[list[float]] = field(default_factory=list)  # cached [L][E] answer of `predict`
     store_match: list[list[float]] | None = None  # this step's store prediction [L][E]
     scores: list[list[float]] = field(default_factory=list)  # [L][E] log scores behind ``probabilities``
@@ -258,7 +259,8 @@ class Predictor:
     The transition statistics and the store are shared by all requests; `end_step` teaches the statistics (and
     the request's own copy, which it predicts from), `finish` enters the request into the store. Call per
     request: `new_request`, then per step `begin_step`, `observe_layer` for each layer in order (`predict` at any
-    point), `end_step`; finally `finish`.
+    point), `end_step`; finally `finish`. A step begun with ``predict=False`` only records its routing (the
+    statistics and the history learn from it as from any other) and cannot be asked to `predict`.
     """
 
     def __init__(
@@ -296,10 +298,14 @@ class Predictor:
                             recent_use=[[0.0] * self.num_experts for _ in range(self.num_layers)],
                             history=[[0.0] * self.num_experts for _ in range(self.num_layers)])
 
-    def begin_step(self, state: RequestState, decode: bool) -> None:
-        """``state`` starts a step (a decode token, or a prefill whose experts are not one token's)."""
+    def begin_step(self, state: RequestState, decode: bool, predict: bool = True) -> None:
+        """``state`` starts a step (a decode token, or a prefill whose experts are not one token's); with
+        ``predict`` False the step's layers are only recorded, none of the scores is computed."""
         state.decode = decode
         state.layers_seen = 0
+        state.predicting = predict
+        if not predict:
+            return
         state.similarity = [0.0] * len(state.recent)
         state.history_prior = {}
         state.store_match = self._match(state) if "store" in self.sources else None
@@ -317,6 +323,8 @@ class Predictor:
         experts = tuple(experts)
         state.current[layer] = experts
         state.layers_seen = layer + 1
+        if not state.predicting:
+            return
         state.scores[layer] = self._base_scores(state, layer, experts)
         changed = {layer}
         stats = state.statistics
@@ -355,8 +363,10 @@ class Predictor:
         """Probability of use of every expert at every layer's next visit, [L][E] (module docstring).
 
         The returned rows are the state's cache: read them, do not change them. Empty before the first
-        `begin_step`.
+        `begin_step`. RuntimeError in a step begun with ``predict=False``.
         """
+        if not state.predicting:
+            raise RuntimeError("predict in a step begun with predict=False")
         return state.probabilities
 
     def _remember(self, state: RequestState) -> None:

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 
 from engine.models.demo import ARCHITECTURES
+from engine.offload.gate import WINDOW_STEPS
 from engine.offload.layout import ExpertStore, ensure_store
 from engine.offload.offloaded import BudgetTooSmall, expert_tensors_on_meta, minimum_budget
 from engine.trace.batch import ADAPT_EVERY
 from engine.trace.planner import PrefetchSettings
 from offload_runs import (  # pytest puts tests/integration on sys.path
-    GREEDY, PROMPTS, checksum_error, engine_for, flip_a_byte, generate,
+    checksum_error, engine_for, flip_a_byte, generate,
 )
 
 pytestmark = pytest.mark.slow
@@ -69,6 +70,44 @@ def test_offloaded_greedy_equals_resident_at_every_budget(
         assert len(offload._free_slots) + len(offload._slot_of) == offload.num_slots, "every slot accounted"
 
 
+def test_the_prefetch_gate_judges_every_window_and_while_off_nothing_is_predicted_or_prefetched(
+    demo_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    model_dir = demo_model("mixtral")
+    expected = generate(engine_for(model_dir))
+    store = ensure_store(model_dir, tmp_path)
+    engine = engine_for(model_dir, expert_cache_bytes=budgets(store, _top_k(model_dir))["50%"],
+                        offload_dir=str(tmp_path))
+    offload, gate = engine.offload, engine.offload.gate
+    assert gate is not None and gate.prefetch_on and gate.priorities_on and gate.prioritized is not None
+    outputs = [generate(engine) for _ in range(3)]
+    assert outputs == [expected] * 3
+    snapshot = engine.stats()["expert_prefetch_gate"]
+    assert snapshot["windows_on"] + snapshot["windows_off"] == offload._step // WINDOW_STEPS >= 2
+    last = snapshot["last_window"]
+    assert last["steps"] == WINDOW_STEPS and 0.0 <= last["busy"] <= 1.0
+    assert last["lru_misses"] > 0 and last["prioritized_misses"] is not None
+    # As after a window where both lost: nothing acts until the retry, 8 windows later.
+    gate.prefetch_on = gate.priorities_on = False
+    offload.cache.policy.set_priorities({})
+    before, planned = engine.stats(), engine.prefetcher.prefetches_planned
+    assert generate(engine) == expected
+    after = engine.stats()
+    assert after["expert_prefetch_issued"] == before["expert_prefetch_issued"]
+    assert after["expert_misses"] > before["expert_misses"], "demand reads still happen"
+    assert engine.prefetcher.prefetches_planned == planned and not offload.cache.policy._priorities
+    assert not gate.prefetch_on and not gate.priorities_on
+    engine.close()
+    ungated = engine_for(model_dir, expert_cache_bytes=budgets(store, _top_k(model_dir))["50%"],
+                         offload_dir=str(tmp_path), expert_prefetch_gate=False)
+    assert ungated.offload.gate is None and ungated.stats()["expert_prefetch_gate"] is None
+    ungated.close()
+    no_prefetch = engine_for(model_dir, expert_cache_bytes=budgets(store, _top_k(model_dir))["50%"],
+                             offload_dir=str(tmp_path), expert_prefetch="none")
+    assert no_prefetch.offload.gate is None, "nothing to gate"
+    no_prefetch.close()
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
 def test_every_prefetch_mode_keeps_greedy_tokens_and_trace_mode_drives_the_cache(
     arch: str, demo_model: Callable[..., Path], tmp_path: Path
@@ -78,8 +117,9 @@ def test_every_prefetch_mode_keeps_greedy_tokens_and_trace_mode_drives_the_cache
     expected = generate(engine_for(model_dir))
     store = ensure_store(model_dir, tmp_path)
     budget = budgets(store, _top_k(model_dir))["50%"]
-    for mode in ("none", "lookahead", "trace"):
-        engine = engine_for(model_dir, expert_cache_bytes=budget, offload_dir=str(tmp_path), expert_prefetch=mode)
+    for mode in ("none", "lookahead", "trace"):  # ungated: each source acts all along (the gate: next test)
+        engine = engine_for(model_dir, expert_cache_bytes=budget, offload_dir=str(tmp_path), expert_prefetch=mode,
+                            expert_prefetch_gate=False)
         assert generate(engine) == expected, f"{arch} with expert_prefetch={mode}"
         stats, policy = engine.stats(), engine.offload.cache.policy
         assert (stats["expert_prefetch_issued"] > 0) == (mode != "none"), mode

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.engine import LLMEngine
 from engine.offload.layout import ExpertStore, ensure_store
 from engine.offload.offloaded import (
     MAX_PREFETCH_IN_FLIGHT,

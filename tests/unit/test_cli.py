@@ -114,3 +114,16 @@ def test_replay_rejects_both_capacity_flags(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit) as exit_:
         main(["replay", "t.jsonl", "--slots-per-layer", "4", "--capacity", "128"])
     assert exit_.value.code == EXIT_USAGE and "not allowed with" in capsys.readouterr().err
+
+
+def test_the_prefetch_gate_flag_overrides_configuration_both_ways(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.cli import build_parser, config_from_args
+
+    monkeypatch.setenv("MOESERVE_EXPERT_PREFETCH_GATE", "false")
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["serve", "m"])).expert_prefetch_gate is False  # the environment's
+    assert config_from_args(parser.parse_args(["serve", "m", "--expert-prefetch-gate"])).expert_prefetch_gate is True
+    monkeypatch.delenv("MOESERVE_EXPERT_PREFETCH_GATE")
+    assert config_from_args(parser.parse_args(["serve", "m"])).expert_prefetch_gate is True  # the default
+    arguments = ["bench", "throughput", "m", "--no-expert-prefetch-gate"]
+    assert config_from_args(parser.parse_args(arguments)).expert_prefetch_gate is False

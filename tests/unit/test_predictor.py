@@ -259,3 +259,29 @@ def test_recent_use_follows_a_request_that_changed_its_experts() -> None:
     frequency, recent = rows[()], rows[("recent",)]
     assert recent[3] > 3 * frequency[3] and recent[1] < frequency[1]
     assert top(frequency, 2) == [1, 3] and recent[3] > 0.3
+
+
+def test_a_step_that_only_records_teaches_what_a_predicting_step_does() -> None:
+    rng = random.Random(3)
+    tokens = [[[rng.randrange(EXPERTS)] for _ in range(LAYERS)] for _ in range(24)]
+    full, light = (Predictor(LAYERS, EXPERTS, top_k=1) for _ in range(2))
+    full_state, light_state = full.new_request(), light.new_request()
+    for number, token in enumerate(tokens):
+        predict = number % 3 == 0  # every third step predicts in both; the others only record in ``light``
+        for predictor, state, records in ((full, full_state, False), (light, light_state, not predict)):
+            predictor.begin_step(state, decode=True, predict=not records)
+            for layer, experts in enumerate(token):
+                predictor.observe_layer(state, layer, experts)
+            if records:
+                with pytest.raises(RuntimeError, match="predict=False"):
+                    predictor.predict(state)
+            predictor.end_step(state)
+    assert light.transitions.log_counts == full.transitions.log_counts
+    assert light_state.history == full_state.history and light_state.recent == full_state.recent
+    for predictor, state in ((full, full_state), (light, light_state)):  # a predicting step after: the same answer
+        predictor.begin_step(state, decode=True)
+        predictor.observe_layer(state, 0, tokens[0][0])
+    assert light.predict(light_state) == full.predict(full_state)
+    with pytest.raises(ValueError, match="in order"):
+        light.begin_step(light_state, decode=True, predict=False)
+        light.observe_layer(light_state, 1, [0])
