@@ -7,14 +7,15 @@ Two parts (results: benchmarks/results/trace_prefetch.json):
   the recorded Mixtral traces of tests/data — their routing replayed through the experts forward's
   benchmark-only ``routing_override``, so the cache sees real expert sequences while the bytes really move
   (O_DIRECT or buffered+fadvise reads, as the engine's probe chooses). Requests run one after another through
-  one engine per mode, the two engines taking turns request by request (mario's two requests, then h39s; the
-  predictor's store and statistics carry over, as in serving). Modes: ``none`` (on-demand reads, plain global LRU) and ``trace`` (predicted priorities and
-  prefetch). The gate look-ahead is left out: with replayed routing its router's guess is about another
+  one engine per mode, the engines taking turns request by request (mario's two requests, then h39s; the
+  predictor's store and statistics carry over, as in serving). Modes: ``none`` (on-demand reads, plain global
+  LRU), ``trace`` (predicted priorities and prefetch, behind the prefetch gate as served) and ``trace-ungated``
+  (the same, always acting). The gate look-ahead is left out: with replayed routing its router's guess is about another
   routing. Prompt routing is the model's own. Budget: 4 of 8 slots per layer (128 blobs), like the replay.
 - ``cold_to_warm``: the trained demo model (models/demo-moe) on varied prompts (the opening lines of standard
   library modules), one request at a time (the modes taking turns), hit rate per request (over all expert
   accesses, the prompt's included) at one budget for every ``expert_prefetch`` mode (``none``, ``lookahead``,
-  ``trace``, ``all``): how the shared store and the transition statistics warm up with the requests seen, and
+  ``trace``, ``all``, gated, and ``all-ungated``): how the shared store and the transition statistics warm up with the requests seen, and
   which sources pay on real routing.
 - ``random_routing``: a random bf16 model of issue #6's offload shape (32 layers x 8 experts, top-2, hidden 1024,
   intermediate 3584: 22 MB blobs, 5.6 GB of experts) on its own routing, 4 of 8 slots per layer, every
@@ -62,8 +63,11 @@ SHAPE = dict(num_hidden_layers=32, num_local_experts=8, num_experts_per_tok=2, h
 RANDOM_SHAPE = dict(num_hidden_layers=32, num_local_experts=8, num_experts_per_tok=2, hidden_size=1024,
                     intermediate_size=3584, num_attention_heads=8, num_key_value_heads=4)
 SLOTS_PER_LAYER = 4
-MODES = ("none", "trace")
-WARM_MODES = ("none", "lookahead", "trace", "all")
+MODES = ("none", "trace", "trace-ungated")
+WARM_MODES = ("none", "lookahead", "trace", "all", "all-ungated")
+UNGATED = "-ungated"
+"""A mode ending so runs its ``expert_prefetch`` with ``expert_prefetch_gate: false`` (the sources always acting);
+the others run gated, as served by default."""
 PROMPT = "def main(argv):\n    parser = argparse.ArgumentParser()\n"
 COUNTERS = ("expert_hits", "expert_misses", "expert_stall_seconds", "expert_prefetch_issued",
             "expert_prefetch_used", "expert_prefetch_wasted")
@@ -91,6 +95,17 @@ class ReplayedRouting:
         return chosen, torch.full(chosen.shape, 1.0 / chosen.shape[1], dtype=weights.dtype)
 
 
+def mode_options(mode: str) -> dict:
+    """The engine options of a benchmark mode: ``expert_prefetch`` and ``expert_prefetch_gate``."""
+    return {"expert_prefetch": mode.removesuffix(UNGATED), "expert_prefetch_gate": not mode.endswith(UNGATED)}
+
+
+def gate_state(llm: LLM) -> dict | None:
+    """The prefetch gate's windows on and off and its switches (None: ungated or nothing to gate)."""
+    gate = llm.stats()["expert_prefetch_gate"]
+    return None if gate is None else {key: gate[key] for key in ("windows_on", "windows_off", "switches")}
+
+
 def delta(after: dict, before: dict) -> dict:
     return {key: after[key] - before.get(key, 0) for key in COUNTERS}
 
@@ -112,12 +127,12 @@ def run_request(llm: LLM, prompt: str, max_tokens: int) -> dict:
     """One greedy request alone; its counters' deltas and its decode time (after the first token)."""
     before = llm.stats()
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    engine = llm.engine
-    engine.add_request("bench", prompt, params)
+    core = llm.engine
+    core.add_request("bench", prompt, params)
     start = time.perf_counter()
     first = None
-    while engine.has_unfinished_requests():
-        engine.step()
+    while core.has_unfinished_requests():
+        core.step()
         if first is None:
             first = time.perf_counter()
     seconds = time.perf_counter() - first
@@ -140,7 +155,7 @@ def random_model_engines(shape: dict, modes: Sequence[str], max_model_len: int) 
         store = ensure_store(model, Path(work) / "store")
         budget = SLOTS_PER_LAYER * store.num_layers * store.max_blob_bytes
         engines = {mode: LLM(model, expert_cache_bytes=budget, offload_dir=str(Path(work) / "store"),
-                             expert_prefetch=mode, max_model_len=max_model_len, max_num_seqs=1) for mode in modes}
+                             max_model_len=max_model_len, max_num_seqs=1, **mode_options(mode)) for mode in modes}
         try:
             yield engines, budget, store
         finally:
@@ -165,8 +180,9 @@ def replayed(decode_steps: int) -> dict:
                 logger.warning("%s %s: %s", mode, request.header.trace, summarize([rows[mode][-1]]))
         for mode, llm in engines.items():
             results[mode] = {"per_request": [summarize([row]) for row in rows[mode]], "total": summarize(rows[mode]),
-                             "read_mode": llm.engine.offload.reader.mode.value}
+                             "read_mode": llm.engine.offload.reader.mode.value, "gate": gate_state(llm)}
     results["ratios"] = ratios(results["trace"]["total"], results["none"]["total"])
+    results["ratios_ungated"] = ratios(results["trace-ungated"]["total"], results["none"]["total"])
     return results
 
 
@@ -192,7 +208,7 @@ def cold_to_warm(model: str, prompts: int, fraction: float, max_tokens: int) -> 
     with tempfile.TemporaryDirectory() as offload_dir:
         store = ensure_store(model, offload_dir)
         budget = int(sum(store.num_experts.values()) * fraction) * store.max_blob_bytes
-        engines = {mode: LLM(model, expert_cache_bytes=budget, offload_dir=offload_dir, expert_prefetch=mode)
+        engines = {mode: LLM(model, expert_cache_bytes=budget, offload_dir=offload_dir, **mode_options(mode))
                    for mode in WARM_MODES}
         rows: dict[str, list[dict]] = {mode: [] for mode in WARM_MODES}
         for text in texts:
@@ -200,7 +216,8 @@ def cold_to_warm(model: str, prompts: int, fraction: float, max_tokens: int) -> 
                 rows[mode].append(run_request(llm, text, max_tokens))
         for mode, llm in engines.items():
             results[mode] = {"hit_rate_per_request": [summarize([row])["hit_rate"] for row in rows[mode]],
-                             "total": summarize(rows[mode]), "store_entries": llm.stats()["trace_store_entries"]}
+                             "total": summarize(rows[mode]), "store_entries": llm.stats()["trace_store_entries"],
+                             "gate": gate_state(llm)}
             logger.warning("cold->warm %s: %s", mode, results[mode]["hit_rate_per_request"])
             llm.engine.close()
     half = len(texts) // 2
@@ -217,15 +234,15 @@ def random_routing(prompts: int, max_tokens: int) -> dict:
     texts = varied_prompts(prompts)
     results: dict = {"shape": RANDOM_SHAPE, "slots_per_layer": SLOTS_PER_LAYER, "prompts": len(texts),
                      "max_tokens": max_tokens}
-    with random_model_engines(RANDOM_SHAPE, WARM_MODES, max_model_len=512) as (engines, budget, _):
+    with random_model_engines(RANDOM_SHAPE, WARM_MODES, max_model_len=max_tokens + 256) as (engines, budget, _):
         results["budget_bytes"] = budget
         rows: dict[str, list[dict]] = {mode: [] for mode in WARM_MODES}
         for text in texts:
             for mode, llm in engines.items():  # interleaved, so a change in machine load hits every mode
                 rows[mode].append(run_request(llm, text, max_tokens))
                 logger.warning("random routing %s: %s", mode, summarize([rows[mode][-1]]))
-        for mode in WARM_MODES:
-            results[mode] = {"total": summarize(rows[mode])}
+        for mode, llm in engines.items():
+            results[mode] = {"total": summarize(rows[mode]), "gate": gate_state(llm)}
     results["ratios_to_none"] = {mode: ratios(results[mode]["total"], results["none"]["total"])
                                  for mode in WARM_MODES[1:]}
     return results
