@@ -95,7 +95,7 @@ class Config(BaseSettings):
     )
     expert_prefetch_gate: bool = Field(
         True,
-        description="Let prefetch and predicted priorities act only while they beat on-demand LRU, judged every 16 "
+        description="Let prefetch and predicted priorities act only while they beat on-demand LRU, judged every 16+ "
         "steps against shadow caches fed the same accesses (engine/offload/gate.py); false: they always act.",
     )
 

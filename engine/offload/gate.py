@@ -12,21 +12,23 @@ same demand accesses as the real one (`access`):
 - ``prioritized`` (once `track_priorities` is called, by a planner that sets priorities): global LRU on demand
   under the planner's priorities (`set_priorities`), what priorities without prefetch would have done.
 
-Both shadows serve demand only, so their misses compare exactly (same accesses, same cost per miss). Every
-``window_steps`` steps (`end_step`) the gate decides for the next window:
+Both shadows serve demand only, so their misses compare exactly (same accesses, same cost per miss). A window
+lasts ``window_steps`` steps, and longer until it saw MIN_READS reads (up to MAX_WINDOW_GROWTH x as many steps); at its
+end (`end_step`) the gate decides for the next one:
 
 - **priorities** stay on while the prioritized shadow missed fewer times than the LRU shadow in the window (judged
   only in windows where a planner ran: with nothing acting it does not predict, see `acting`);
-- **prefetch** is costed in demand reads: the real cache's demand misses plus ``busy`` x its prefetch reads, where
-  ``busy`` is the share of the window's step time the reader was busy (a prefetch read delays the demand reads
-  queued behind it about as often as the device is busy: free on an idle device, a full demand read's cost on a
-  saturated one), against the misses of the demand-only arm the priorities chose. Prefetch stays on while it
-  costs less than ``(1 - margin)`` of that arm (the margin stands for what the count leaves out: the CPU a read
-  takes, the planner's Python). Once off it cannot measure itself, so after ``probe_every`` windows off it is
-  tried again for one window; each retry that fails doubles the wait (up to MAX_BACKOFF x), one that succeeds
-  resets it.
+- **prefetch** is judged in stall: the time the forward waited on reads in the window (measured; prefetch reads
+  that delay demand reads behind them show there, and so do the misses they saved) against what the demand-only
+  arm the priorities chose would have waited: its misses x the stall of one demand miss. That last figure is
+  measured in windows without prefetch (stall over demand misses), and until one ran it is the reader's busy time
+  per read of the window. Prefetch stays on while it stalls less than ``(1 - margin)`` of that arm (the margin
+  stands for what stall leaves out: the CPU a read takes, the planner's Python). A window in which neither arm
+  read anything changes nothing. Once off, prefetch cannot measure itself, so after ``probe_every`` windows off
+  it is tried again for one window; each retry that fails doubles the wait (up to MAX_BACKOFF x), one that
+  succeeds resets it.
 
-Pure: no tensors, no I/O, no clock of its own (step and reader-busy seconds are given). The owner
+Pure: no tensors, no I/O, no clock of its own (step, stall and reader-busy seconds are given). The owner
 (engine.offload.offloaded.OffloadedExperts) asks `prefetch_on` before starting a prefetch read and
 `priorities_on` before applying priorities to the real cache.
 """
@@ -42,7 +44,12 @@ from engine.offload.cache import ExpertCache, Key, LRUPolicy
 logger = logging.getLogger(__name__)
 
 WINDOW_STEPS = 16
-"""Engine steps per decision: 16 decode steps of a 32-layer top-2 model are 1,024 expert accesses."""
+"""Engine steps per decision at least: 16 decode steps of a 32-layer top-2 model are 1,024 expert accesses."""
+MIN_READS = 32
+"""Reads a window needs before it decides (demand misses of either arm plus prefetch reads): a warm cache may see a
+miss or two in 16 steps, too few to tell the arms apart. Until then the window grows, up to MAX_WINDOW_GROWTH x
+``window_steps`` steps."""
+MAX_WINDOW_GROWTH = 8
 PROBE_EVERY = 8
 """Windows prefetch stays off before its first retry (doubling after each failed one, up to MAX_BACKOFF x: a
 source that keeps losing costs at most 1 window in 9, then 1 in 17, ... 1 in 65)."""
@@ -52,11 +59,12 @@ MARGIN = 0.05
 
 @dataclass
 class GateWindow:
-    """What one window saw: steps, step seconds, reader-busy seconds, the real cache's demand misses and prefetch
-    reads, and each shadow's misses (``prioritized_misses`` None without a prioritized shadow)."""
+    """What one window saw: steps, step seconds, stall and reader-busy seconds, the real cache's demand misses and
+    prefetch reads, and each shadow's misses (``prioritized_misses`` None without a prioritized shadow)."""
 
     steps: int = 0
     seconds: float = 0.0
+    stall_seconds: float = 0.0
     busy_seconds: float = 0.0
     demand_misses: int = 0
     prefetch_reads: int = 0
@@ -69,9 +77,10 @@ class GateWindow:
         return min(1.0, self.busy_seconds / self.seconds) if self.seconds > 0 else 0.0
 
     @property
-    def prefetch_cost(self) -> float:
-        """Demand-read equivalents of the real cache: demand misses + busy x prefetch reads."""
-        return self.demand_misses + self.busy * self.prefetch_reads
+    def read_seconds(self) -> float | None:
+        """The reader's busy time per read of the real cache (None without a read)."""
+        reads = self.demand_misses + self.prefetch_reads
+        return self.busy_seconds / reads if reads else None
 
 
 class PrefetchGate:
@@ -98,6 +107,7 @@ class PrefetchGate:
         self.retry_after = probe_every  # windows off before the next retry
         self._off_streak = 0
         self._probing = False  # this window is a retry
+        self.miss_seconds: float | None = None  # stall per demand miss, measured in the last window without prefetch
 
     @property
     def acting(self) -> bool:
@@ -131,14 +141,17 @@ class PrefetchGate:
         """The real cache started a prefetch read."""
         self.window.prefetch_reads += 1
 
-    def end_step(self, seconds: float, busy_seconds: float) -> bool:
-        """A step ended: it took ``seconds`` and the reader was busy ``busy_seconds`` of them. Closes the window
-        after ``window_steps`` steps; returns whether a decision changed."""
+    def end_step(self, seconds: float, stall_seconds: float, busy_seconds: float) -> bool:
+        """A step ended: it took ``seconds``, the forward waited ``stall_seconds`` of them on reads and the reader was
+        busy ``busy_seconds``. Closes the window when it is long enough (module docstring); returns whether a
+        decision changed."""
         window = self.window
         window.steps += 1
         window.seconds += seconds
+        window.stall_seconds += stall_seconds
         window.busy_seconds += busy_seconds
-        if window.steps < self.window_steps:
+        reads = window.demand_misses + window.prefetch_reads + window.lru_misses
+        if window.steps < self.window_steps or (reads < MIN_READS and window.steps < MAX_WINDOW_GROWTH * self.window_steps):
             return False
         return self._decide(window)
 
@@ -149,7 +162,8 @@ class PrefetchGate:
         demand_only = window.prioritized_misses if self.priorities_on else window.lru_misses
         if prefetch_on:
             self.windows_on += 1
-            self.prefetch_on = window.prefetch_cost < (1.0 - self.margin) * demand_only
+            if demand_only or window.demand_misses or window.prefetch_reads:  # no read either way: says nothing
+                self.prefetch_on = window.stall_seconds < (1.0 - self.margin) * self.demand_stall(window, demand_only)
             if self._probing:
                 self.retry_after = (self.probe_every if self.prefetch_on
                                     else min(2 * self.retry_after, MAX_BACKOFF * self.probe_every))
@@ -157,6 +171,8 @@ class PrefetchGate:
             self._probing = False
         else:
             self.windows_off += 1
+            if window.demand_misses:
+                self.miss_seconds = window.stall_seconds / window.demand_misses
             self._off_streak += 1
             self.prefetch_on = self._probing = self._off_streak >= self.retry_after
         changed = (priorities_on, prefetch_on) != (self.priorities_on, self.prefetch_on)
@@ -165,18 +181,25 @@ class PrefetchGate:
         if self.prefetch_on != prefetch_on:
             self.switches += 1
         if changed:
-            logger.info("prefetch gate: prefetch %s, priorities %s (window of %d steps: %d demand misses + %.2f busy x "
-                        "%d prefetch reads against %d on demand under LRU%s)",
+            logger.info("prefetch gate: prefetch %s, priorities %s (window of %d steps: stalled %.3f s with %d demand "
+                        "misses and %d prefetch reads; on demand %d misses under LRU%s, %.4f s each)",
                         "on" if self.prefetch_on else "off", "on" if self.priorities_on else "off", window.steps,
-                        window.demand_misses, window.busy, window.prefetch_reads, window.lru_misses,
+                        window.stall_seconds, window.demand_misses, window.prefetch_reads, window.lru_misses,
                         "" if window.prioritized_misses is None
-                        else f", {window.prioritized_misses} under the priorities")
+                        else f", {window.prioritized_misses} under the priorities", self.miss_seconds or 0.0)
         self.last = window
         self.window = GateWindow(prioritized_misses=None if self.prioritized is None else 0)
         return changed
+
+    def demand_stall(self, window: GateWindow, misses: int) -> float:
+        """The stall ``misses`` demand misses would have cost: each as long as one measured without prefetch, else
+        (none measured yet) the reader's busy time per read of ``window``."""
+        per_miss = self.miss_seconds if self.miss_seconds is not None else window.read_seconds
+        return misses * (per_miss or 0.0)
 
     def snapshot(self) -> dict:
         """State for ``LLM.stats()``: the decisions, windows on/off, switches, the last closed window's counts."""
         return {"prefetch": self.prefetch_on, "priorities": self.priorities_on, "windows_on": self.windows_on,
                 "windows_off": self.windows_off, "switches": self.switches, "retry_after": self.retry_after,
+                "miss_seconds": self.miss_seconds,
                 "last_window": None if self.last is None else {**asdict(self.last), "busy": round(self.last.busy, 4)}}

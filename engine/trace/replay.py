@@ -3,7 +3,8 @@
 Two kinds of policy: the demand-paging ones of engine.offload.cache (POLICY_NAMES: an expert is read when a
 layer needs it), and `PREDICTIVE_POLICY` (``"default"``, the engine's): a global cache whose priorities come
 from engine.trace.predictor, with prefetches through engine.offload.prefetch and a modelled clock
-(`ClockModel`, `_PredictiveReplay`). Both follow the access sequence and counting conventions below — those
+(`ClockModel`, `_PredictiveReplay`), also behind the engine's prefetch gate (`GATED_POLICY`, ``"gated"``: the
+policy as served). Both kinds follow the access sequence and counting conventions below — those
 that reproduce the reference hit rates of tests/data/README.md exactly:
 
 - Requests are replayed in the order given, through ONE cache (nothing is reset between them).
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from engine.offload.cache import POLICY_NAMES, ExpertCache, Key, LRUPolicy, NoVictimError, build_cache, policy_scope
+from engine.offload.gate import PrefetchGate
 from engine.offload.prefetch import Load, PrefetchQueue
 from engine.trace.format import RequestTrace, read_traces
 from engine.trace.planner import PrefetchPlanner, PrefetchSettings
@@ -49,7 +51,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_POLICY = "lru"
 PREDICTIVE_POLICY = "default"
 """The engine's default policy: global LRU under predicted priorities, with prefetch (`PrefetchSettings`)."""
-REPLAY_POLICY_NAMES: tuple[str, ...] = (*POLICY_NAMES, PREDICTIVE_POLICY)
+GATED_POLICY = "gated"
+"""The engine's policy as served: `PREDICTIVE_POLICY` behind the prefetch gate (engine.offload.gate), which lets
+priorities and prefetch act only while they beat demand paging under LRU, the reader's busy share taken from the
+modelled device."""
+REPLAY_POLICY_NAMES: tuple[str, ...] = (*POLICY_NAMES, PREDICTIVE_POLICY, GATED_POLICY)
 DEFAULT_SLOTS_PER_LAYER = 4
 TRACE_PRECISION = "native"
 """Routing traces record no precision; replay keys every expert with this one."""
@@ -188,8 +194,8 @@ def replay(
     num_layers = _shared_num_layers([*warm_up, *requests])
     total = resolve_capacity(num_layers, slots_per_layer, capacity)
     accesses = _access_sequence(requests, warm_up)
-    if policy == PREDICTIVE_POLICY:
-        tally = _PredictiveReplay(requests, total, clock, settings).run(requests, warm_up)
+    if policy in (PREDICTIVE_POLICY, GATED_POLICY):
+        tally = _PredictiveReplay(requests, total, clock, settings, gate=policy == GATED_POLICY).run(requests, warm_up)
         stall, modelled = tally.stall_seconds, tally.modelled_seconds
     else:
         tally = _simulate(policy, _partition_capacity(policy, total, num_layers), accesses, num_layers)
@@ -330,10 +336,19 @@ class _ModelledDevice:
         self.load_seconds = load_seconds
         self.done: dict[Key, float] = {}
         self._free_at = 0.0
+        self._reads: list[tuple[float, float]] = []  # (start, end) of the reads not yet known to be in the past
 
     def start(self, key: Key, now: float) -> None:
-        self._free_at = max(now, self._free_at) + self.load_seconds
+        begin = max(now, self._free_at)
+        self._free_at = begin + self.load_seconds
         self.done[key] = self._free_at
+        self._reads.append((begin, self._free_at))
+
+    def busy_seconds(self, begin: float, end: float) -> float:
+        """How long the device was reading between ``begin`` and ``end``; forgets the reads over before ``begin``
+        (the next call's ``begin`` must not be earlier)."""
+        self._reads = [(start, stop) for start, stop in self._reads if stop > begin]
+        return sum(max(0.0, min(stop, end) - max(start, begin)) for start, stop in self._reads)
 
     def finished(self, now: float) -> list[Key]:
         """The reads done by ``now``, earliest first; they leave the device."""
@@ -346,10 +361,10 @@ class _ModelledDevice:
 class _PredictiveReplay:
     """`PREDICTIVE_POLICY` over a trace: one global `ExpertCache` (LRU under the predictor's priorities), one
     `PrefetchQueue`, one `Predictor` (its store and statistics span the requests, warm-up ones included), one
-    modelled device."""
+    modelled device; with ``gate``, the engine's `PrefetchGate` over them (fed the modelled step and busy times)."""
 
     def __init__(self, requests: Sequence[RequestTrace], capacity: int, clock: ClockModel,
-                 settings: PrefetchSettings | None = None) -> None:
+                 settings: PrefetchSettings | None = None, gate: bool = False) -> None:
         """``settings`` None: `PrefetchSettings.for_read_time` of ``clock``'s read, in layers of compute."""
         header = requests[0].header
         if settings is None:
@@ -360,7 +375,9 @@ class _PredictiveReplay:
         self.settings = settings
         self.cache = ExpertCache(LRUPolicy(), capacity, scope="global")
         self.queue = PrefetchQueue(self.cache, clock.expert_bytes, clock.max_bytes_in_flight)
-        self.planner = PrefetchPlanner(self.cache, self.queue, header.num_layers, settings, TRACE_PRECISION)
+        self.gate = PrefetchGate(capacity) if gate else None
+        self.planner = PrefetchPlanner(self.cache, self.queue, header.num_layers, settings, TRACE_PRECISION,
+                                       gate=self.gate)
         top_k = header.top_k or 2
         transitions = TransitionStatistics(header.num_layers, header.num_experts, max_offset=settings.max_offset,
                                            top_k=top_k)
@@ -397,12 +414,22 @@ class _PredictiveReplay:
         state = self.predictor.new_request()
         for step in request.steps:
             decode = step.phase == "decode"
-            self.predictor.begin_step(state, decode)
+            began, self._stall_at_step = self.now, self.stall
+            self.predictor.begin_step(state, decode, predict=self.gate is None or self.gate.acting)
             for layer, experts in enumerate(step.experts):
                 self._layer(state, self.step_index, layer, experts, decode)
             self.predictor.end_step(state)
             self.step_index += 1
+            if self.gate is not None:
+                self._end_gated_step(began)
         self.predictor.finish(state)
+
+    def _end_gated_step(self, began: float) -> None:
+        """The gate sees the step's modelled time, stall and the device's busy time in it, as the engine's does."""
+        stall = self.stall - self._stall_at_step
+        if self.gate.end_step(self.now - began, stall, self.device.busy_seconds(began, self.now)):
+            if not self.gate.priorities_on:
+                self.cache.policy.set_priorities({})
 
     def _layer(self, state: RequestState, step: int, layer: int, experts: Sequence[int], decode: bool) -> None:
         """Run one layer: its accesses (stalling on reads), then the plan for what comes next, then its compute."""
@@ -419,7 +446,7 @@ class _PredictiveReplay:
         self.predictor.observe_layer(state, layer, experts)
         for key in keys:
             self.cache.policy.pin(key)  # in use while it computes: no prefetch may take its slot
-        if decode:
+        if decode and state.predicting:
             self._plan(state, layer, position)
         for key in keys:
             self.cache.policy.unpin(key)
@@ -429,6 +456,8 @@ class _PredictiveReplay:
     def _access(self, key: Key, step: int, decode: bool) -> float:
         """Use ``key``: a hit, a late prefetch or a demand read; returns when its bytes are ready."""
         ready = self.now
+        if self.gate is not None:
+            self.gate.access(key, step, key in self.cache)
         if self.queue.in_flight(key):
             ready = self.device.done[key]
         elif key not in self.cache:
@@ -462,6 +491,8 @@ class _PredictiveReplay:
     def _plan(self, state: RequestState, layer: int, position: int) -> None:
         """Set the priorities from the prediction and queue the prefetches worth their slot; issue them."""
         self.planner.plan([self.predictor.predict(state)], layer + 1, position)
+        if self.gate is not None and not self.gate.prefetch_on:
+            return  # what is queued waits and goes stale, as in the engine
         while (load := self.queue.next_load()) is not None:
             self._start(load, self.now)
 
@@ -472,6 +503,8 @@ class _PredictiveReplay:
         if not load.demand:
             self.prefetched.add(load.key)
             self.counts["prefetches"] += 1
+            if self.gate is not None:
+                self.gate.prefetch_read()
 
     def _complete(self, now: float) -> None:
         for key in self.device.finished(now):
@@ -571,7 +604,8 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
                         "counted: the figures of a server that has already served them")
     parser.add_argument("--policy", choices=REPLAY_POLICY_NAMES, default=DEFAULT_POLICY,
                         help=f"eviction policy (default {DEFAULT_POLICY}); {PREDICTIVE_POLICY!r} is the engine's: "
-                        "predicted priorities and prefetch over a global cache")
+                        f"predicted priorities and prefetch over a global cache; {GATED_POLICY!r} the same behind "
+                        "the prefetch gate, as served")
     capacity = parser.add_mutually_exclusive_group()
     capacity.add_argument("--slots-per-layer", type=int, metavar="K",
                           help=f"cache slots per layer (default {DEFAULT_SLOTS_PER_LAYER}); global policies "

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from engine.models.demo import ARCHITECTURES
-from engine.offload.gate import WINDOW_STEPS
+from engine.offload.gate import MAX_WINDOW_GROWTH, WINDOW_STEPS
 from engine.offload.layout import ExpertStore, ensure_store
 from engine.offload.offloaded import BudgetTooSmall, expert_tensors_on_meta, minimum_budget
 from engine.trace.batch import ADAPT_EVERY
@@ -83,9 +83,10 @@ def test_the_prefetch_gate_judges_every_window_and_while_off_nothing_is_predicte
     outputs = [generate(engine) for _ in range(3)]
     assert outputs == [expected] * 3
     snapshot = engine.stats()["expert_prefetch_gate"]
-    assert snapshot["windows_on"] + snapshot["windows_off"] == offload._step // WINDOW_STEPS >= 2
+    windows = snapshot["windows_on"] + snapshot["windows_off"]
+    assert 1 <= windows <= offload._step // WINDOW_STEPS
     last = snapshot["last_window"]
-    assert last["steps"] == WINDOW_STEPS and 0.0 <= last["busy"] <= 1.0
+    assert WINDOW_STEPS <= last["steps"] <= MAX_WINDOW_GROWTH * WINDOW_STEPS and 0.0 <= last["busy"] <= 1.0
     assert last["lru_misses"] > 0 and last["prioritized_misses"] is not None
     # As after a window where both lost: nothing acts until the retry, 8 windows later.
     gate.prefetch_on = gate.priorities_on = False
