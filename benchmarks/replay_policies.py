@@ -8,8 +8,9 @@ the same predictor, store, cache and clock — `replay`'s ``warm_up``; ``warm_up
   the prediction sources alone and together — the per-layer frequency baseline, (c) the transition statistics,
   the token match over the request's own tokens (``history``), its recent use (``recent``), (a) the trace store
   — beside random choice (exactly M / num_experts).
-- ``policies``: `replay` of the demand-paging policies and of the ``default`` policy (predicted priorities and
-  prefetch over a global cache) at 4 slots per layer, each with per-layer and global Belady at the same total
+- ``policies``: `replay` of the demand-paging policies, of the ``default`` policy (predicted priorities and
+  prefetch over a global cache) and of ``gated`` (the same behind the engine's prefetch gate, as served) at 4
+  slots per layer, each with per-layer and global Belady at the same total
   capacity, under three modelled clocks: ``unbounded`` (reads take no time: what prediction alone can give),
   ``nvme`` (7 GB/s) and ``disk`` (the `ClockModel` default, 1.5 GB/s; 35 ms of compute per layer in all).
 
@@ -38,7 +39,7 @@ from pathlib import Path
 
 from engine.logs import configure_logging
 from engine.trace.format import read_traces
-from engine.trace.replay import PREDICTIVE_POLICY, ClockModel, PrefetchSettings, next_layer_recall, replay
+from engine.trace.replay import GATED_POLICY, PREDICTIVE_POLICY, ClockModel, PrefetchSettings, next_layer_recall, replay
 
 logger = logging.getLogger("benchmarks.replay_policies")
 
@@ -81,7 +82,7 @@ def policy_figures(name: str, warm_up: str | None = None) -> dict[str, dict[str,
     figures = {}
     for clock_name, clock in CLOCKS.items():
         figures[clock_name] = {policy: replay(requests, policy, SLOTS_PER_LAYER, clock=clock, warm_up=warm).to_json()
-                               for policy in (*DEMAND_POLICIES, PREDICTIVE_POLICY)}
+                               for policy in (*DEMAND_POLICIES, PREDICTIVE_POLICY, GATED_POLICY)}
         result, lru = figures[clock_name][PREDICTIVE_POLICY], figures[clock_name]["lru"]
         logger.info("%s%s @%s: %s hit rate %.3f (%.3f of global Belady), %d blobs, stall %.0f s (LRU %d, %.0f s)",
                     name, f" after {warm_up}" if warm_up else "", clock_name, PREDICTIVE_POLICY, result["hit_rate"],

@@ -88,8 +88,9 @@ def test_the_prefetch_gate_judges_every_window_and_while_off_nothing_is_predicte
     last = snapshot["last_window"]
     assert WINDOW_STEPS <= last["steps"] <= MAX_WINDOW_GROWTH * WINDOW_STEPS and 0.0 <= last["busy"] <= 1.0
     assert last["lru_misses"] > 0 and last["prioritized_misses"] is not None
-    # As after a window where both lost: nothing acts until the retry, 8 windows later.
+    # As after a window where both lost, with the next retry far off: nothing acts.
     gate.prefetch_on = gate.priorities_on = False
+    gate.retry_after = 1000
     offload.cache.policy.set_priorities({})
     before, planned = engine.stats(), engine.prefetcher.prefetches_planned
     assert generate(engine) == expected

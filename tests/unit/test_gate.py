@@ -92,7 +92,7 @@ def test_off_prefetch_is_retried_after_probe_every_windows_with_backoff():
     off, retry = [False], [True]
     assert history == off + retry + off + off * 3 + retry + off + off * 7 + retry + off
     assert gate.retry_after == 8 * 2 and gate.windows_on == 4
-    for _ in range(40):
+    for _ in range(200):
         run_window(gate, **(losing if gate.prefetch_on else off_window))
     assert gate.retry_after == MAX_BACKOFF * 2  # capped
 
