@@ -36,7 +36,8 @@ With ``gate`` (``expert_prefetch_gate``, the default when anything prefetches) a
 (engine.offload.gate) shadows the cache with demand-only LRU (and, under a planner, prioritized) caches fed the
 same accesses, and every few steps decides whether prefetch reads start at all and whether the planner's
 priorities act on the cache: both only while they beat on-demand LRU. ``begin_step`` / ``end_step`` bracket each
-forward so the gate knows the step time, the stall in it and how much of it the reader was busy.
+forward so the gate knows the step time, the stall in it, how much of it the reader was busy and the CPU time
+its reads took.
 """
 
 from __future__ import annotations
@@ -225,7 +226,7 @@ class OffloadedExperts:
         self.queue = PrefetchQueue(self.cache, slot_bytes, max(self.prefetch_limit, 1) * slot_bytes)
         self._step = 0
         self.gate = PrefetchGate(num_slots) if gate and self.prefetch_limit >= 1 else None
-        self._step_began: tuple[float, float, float] | None = None  # (clock, stall, reader busy) at begin_step
+        self._step_began: tuple[float, float, float, float] | None = None  # clock, stall, reader busy and CPU
         first = store.blob(store.moe_layers[0], 0, PRECISION)
         mode = read_mode or choose_read_mode(first.file, self._probe_offsets(first.file), first.padded_nbytes,
                                              self.read_arena)
@@ -267,17 +268,18 @@ class OffloadedExperts:
         """Mark the start of an engine step (the clock the policy sees)."""
         self._step += 1
         if self.gate is not None:
-            self._step_began = (time.perf_counter(), self.stats.stall_seconds, self.reader.busy_seconds)
+            self._step_began = (time.perf_counter(), self.stats.stall_seconds, self.reader.busy_seconds,
+                                self.reader.cpu_seconds)
 
     def end_step(self) -> None:
         """Mark the end of the step's forward: the gate gets its time, the stall and the reader's busy time in it,
         and may decide; priorities it turns off are cleared from the cache's policy at once."""
         if self.gate is None or self._step_began is None:
             return
-        began, stall, busy = self._step_began
+        began, stall, busy, cpu = self._step_began
         self._step_began = None
         changed = self.gate.end_step(time.perf_counter() - began, self.stats.stall_seconds - stall,
-                                     self.reader.busy_seconds - busy)
+                                     self.reader.busy_seconds - busy, self.reader.cpu_seconds - cpu)
         if changed and not self.gate.priorities_on:
             self.cache.policy.set_priorities({})
 

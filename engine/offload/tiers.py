@@ -166,6 +166,7 @@ class BlobReader:
         self.bytes_read = 0
         self.reads = 0
         self.busy_seconds = 0.0
+        self.cpu_seconds = 0.0  # CPU time the reading threads spent in reads (the kernel's copy, on some hosts)
         self._running = 0
         self._busy_since = 0.0
         self._fds: dict[Path, int] = {}
@@ -212,15 +213,18 @@ class BlobReader:
         fd = self._fd(request.file)
         view = memoryview(request.dest[: request.nbytes].numpy())
         self._busy(+1)
+        cpu = time.thread_time()
         try:
             self._read_all(fd, view, request)
         finally:
+            cpu = time.thread_time() - cpu
             self._busy(-1)
         if self.mode is ReadMode.BUFFERED:
             os.posix_fadvise(fd, request.offset, request.nbytes, os.POSIX_FADV_DONTNEED)
         with self._lock:
             self.bytes_read += request.nbytes
             self.reads += 1
+            self.cpu_seconds += cpu
 
     def _read_all(self, fd: int, view: memoryview, request: ReadRequest) -> None:
         done = 0

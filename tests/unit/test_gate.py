@@ -167,3 +167,18 @@ def test_nothing_acting_means_no_judgement_of_priorities_and_a_plain_lru_shadow(
 def test_bad_arguments(arguments):
     with pytest.raises(ValueError):
         PrefetchGate(**arguments)
+
+
+def test_the_cpu_time_of_prefetch_reads_counts_against_prefetch():
+    window = GateWindow(stall_seconds=1.0, read_cpu_seconds=0.4, demand_misses=10, prefetch_reads=30)
+    assert window.prefetch_cpu_seconds == pytest.approx(0.3)  # 0.01 s a read, 30 of them prefetches
+    assert window.prefetch_cost == pytest.approx(1.3)
+    gate = PrefetchGate(capacity=4, window_steps=1, margin=0.0)
+    # 40 LRU misses at the reader's 0.05 s a read (2 s busy / 40 reads) would stall 2 s; prefetch stalled 1.5 s
+    # but its 20 reads took 0.6 s of CPU (1.2 s over 40 reads): 2.1 s, a loss.
+    for key, hit in zip(SCAN, [True] * 20 + [False] * 20):
+        gate.access(key, 0, hit)
+    for _ in range(20):
+        gate.prefetch_read()
+    gate.end_step(1.0, 1.5, 2.0, 1.2)
+    assert gate.last.prefetch_cost == pytest.approx(2.1) and not gate.prefetch_on

@@ -12,6 +12,7 @@ import torch
 
 from engine.offload.tiers import (
     ALIGNMENT,
+    DEFAULT_IO_THREADS,
     HUGE_PAGE_MIN_BYTES,
     BlobReader,
     CudaHostToDevice,
@@ -87,6 +88,8 @@ def test_reads_land_exactly_and_are_counted(blob_file: tuple[Path, bytes]) -> No
         assert bytes(arena.slot(0).numpy()) == data[4 * ALIGNMENT : 6 * ALIGNMENT]
         assert bytes(arena.slot(1).numpy()) == data[: 2 * ALIGNMENT]
         assert reader.bytes_read == 4 * ALIGNMENT
+        # CPU time of the reading threads: never more than the threads could spend while reads ran
+        assert 0.0 <= reader.cpu_seconds <= DEFAULT_IO_THREADS * reader.busy_seconds + 0.01
         reader.close()
 
 
