@@ -27,6 +27,14 @@ def run_window(gate: PrefetchGate, accesses, real_hits, prefetch_reads=0, stall=
     return changed
 
 
+def past_cold_start(**arguments) -> PrefetchGate:
+    """A gate whose first window (the predictor's cold start, which decides nothing) is over."""
+    gate = PrefetchGate(**arguments)
+    run_window(gate, [], [])
+    assert gate.prefetch_on and gate.windows_on == 1
+    return gate
+
+
 def cycle(layers: int, experts: int, repeats: int):
     """Keys of a cyclic scan over ``layers`` x ``experts``, ``repeats`` times (LRU's worst case beyond capacity)."""
     return [(layer, expert, P) for _ in range(repeats) for layer in range(layers) for expert in range(experts)]
@@ -54,7 +62,7 @@ def test_lru_shadow_counts_demand_misses_of_plain_lru():
 
 
 def test_before_any_window_without_prefetch_a_miss_costs_a_read_of_the_reader():
-    gate = PrefetchGate(capacity=4, window_steps=2)
+    gate = past_cold_start(capacity=4, window_steps=2)
     # 40 reads in 2 steps with the reader busy 2 s: 0.05 s a read; LRU's 40 misses would stall 2 s.
     assert not run_window(gate, SCAN, [True] * 20 + [False] * 20, prefetch_reads=20, stall=1.0, busy=1.0)
     assert gate.prefetch_on  # 1.0 < 0.95 * 2.0
@@ -66,7 +74,7 @@ def test_before_any_window_without_prefetch_a_miss_costs_a_read_of_the_reader():
 
 
 def test_windows_without_prefetch_measure_the_stall_of_a_demand_miss():
-    gate = PrefetchGate(capacity=4, window_steps=1, probe_every=1)
+    gate = past_cold_start(capacity=4, window_steps=1, probe_every=1)
     run_window(gate, SCAN, [False] * 40, prefetch_reads=1, stall=4.0, busy=1.0)  # loses: off
     assert not gate.prefetch_on and gate.miss_seconds is None
     run_window(gate, SCAN, [False] * 40, stall=0.8)  # off: 40 misses stalled 0.8 s, 0.02 s each; retry next
@@ -78,7 +86,7 @@ def test_windows_without_prefetch_measure_the_stall_of_a_demand_miss():
 
 
 def test_off_prefetch_is_retried_after_probe_every_windows_with_backoff():
-    gate = PrefetchGate(capacity=2, window_steps=1, probe_every=2)
+    gate = past_cold_start(capacity=2, window_steps=1, probe_every=2)
     losing = dict(accesses=cycle(1, 3, 12), real_hits=[False] * 36, prefetch_reads=6, stall=10.0, busy=1.0)
     off_window = dict(accesses=cycle(1, 3, 12), real_hits=[False] * 36, stall=1.0)
     run_window(gate, **losing)
@@ -91,14 +99,14 @@ def test_off_prefetch_is_retried_after_probe_every_windows_with_backoff():
     # retry, which fails
     off, retry = [False], [True]
     assert history == off + retry + off + off * 3 + retry + off + off * 7 + retry + off
-    assert gate.retry_after == 8 * 2 and gate.windows_on == 4
+    assert gate.retry_after == 8 * 2 and gate.windows_on == 1 + 4
     for _ in range(200):
         run_window(gate, **(losing if gate.prefetch_on else off_window))
     assert gate.retry_after == MAX_BACKOFF * 2  # capped
 
 
 def test_a_successful_retry_keeps_prefetch_on_and_resets_the_wait():
-    gate = PrefetchGate(capacity=2, window_steps=1, probe_every=1)
+    gate = past_cold_start(capacity=2, window_steps=1, probe_every=1)
     keys = cycle(1, 3, 12)
     run_window(gate, keys, [False] * 36, prefetch_reads=6, stall=10.0, busy=1.0)
     run_window(gate, keys, [False] * 36, stall=3.6)  # off window (0.1 s a miss): retry next
@@ -113,7 +121,7 @@ def test_a_successful_retry_keeps_prefetch_on_and_resets_the_wait():
 
 
 def test_a_window_without_reads_either_way_changes_nothing():
-    gate = PrefetchGate(capacity=4, window_steps=1)
+    gate = past_cold_start(capacity=4, window_steps=1)
     keys = [(0, 0, P), (0, 1, P)]
     run_window(gate, keys, [False, False], stall=1.0)  # the first window: as many misses as LRU's cold ones
     assert not gate.prefetch_on
@@ -133,7 +141,7 @@ def test_a_window_lasts_until_it_saw_enough_reads_or_grew_to_its_limit():
 
 
 def test_priorities_stay_on_only_while_the_prioritized_shadow_misses_less_than_lru():
-    gate = PrefetchGate(capacity=2, window_steps=1)
+    gate = past_cold_start(capacity=2, window_steps=1)
     gate.track_priorities()
     assert gate.priorities_on and gate.window.prioritized_misses == 0
     # A scan of 3 keys: LRU misses every access; keeping key 0 makes it hit in every round after the first.
@@ -150,7 +158,7 @@ def test_priorities_stay_on_only_while_the_prioritized_shadow_misses_less_than_l
 
 
 def test_nothing_acting_means_no_judgement_of_priorities_and_a_plain_lru_shadow():
-    gate = PrefetchGate(capacity=2, window_steps=1, probe_every=4)
+    gate = past_cold_start(capacity=2, window_steps=1, probe_every=4)
     gate.track_priorities()
     gate.set_priorities({(0, 5, P): 1.0})
     keys = [(0, 0, P), (0, 1, P)] * 16 + [(0, 5, P)]
@@ -173,7 +181,7 @@ def test_the_cpu_time_of_prefetch_reads_counts_against_prefetch():
     window = GateWindow(stall_seconds=1.0, read_cpu_seconds=0.4, demand_misses=10, prefetch_reads=30)
     assert window.prefetch_cpu_seconds == pytest.approx(0.3)  # 0.01 s a read, 30 of them prefetches
     assert window.prefetch_cost == pytest.approx(1.3)
-    gate = PrefetchGate(capacity=4, window_steps=1, margin=0.0)
+    gate = past_cold_start(capacity=4, window_steps=1, margin=0.0)
     # 40 LRU misses at the reader's 0.05 s a read (2 s busy / 40 reads) would stall 2 s; prefetch stalled 1.5 s
     # but its 20 reads took 0.6 s of CPU (1.2 s over 40 reads): 2.1 s, a loss.
     for key, hit in zip(SCAN, [True] * 20 + [False] * 20):
@@ -182,3 +190,14 @@ def test_the_cpu_time_of_prefetch_reads_counts_against_prefetch():
         gate.prefetch_read()
     gate.end_step(1.0, 1.5, 2.0, 1.2)
     assert gate.last.prefetch_cost == pytest.approx(2.1) and not gate.prefetch_on
+
+
+def test_the_cold_start_window_decides_nothing():
+    gate = PrefetchGate(capacity=2, window_steps=1)
+    gate.track_priorities()
+    gate.set_priorities({(0, 2, P): 1.0})
+    worse = [(0, 0, P), (0, 1, P)] * 18
+    assert not run_window(gate, worse, [False] * len(worse), prefetch_reads=36, stall=100.0, busy=1.0)
+    assert gate.prefetch_on and gate.priorities_on  # both lost, and both stay on for a second window
+    run_window(gate, worse, [False] * len(worse), prefetch_reads=36, stall=100.0, busy=1.0)
+    assert not gate.prefetch_on and not gate.priorities_on
