@@ -40,7 +40,19 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--trace-dump", dest="trace_dump_dir", type=Path, help="write each request's trace here")
     parser.add_argument("--trace-store", dest="trace_store_path", type=Path,
                         help="file the shared trace store and transition statistics are loaded from and saved to")
-    parser.add_argument("--expert-cache-bytes", help="serve with experts offloaded, cached in this budget (e.g. 4GiB)")
+    _add_offload_flags(parser)
+    parser.set_defaults(handler=_serve, config_keys=("host", "port", "api_key", "served_model_name",
+                                                     "max_model_len", "trace_dump_dir", "trace_store_path",
+                                                     *OFFLOAD_KEYS))
+
+
+OFFLOAD_KEYS = ("expert_cache_bytes", "offload_dir", "expert_prefetch", "expert_prefetch_gate", "device")
+"""The configuration keys `_add_offload_flags` sets."""
+
+
+def _add_offload_flags(parser: argparse.ArgumentParser) -> None:
+    """The offload and device flags `serve` and `bench throughput` share (OFFLOAD_KEYS)."""
+    parser.add_argument("--expert-cache-bytes", help="run with experts offloaded, cached in this budget (e.g. 4GiB)")
     parser.add_argument("--offload-dir", type=Path, help="where prepared expert stores live")
     parser.add_argument("--expert-prefetch", choices=["all", "trace", "lookahead", "none"],
                         help="offload mode's prefetch sources (default all)")
@@ -48,10 +60,6 @@ def _add_serve(subparsers) -> None:
                         help="prefetch and priorities act only while they beat on-demand LRU (default on)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
                         help="where the model computes (default auto: cuda when a GPU is present)")
-    parser.set_defaults(handler=_serve, config_keys=("host", "port", "api_key", "served_model_name",
-                                                     "max_model_len", "trace_dump_dir", "trace_store_path",
-                                                     "expert_cache_bytes", "offload_dir", "expert_prefetch",
-                                                     "expert_prefetch_gate", "device"))
 
 
 def _add_generate(subparsers) -> None:
@@ -123,16 +131,9 @@ def _add_bench(subparsers) -> None:
     offline.add_argument("--max-num-seqs", type=int, help="most requests in one step")
     offline.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step")
     offline.add_argument("--max-model-len", type=int, help="longest prompt + completion in tokens")
-    offline.add_argument("--expert-cache-bytes", help="run with experts offloaded, cached in this budget (e.g. 4GiB)")
-    offline.add_argument("--offload-dir", type=Path, help="where prepared expert stores live")
-    offline.add_argument("--expert-prefetch", choices=["all", "trace", "lookahead", "none"],
-                         help="offload mode's prefetch sources (default all)")
-    offline.add_argument("--expert-prefetch-gate", action=argparse.BooleanOptionalAction,
-                         help="prefetch and priorities act only while they beat on-demand LRU (default on)")
-    offline.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model computes")
+    _add_offload_flags(offline)
     offline.set_defaults(handler=_bench_throughput, config_keys=(
-        "dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "expert_cache_bytes", "offload_dir",
-        "expert_prefetch", "expert_prefetch_gate", "device"))
+        "dtype", "max_num_seqs", "max_num_batched_tokens", "max_model_len", *OFFLOAD_KEYS))
     online = modes.add_parser("serve", help="a running moeserve (or other OpenAI-compatible) server over HTTP")
     online.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (default %(default)s)")
     online.add_argument("--model", help="model id to request (default: the server's first in /v1/models)")

@@ -35,8 +35,9 @@ end (`end_step`) the gate decides for the next one:
   845 s against 779 ungated).
 
 Pure: no tensors, no I/O, no clock of its own (step, stall and reader-busy seconds are given). The owner
-(engine.offload.offloaded.OffloadedExperts) asks `prefetch_on` before starting a prefetch read and
-`priorities_on` before applying priorities to the real cache.
+(engine.offload.offloaded.OffloadedExperts, and the replay) asks `prefetch_on` before starting a prefetch read;
+the planner applies priorities to the real cache only while `priorities_on`, and the gate clears them from it
+(``served``, the real cache) when it turns them off.
 """
 
 from __future__ import annotations
@@ -102,10 +103,12 @@ class GateWindow:
 
 
 class PrefetchGate:
-    """Shadow demand-paging caches of ``capacity`` keys (global) and the on/off decisions (module docstring)."""
+    """Shadow demand-paging caches of ``capacity`` keys (global) and the on/off decisions (module docstring).
+
+    ``served``: the real cache, whose priorities the gate clears when it turns them off."""
 
     def __init__(self, capacity: int, window_steps: int = WINDOW_STEPS, probe_every: int = PROBE_EVERY,
-                 margin: float = MARGIN) -> None:
+                 margin: float = MARGIN, served: ExpertCache | None = None) -> None:
         if capacity < 1 or window_steps < 1 or probe_every < 1 or not 0.0 <= margin < 1.0:
             raise ValueError(f"capacity {capacity}, window_steps {window_steps} and probe_every {probe_every} must be "
                              f"positive and margin {margin} in [0, 1)")
@@ -113,6 +116,7 @@ class PrefetchGate:
         self.window_steps = window_steps
         self.probe_every = probe_every
         self.margin = margin
+        self.served = served
         self.lru = ExpertCache(LRUPolicy(), capacity, "global")
         self.prioritized: ExpertCache | None = None
         self.prefetch_on = True
@@ -198,6 +202,8 @@ class PrefetchGate:
             self._off_streak += 1
             self.prefetch_on = self._probing = self._off_streak >= self.retry_after
         changed = (priorities_on, prefetch_on) != (self.priorities_on, self.prefetch_on)
+        if priorities_on and not self.priorities_on and self.served is not None:
+            self.served.policy.set_priorities({})  # the real cache back to plain LRU at once
         if not self.acting and self.prioritized is not None:
             self.prioritized.policy.set_priorities({})  # no plan will update them until the retry
         if self.prefetch_on != prefetch_on:

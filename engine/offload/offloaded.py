@@ -225,7 +225,7 @@ class OffloadedExperts:
             self.prefetch_limit = min(self.prefetch_limit, self.host.num_slots - top_k)
         self.queue = PrefetchQueue(self.cache, slot_bytes, max(self.prefetch_limit, 1) * slot_bytes)
         self._step = 0
-        self.gate = PrefetchGate(num_slots) if gate and self.prefetch_limit >= 1 else None
+        self.gate = PrefetchGate(num_slots, served=self.cache) if gate and self.prefetch_limit >= 1 else None
         self._step_began: tuple[float, float, float, float] | None = None  # clock, stall, reader busy and CPU
         first = store.blob(store.moe_layers[0], 0, PRECISION)
         mode = read_mode or choose_read_mode(first.file, self._probe_offsets(first.file), first.padded_nbytes,
@@ -272,16 +272,14 @@ class OffloadedExperts:
                                 self.reader.cpu_seconds)
 
     def end_step(self) -> None:
-        """Mark the end of the step's forward: the gate gets its time, the stall and the reader's busy time in it,
-        and may decide; priorities it turns off are cleared from the cache's policy at once."""
+        """Mark the end of the step's forward: the gate gets its time, the stall, the reader's busy time and the
+        CPU its reads took in it, and may decide (priorities it turns off it clears from the cache at once)."""
         if self.gate is None or self._step_began is None:
             return
         began, stall, busy, cpu = self._step_began
         self._step_began = None
-        changed = self.gate.end_step(time.perf_counter() - began, self.stats.stall_seconds - stall,
-                                     self.reader.busy_seconds - busy, self.reader.cpu_seconds - cpu)
-        if changed and not self.gate.priorities_on:
-            self.cache.policy.set_priorities({})
+        self.gate.end_step(time.perf_counter() - began, self.stats.stall_seconds - stall,
+                           self.reader.busy_seconds - busy, self.reader.cpu_seconds - cpu)
 
     def position(self, layer: int) -> int:
         """The position of ``layer`` in this step, the unit prefetch targets are given in."""
@@ -353,9 +351,10 @@ class OffloadedExperts:
         """A use of ``key`` by the forward: a hit (waiting on its prefetch read if in flight) or a miss that
         claims a slot and starts the read. Returns the future to wait on, if any."""
         layer = key[0]
+        hit = key in self.cache
         if self.gate is not None:
-            self.gate.access(key, self._step, key in self.cache)
-        if key in self.cache:
+            self.gate.access(key, self._step, hit)
+        if hit:
             self.cache.access(key, self._step)
             self.stats.hits += 1
             self.stats.per_layer_hits[layer] += 1

@@ -375,7 +375,7 @@ class _PredictiveReplay:
         self.settings = settings
         self.cache = ExpertCache(LRUPolicy(), capacity, scope="global")
         self.queue = PrefetchQueue(self.cache, clock.expert_bytes, clock.max_bytes_in_flight)
-        self.gate = PrefetchGate(capacity) if gate else None
+        self.gate = PrefetchGate(capacity, served=self.cache) if gate else None
         self.planner = PrefetchPlanner(self.cache, self.queue, header.num_layers, settings, TRACE_PRECISION,
                                        gate=self.gate)
         top_k = header.top_k or 2
@@ -426,10 +426,8 @@ class _PredictiveReplay:
 
     def _end_gated_step(self, began: float) -> None:
         """The gate sees the step's modelled time, stall and the device's busy time in it, as the engine's does."""
-        stall = self.stall - self._stall_at_step
-        if self.gate.end_step(self.now - began, stall, self.device.busy_seconds(began, self.now)):
-            if not self.gate.priorities_on:
-                self.cache.policy.set_priorities({})
+        self.gate.end_step(self.now - began, self.stall - self._stall_at_step,
+                           self.device.busy_seconds(began, self.now))
 
     def _layer(self, state: RequestState, step: int, layer: int, experts: Sequence[int], decode: bool) -> None:
         """Run one layer: its accesses (stalling on reads), then the plan for what comes next, then its compute."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from engine.offload.cache import ExpertCache, LRUPolicy
 from engine.offload.gate import MAX_BACKOFF, MAX_WINDOW_GROWTH, MIN_READS, GateWindow, PrefetchGate
 
 P = "native"
@@ -155,6 +156,17 @@ def test_priorities_stay_on_only_while_the_prioritized_shadow_misses_less_than_l
     run_window(gate, worse, [True] * len(worse))
     assert gate.last.prioritized_misses > gate.last.lru_misses
     assert not gate.priorities_on
+
+
+def test_priorities_turned_off_are_cleared_from_the_served_cache():
+    served = ExpertCache(LRUPolicy(), 2, "global")
+    gate = past_cold_start(capacity=2, window_steps=1, served=served)
+    gate.track_priorities()
+    served.policy.set_priorities({(0, 2, P): 1.0})  # as the planner sets them while priorities are on
+    gate.set_priorities({(0, 2, P): 1.0})
+    worse = [(0, 0, P), (0, 1, P)] * 18
+    run_window(gate, worse, [True] * len(worse))
+    assert not gate.priorities_on and served.policy.priority((0, 2, P)) == 0.0
 
 
 def test_nothing_acting_means_no_judgement_of_priorities_and_a_plain_lru_shadow():
