@@ -9,6 +9,9 @@ RAM), in one run on the same machine:
 - ``engine_16_streams_tok_per_s_on_isa``: 16 streams again with the kernel's decode paths switched to each
   instruction set below the CPU's best (engine.offload.kernels.using_isa; the paths calibrated at load stay), so
   a kernel change shows against the path it adds to in the same run;
+- ``engine_1_stream_tok_per_s_one_run``: one stream with every kernel thread reading its rows as one run
+  (engine.offload.kernels.using_runs(1), the paths before the kernel read several runs side by side), in rounds
+  alternating with the default (the 1-stream figure is the best of those rounds and the first measurement);
 - ``transformers``: the same checkpoint through transformers' own ``generate`` (its default experts
   implementation), one stream.
 
@@ -40,7 +43,7 @@ from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
 from engine.logs import configure_logging
-from engine.offload.kernels import ISAS, best_isa, load_experts_kernel, using_isa
+from engine.offload.kernels import ISAS, best_isa, load_experts_kernel, using_isa, using_runs
 
 logger = logging.getLogger("benchmarks.experts_decode")
 
@@ -60,6 +63,7 @@ SHAPES = {
 }
 ISSUE_SHAPES = tuple(SHAPES)[:3]
 PROMPT_LEN = 16
+ONE_STREAM_ROUNDS = 3  # alternating rounds of one stream with and without the kernel's runs (best of each kept)
 
 
 def with_heads(shape: dict) -> dict:
@@ -111,9 +115,15 @@ def measure_shape(name: str, shape: dict, rate: float, max_tokens: int) -> dict:
         engine_decode(llm, 1, 4)  # warm-up
         engine = {streams: engine_decode(llm, streams, max_tokens) for streams in (1, 4, 16)}
         lower_isas = {}  # 16 streams with the kernel's decode paths on each instruction set below the best
-        for isa in ISAS[: ISAS.index(best_isa())] if load_experts_kernel() is not None else ():
-            with using_isa(isa):
-                lower_isas[isa] = engine_decode(llm, 16, max_tokens)
+        one_run = None  # 1 stream with every kernel thread reading one run of rows (the paths before the runs)
+        if load_experts_kernel() is not None:
+            for isa in ISAS[: ISAS.index(best_isa())]:
+                with using_isa(isa):
+                    lower_isas[isa] = engine_decode(llm, 16, max_tokens)
+            for _ in range(ONE_STREAM_ROUNDS):  # alternating, best of each: the pair compares on the same minutes
+                with using_runs(1):
+                    one_run = max(one_run or 0.0, engine_decode(llm, 1, max_tokens))
+                engine[1] = max(engine[1], engine_decode(llm, 1, max_tokens))
         del llm
         gc.collect()
         model = AutoModelForCausalLM.from_pretrained(tmp, dtype="auto").eval()
@@ -125,6 +135,7 @@ def measure_shape(name: str, shape: dict, rate: float, max_tokens: int) -> dict:
         "engine_load_seconds": round(load, 1),
         "engine_tok_per_s": {str(s): round(v, 2) for s, v in engine.items()},
         "engine_16_streams_tok_per_s_on_isa": {isa: round(v, 2) for isa, v in lower_isas.items()},
+        "engine_1_stream_tok_per_s_one_run": None if one_run is None else round(one_run, 2),
         "transformers_tok_per_s": round(stock, 2),
         "engine_fraction_of_bound": round(engine[1] / bound, 3),
         "transformers_fraction_of_bound": round(stock / bound, 3),

@@ -11,6 +11,9 @@ per ``moeserve::experts_group`` call, like the engine's decode — on:
   the richest instruction set this CPU has (engine.offload.kernels.ISAS), the engine's default;
 - ``kernel_avx2``, ``kernel_avx512``: the same op with its decode paths forced to each instruction set below the
   richest (AVX2 where the CPU has AVX-512; AVX-512 without the bf16 pair products where it has AVX-512 BF16);
+- ``kernel_one_run``, ``kernel_avx2_one_run``, ...: at 1-2 tokens, each of the above with every thread
+  reading its chunk's rows as one run (``engine.offload.kernels.using_runs(1)``, the paths before the kernel
+  read several runs side by side), so the gain of the runs shows against them in the same run;
 - ``torch``: ``engine.offload.experts.torch_expert``, one expert at a time.
 
 The stack holds at least 16 experts and ``--min-mib`` MiB (default 256, > 2x the last-level cache of the
@@ -49,7 +52,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from engine.logs import configure_logging
 from engine.offload.experts import ExpertsForward, RoutingPlan, StackedParameters, torch_expert
-from engine.offload.kernels import ISAS, best_isa, using_isa
+from engine.offload.kernels import ISAS, RUNS, best_isa, using_isa, using_runs
 
 logger = logging.getLogger("benchmarks.experts_kernel")
 
@@ -61,6 +64,7 @@ SHAPES = {  # name: (hidden, intermediate, top_k)
 }
 DEFAULT_SHAPES = ("h1024_i3584_top2", "h2048_i768_top8")
 MIN_EXPERTS = 16
+RUNS_MAX_TOKENS = 2  # tokens per expert up to which the kernel reads several runs of rows (experts_cpu.cpp)
 
 
 def experts_module(hidden: int, inter: int, count: int, dtype: torch.dtype) -> torch.nn.Module:
@@ -104,9 +108,9 @@ def trials(forward: ExpertsForward, experts: torch.nn.Module, top_k: int, tokens
         for group in groups:
             forward._kernel_experts(spec, hidden, plan, group, out)
 
-    def kernel_on(isa: str) -> Callable[[], None]:
+    def kernel_on(isa: str, runs: int = max(RUNS)) -> Callable[[], None]:
         def run() -> None:
-            with using_isa(isa):
+            with using_isa(isa), using_runs(runs):
                 kernel()
         return run
 
@@ -117,6 +121,10 @@ def trials(forward: ExpertsForward, experts: torch.nn.Module, top_k: int, tokens
     paths = {"kernel": kernel, "torch": torch_path}
     for isa in ISAS[: ISAS.index(best_isa())]:
         paths[f"kernel_{isa}"] = kernel_on(isa)
+    if tokens <= RUNS_MAX_TOKENS:  # the same paths reading one run of rows per chunk (as before the runs)
+        paths["kernel_one_run"] = kernel_on(best_isa(), 1)
+        for isa in ISAS[: ISAS.index(best_isa())]:
+            paths[f"kernel_{isa}_one_run"] = kernel_on(isa, 1)
     return paths
 
 

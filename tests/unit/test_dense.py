@@ -22,6 +22,7 @@ from engine.dense import (
 )
 from engine.model_runner import ModelRunner, load_model
 from engine.offload.experts import TOKEN_BUCKETS
+from engine.offload.kernels import RUNS, using_runs
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REL_TOL = 1e-5  # weights widened to fp32, fp32 accumulation: fp32 accuracy on the rounded weights
@@ -40,6 +41,21 @@ def test_the_op_matches_fp64_for_1_to_max_rows(kernel_isa, dtype: torch.dtype, b
         torch.ops.moeserve.dense(x, weight, b, out)
         expected = F.linear(x.double(), weight.double(), None if b is None else b.double())
         assert ((out.double() - expected).abs().max() / expected.abs().max()).item() < REL_TOL, rows
+
+
+@pytest.mark.parametrize("runs", RUNS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_and_two_rows_match_fp64_on_every_run_count(kernel_isa, runs: int, dtype: torch.dtype) -> None:
+    """The rows of a chunk read as several runs side by side: 203 outputs (chunks of 64, 64, 64, 11), K = 1030."""
+    torch.manual_seed(5)
+    weight = (torch.randn(203, 1030) * 1030**-0.5).to(dtype)
+    with using_runs(runs):
+        for rows in (1, 2):
+            x = torch.randn(rows, 1030).to(dtype)
+            out = torch.empty(rows, 203)
+            torch.ops.moeserve.dense(x, weight, None, out)
+            expected = F.linear(x.double(), weight.double())
+            assert ((out.double() - expected).abs().max() / expected.abs().max()).item() < REL_TOL, rows
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)

@@ -129,6 +129,38 @@ def test_decode_token_counts_match_reference_past_the_unrolled_steps(experts_gro
     assert {n: e for n, e in errors.items() if e > REL_TOL} == {}
 
 
+@pytest.mark.parametrize("runs", kernels.RUNS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_tokens_match_reference_on_every_run_count(experts_group, runs: int, dtype) -> None:
+    """1-2 tokens read a chunk's rows as several runs side by side (experts_cpu.cpp, "several runs of rows side by side"):
+    rows enough for runs and leftovers in every chunk (H = 139 down rows: chunks of 64, 64, 11; I = 300 gate units:
+    chunks of 128, 128, 44), and a third token count on the paths beside them."""
+    torch.manual_seed(4)
+    hidden_size, inter = 139, 300
+    expert = make_expert(dtype, False, True, hidden_size, inter)
+    errors = {}
+    with kernels.using_runs(runs):
+        for n in (1, 2, 3):
+            hidden = torch.randn(n + 2, hidden_size).to(dtype)
+            token_ids = torch.randperm(n + 2)[:n]
+            args = (hidden, token_ids, torch.rand(n), [0], [n], [expert], False, SILU)
+            errors[n] = relative_error(run_group(experts_group, *args), reference_group(*args))
+    assert {n: e for n, e in errors.items() if e > REL_TOL} == {}
+
+
+def test_run_counts_are_checked_and_restored(experts_kernel) -> None:
+    default = torch.ops.moeserve.experts_runs(-1)
+    assert default == max(kernels.RUNS)
+    with kernels.using_runs(1):
+        assert torch.ops.moeserve.experts_runs(-1) == 1
+    assert torch.ops.moeserve.experts_runs(-1) == default
+    with pytest.raises(ValueError, match="runs must be one of"):
+        with kernels.using_runs(3):
+            pass
+    with pytest.raises(RuntimeError, match="runs must be 1, 4 or 8"):
+        torch.ops.moeserve.experts_runs(2)
+
+
 def random_group(dtype, transposed, num_tokens=50, top_k=3, num_experts=6, hidden=72, inter=40):
     """A routed layer: tokens sharing experts, grouped by expert like plan_routing does."""
     top_k_index = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(num_tokens)])  # [T, k]

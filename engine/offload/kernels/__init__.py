@@ -53,6 +53,9 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """The dtypes of inputs and weights the kernel's ops take."""
 ISAS = ("avx2", "avx512", "avx512_bf16")
 """The kernel's instruction sets, in the order of its ``experts_isa`` codes (each includes the ones before)."""
+RUNS = (1, 4, 8)
+"""How many runs of rows a kernel thread may read side by side at 1-2 tokens (``experts_runs``; 8 by default,
+1 is the single sequential run of the paths before: see experts_cpu.cpp, "several runs of rows side by side")."""
 
 
 @functools.cache
@@ -110,3 +113,17 @@ def best_seconds(fn: Callable[[], None], repeats: int = 3) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+@contextmanager
+def using_runs(count: int) -> Iterator[int]:
+    """The loaded kernel reading ``count`` (one of RUNS) runs of rows side by side at 1-2 tokens for the block,
+    the previous count restored after (benchmarks and tests compare the settings in one process)."""
+    if count not in RUNS:
+        raise ValueError(f"runs must be one of {RUNS}, not {count!r}")
+    previous = torch.ops.moeserve.experts_runs(-1)
+    torch.ops.moeserve.experts_runs(count)
+    try:
+        yield count
+    finally:
+        torch.ops.moeserve.experts_runs(previous)

@@ -69,6 +69,18 @@ inline float hsum(__m256 v) {
 // there; slower for 1 token, and for 2 tokens of fp32 weights.)
 constexpr int64_t kPrefetchBytes = 2048;
 
+// ---- several runs of rows side by side (1-2 tokens) ----
+// At 1-2 tokens a projection streams its weights, and a core reading one sequential run of memory keeps too few
+// lines in flight to reach RAM speed: on Zen 4 (2 vCPUs, a plain read loop) 29 GB/s over one run per core,
+// 45-58 GB/s over 8 runs per core with each line asked into L2 2 KiB ahead, while STREAM triad gave 51-55 in the
+// same minutes (when the host's neighbours were busy, 33-36 for both). So at 1-2 tokens a chunk's rows are read
+// as `runs` runs of L = rows / runs side by side (rows c, c + L, c + 2L, ...), the rest a row or two at a time.
+// experts_runs(k) sets how many: 1 (one run per chunk, the paths before), 4 or kRuns (the default).
+constexpr int kRuns = 8;
+std::atomic<int64_t> g_runs{kRuns};
+constexpr int64_t kRunsMaxTokens = 2;
+constexpr int64_t kRunPrefetchBytes = 2048;
+
 template <int R, typename W>
 inline void prefetch_ahead(const W* w, int64_t ldw, int64_t k, int64_t step_bytes) {
   for (int r = 0; r < R; ++r) {
@@ -77,18 +89,27 @@ inline void prefetch_ahead(const W* w, int64_t ldw, int64_t k, int64_t step_byte
   }
 }
 
-template <int R, int TB, int U, typename W>
-inline void dot_block(const float* x, int64_t K, const W* w, int64_t ldw, float* y, int64_t ldy) {
+// RUNS: the R rows are rs rows apart (row r at w + r * rs * ldw, its output at column r * rs), and each of their
+// lines is asked into L2 kRunPrefetchBytes ahead (several runs side by side, above).
+template <int R, int TB, int U, typename W, bool RUNS = false>
+inline void dot_block(const float* x, int64_t K, const W* w, int64_t ldw, float* y, int64_t ldy, int64_t rs = 1) {
   __m256 acc[TB][R][U];
   for (int t = 0; t < TB; ++t)
     for (int r = 0; r < R; ++r)
       for (int u = 0; u < U; ++u) acc[t][r][u] = _mm256_setzero_ps();
+  constexpr int64_t kStepBytes = 8 * U * sizeof(W);
   int64_t k = 0;
   for (; k + 8 * U <= K; k += 8 * U) {
-    if constexpr (TB >= static_cast<int>(sizeof(W))) prefetch_ahead<R>(w, ldw, k, 8 * U * sizeof(W));
+    if constexpr (RUNS) {
+      for (int r = 0; r < R; ++r)  // each line once: steps of kStepBytes (<= 64) cover whole lines in turn
+        if ((reinterpret_cast<uintptr_t>(w + r * rs * ldw + k) & 63) < kStepBytes)
+          _mm_prefetch(reinterpret_cast<const char*>(w + r * rs * ldw + k) + kRunPrefetchBytes, _MM_HINT_T1);
+    } else if constexpr (TB >= static_cast<int>(sizeof(W))) {
+      prefetch_ahead<R>(w, ldw, k, kStepBytes);
+    }
     __m256 wv[R][U];
     for (int r = 0; r < R; ++r)
-      for (int u = 0; u < U; ++u) wv[r][u] = load8(w + r * ldw + k + 8 * u);
+      for (int u = 0; u < U; ++u) wv[r][u] = load8(w + r * rs * ldw + k + 8 * u);
     for (int t = 0; t < TB; ++t)
       for (int u = 0; u < U; ++u) {
         const __m256 xv = _mm256_loadu_ps(x + t * K + k + 8 * u);
@@ -97,16 +118,35 @@ inline void dot_block(const float* x, int64_t K, const W* w, int64_t ldw, float*
   }
   for (; k + 8 <= K; k += 8)
     for (int r = 0; r < R; ++r) {
-      const __m256 wv = load8(w + r * ldw + k);
+      const __m256 wv = load8(w + r * rs * ldw + k);
       for (int t = 0; t < TB; ++t) acc[t][r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + t * K + k), wv, acc[t][r][0]);
     }
   for (int t = 0; t < TB; ++t)
     for (int r = 0; r < R; ++r) {
       for (int u = 1; u < U; ++u) acc[t][r][0] = _mm256_add_ps(acc[t][r][0], acc[t][r][u]);
       float s = hsum(acc[t][r][0]);
-      for (int64_t kk = k; kk < K; ++kk) s += x[t * K + kk] * static_cast<float>(w[r * ldw + kk]);
-      y[t * ldy + r] = s;
+      for (int64_t kk = k; kk < K; ++kk) s += x[t * K + kk] * static_cast<float>(w[r * rs * ldw + kk]);
+      y[t * ldy + r * rs] = s;
     }
+}
+
+// Rows [c0, c0 + runs * L) of 1-2 tokens as `runs` runs of L rows read side by side; returns the first row after
+// them (c0 where reading several runs is off or the chunk has fewer rows than runs).
+template <typename W>
+int64_t dot_runs(const float* x, int64_t n, int64_t K, const W* w, int64_t ldw, int64_t c0, int64_t c1, float* y,
+                 int64_t ldy) {
+  const int64_t runs = g_runs.load(std::memory_order_relaxed);
+  if (n < 1 || n > kRunsMaxTokens || runs <= 1) return c0;
+  const int64_t L = (c1 - c0) / runs;
+  for (int64_t c = c0; c < c0 + L; ++c) {
+    const W* wc = w + c * ldw;
+    if (runs == 8 && n == 1) dot_block<8, 1, 1, W, true>(x, K, wc, ldw, y + c, ldy, L);
+    else if (runs == 8) for (int64_t h = 0; h < 2; ++h)  // 4 + 4 runs: 16 accumulators would spill
+      dot_block<4, 2, 1, W, true>(x, K, wc + 4 * h * L * ldw, ldw, y + c + 4 * h * L, ldy, L);
+    else if (n == 1) dot_block<4, 1, 2, W, true>(x, K, wc, ldw, y + c, ldy, L);
+    else dot_block<4, 2, 1, W, true>(x, K, wc, ldw, y + c, ldy, L);
+  }
+  return c0 + runs * L;
 }
 
 // All n tokens against R rows, TB tokens at a time (TB * R * U accumulators + R * U weights <= 16 ymm).
@@ -171,6 +211,7 @@ void project(const float* x, int64_t n, int64_t K, const W* w, int64_t ldw, bool
              int64_t c1, float* y, int64_t ldy) {
   int64_t c = c0;
   if (!transposed) {
+    c0 = c = dot_runs(x, n, K, w, ldw, c0, c1, y, ldy);
     switch (n) {  // 1-4 tokens: a row at a time, U vectors per step so that TB * U >= 8 accumulators
       case 1: return dot_each_row<1, 8>(x, K, w, ldw, c0, c1, y, ldy);
       case 2:
@@ -234,11 +275,12 @@ MOESERVE_AVX512_TARGET inline __m512 widen16(const uint16_t* w, __mmask16 mask) 
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-// y[t * ldy + r] = dot(x[t], w[r]) over K for R rows (w[r] at w + r * ldw) and TB tokens (x[t] at x + t * K);
-// PF: ask for the rows' lines ahead (the first pass over the rows; later token blocks find them in L1).
-template <int R, int TB, bool PF>
+// y[t * ldy + r * rs] = dot(x[t], w[r]) over K for R rows rs rows apart (w[r] at w + r * rs * ldw) and TB tokens
+// (x[t] at x + t * K); PF: ask for the rows' lines PFB bytes ahead (the first pass over the rows; later token blocks
+// find them in L1).
+template <int R, int TB, bool PF, int64_t PFB = kAvx512PrefetchBytes>
 MOESERVE_AVX512_TARGET inline void wide_dot_block(const float* x, int64_t K, const uint16_t* w, int64_t ldw, float* y,
-                                                  int64_t ldy) {
+                                                  int64_t ldy, int64_t rs = 1) {
   constexpr int U = TB == 1 ? 2 : 1;  // 16-weight vectors per row and step: 2 * TB * U >= 4 accumulators at R = 2
   constexpr int kStepBytes = 16 * U * 2;
   __m512 acc[TB][R][U];
@@ -249,11 +291,11 @@ MOESERVE_AVX512_TARGET inline void wide_dot_block(const float* x, int64_t K, con
   for (; k + 16 * U <= K; k += 16 * U) {
     if constexpr (PF)
       for (int r = 0; r < R; ++r)  // each line of the rows once: steps of kStepBytes cover whole lines in turn
-        if ((reinterpret_cast<uintptr_t>(w + r * ldw + k) & 63) < kStepBytes)
-          _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k) + kAvx512PrefetchBytes, _MM_HINT_T1);
+        if ((reinterpret_cast<uintptr_t>(w + r * rs * ldw + k) & 63) < kStepBytes)
+          _mm_prefetch(reinterpret_cast<const char*>(w + r * rs * ldw + k) + PFB, _MM_HINT_T1);
     for (int u = 0; u < U; ++u)
       for (int r = 0; r < R; ++r) {
-        const __m512 wv = widen16(w + r * ldw + k + 16 * u, tail_mask16(16));
+        const __m512 wv = widen16(w + r * rs * ldw + k + 16 * u, tail_mask16(16));
         for (int t = 0; t < TB; ++t)
           acc[t][r][u] = _mm512_fmadd_ps(_mm512_loadu_ps(x + t * K + k + 16 * u), wv, acc[t][r][u]);
       }
@@ -261,7 +303,7 @@ MOESERVE_AVX512_TARGET inline void wide_dot_block(const float* x, int64_t K, con
   for (; k < K; k += 16) {
     const __mmask16 mask = tail_mask16(K - k);
     for (int r = 0; r < R; ++r) {
-      const __m512 wv = widen16(w + r * ldw + k, mask);
+      const __m512 wv = widen16(w + r * rs * ldw + k, mask);
       for (int t = 0; t < TB; ++t)
         acc[t][r][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + t * K + k), wv, acc[t][r][0]);
     }
@@ -269,7 +311,7 @@ MOESERVE_AVX512_TARGET inline void wide_dot_block(const float* x, int64_t K, con
   for (int t = 0; t < TB; ++t)
     for (int r = 0; r < R; ++r) {
       for (int u = 1; u < U; ++u) acc[t][r][0] = _mm512_add_ps(acc[t][r][0], acc[t][r][u]);
-      y[t * ldy + r] = _mm512_reduce_add_ps(acc[t][r][0]);
+      y[t * ldy + r * rs] = _mm512_reduce_add_ps(acc[t][r][0]);
     }
 }
 
@@ -303,6 +345,20 @@ MOESERVE_AVX512_TARGET void project_avx512(const float* x, int64_t n, int64_t K,
                                            int64_t ldw, int64_t c0, int64_t c1, float* y, int64_t ldy) {
   const uint16_t* w = reinterpret_cast<const uint16_t*>(weights);
   int64_t c = c0;
+  const int64_t runs = g_runs.load(std::memory_order_relaxed);
+  if (n >= 1 && n <= kRunsMaxTokens && runs > 1) {  // runs of L rows side by side, then the rest two rows at a time
+    const int64_t L = (c1 - c0) / runs;
+    for (int64_t i = 0; i < L; ++i, ++c) {
+      if (runs == 8) {
+        if (n == 1) wide_dot_block<8, 1, true, kRunPrefetchBytes>(x, K, w + c * ldw, ldw, y + c, ldy, L);
+        else wide_dot_block<8, 2, true, kRunPrefetchBytes>(x, K, w + c * ldw, ldw, y + c, ldy, L);
+      } else {
+        if (n == 1) wide_dot_block<4, 1, true, kRunPrefetchBytes>(x, K, w + c * ldw, ldw, y + c, ldy, L);
+        else wide_dot_block<4, 2, true, kRunPrefetchBytes>(x, K, w + c * ldw, ldw, y + c, ldy, L);
+      }
+    }
+    c = c0 + runs * L;
+  }
   for (; c + 2 <= c1; c += 2) wide_dot_tokens<2>(x, n, K, w + c * ldw, ldw, y + c, ldy);
   if (c < c1) wide_dot_tokens<1>(x, n, K, w + c * ldw, ldw, y + c, ldy);
 }
@@ -1014,6 +1070,14 @@ void decode_attention(const Tensor& query, const Tensor& key, const Tensor& valu
 
 // The instruction set the kernel's decode paths use: 0 AVX2 (every CPU the kernel loads on), 1 AVX-512, 2 AVX-512
 // with bf16 pair products (the default is the best the CPU has). ``choice`` >= 0 selects one; returns the one in use.
+int64_t experts_runs(int64_t choice) {
+  if (choice >= 0) {
+    TORCH_CHECK(choice == 1 || choice == 4 || choice == 8, "runs must be 1, 4 or 8, not ", choice);
+    g_runs.store(choice);
+  }
+  return g_runs.load();
+}
+
 int64_t experts_isa(int64_t choice) {
   if (choice >= 0) {
     TORCH_CHECK(choice <= best_isa(), "this CPU lacks the instruction set ", choice, " (best: ", best_isa(), ")");
@@ -1026,6 +1090,7 @@ int64_t experts_isa(int64_t choice) {
 
 TORCH_LIBRARY(moeserve, m) {
   m.def("experts_isa(int choice) -> int", &experts_isa);
+  m.def("experts_runs(int choice) -> int", &experts_runs);
   m.def("dense(Tensor x, Tensor w, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("experts_best_isa() -> int", [] { return static_cast<int64_t>(best_isa()); });
   m.def("decode_attention(Tensor query, Tensor key, Tensor value, Tensor spans, float scale, int window, "
