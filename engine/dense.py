@@ -74,6 +74,63 @@ class RowStreamLinear(nn.Linear):
         return True
 
 
+class RowStreamWeight(nn.Parameter):
+    """A router's weight whose ``F.linear`` products of at most ``MAX_ROWS`` rows on the CPU run on
+    ``torch.ops.moeserve.dense``.
+
+    Routers are not ``nn.Linear`` layers in any supported architecture: transformers' router modules call
+    ``F.linear(hidden, self.weight[, self.bias])`` on their own parameter, so `RowStreamLinear` cannot reach them.
+    The weight itself can: a tensor subclass decides how torch functions apply to it (``__torch_function__``,
+    torch's extension point for tensor types, as quantized parameter types use). Every other function, and a
+    product the kernel does not take, runs as on a plain tensor and returns plain tensors. In the engine the
+    router's bf16 product on torch (oneDNN) cost 60-100 µs per layer against ~15 µs on the kernel
+    (README, "Decode against the bandwidth bound")."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            product = _router_product(*args, **kwargs)
+            if product is not None:
+                return product
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+
+def _router_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``F.linear(x, weight, bias)`` on the kernel when it takes it (few rows, CPU, kernel dtypes, no grad), else
+    None."""
+    if not isinstance(weight, RowStreamWeight) or isinstance(x, RowStreamWeight) or torch.is_grad_enabled():
+        return None
+    in_features = weight.shape[-1]
+    rows = x.numel() // in_features if in_features else 0
+    if not (0 < rows <= MAX_ROWS and x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and x.dtype == weight.dtype
+            and weight.device.type == "cpu" and weight.dim() == 2 and weight.stride(-1) == 1
+            and (bias is None or bias.dtype == weight.dtype)):
+        return None
+    with torch._C.DisableTorchFunctionSubclass():
+        out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
+        torch.ops.moeserve.dense.default(x.reshape(rows, in_features).contiguous(), weight, bias,
+                                         out.view(rows, weight.shape[0]))
+    return out
+
+
+def stream_router_weights(routers: Sequence[nn.Module]) -> int:
+    """Give each of ``routers`` (modules with a 2-D ``weight``) a `RowStreamWeight` over the very same data, where
+    the kernel is built and the weight is on the CPU in a kernel dtype; returns how many were swapped."""
+    if not row_stream_available():
+        return 0
+    swapped = 0
+    for router in routers:
+        weight = router.weight
+        if (isinstance(weight, RowStreamWeight) or weight.dim() != 2 or weight.device.type != "cpu"
+                or weight.dtype not in KERNEL_DTYPES):
+            continue
+        router.weight = RowStreamWeight(weight.detach(), requires_grad=False)
+        swapped += 1
+    return swapped
+
+
 def replace_linears(model: nn.Module) -> int:
     """Swap every ``nn.Linear`` of ``model`` (exactly that class) for a ``RowStreamLinear`` holding the very same
     parameters; return how many. Works on a model on the meta device (before its weights load) as on a loaded one."""

@@ -18,12 +18,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from engine.attention import ATTENTION_NAME, GATHERED_CACHE_MODEL_TYPES, BatchLayout, PagedKVStore
-from engine.dense import RowStreamConfig, calibrate_row_paths, row_stream_available
+from engine.dense import RowStreamConfig, calibrate_row_paths, row_stream_available, stream_router_weights
 from engine.kv_cache import DEFAULT_BLOCK_SIZE
 from engine.offload.experts import (
     ExpertsForward,
     is_experts_module,
     lookahead_routers,
+    moe_routers,
     register_experts_forward,
     tag_experts_layers,
 )
@@ -114,6 +115,7 @@ class ModelRunner:
         name = f"moeserve_{id(self.experts_forward):x}"
         self.model.set_experts_implementation(register_experts_forward(self.experts_forward, name))
         if self.device.type == "cpu":
+            stream_router_weights(list(moe_routers(self.model).values()))  # their few-row products on the kernel
             self._calibrate_paths()
         logger.info(
             "loaded %s (%s, %d layers, %d with experts%s) with %d KV blocks of %d tokens",

@@ -516,9 +516,9 @@ def register_experts_forward(forward: ExpertsForward, name: str = EXPERTS_IMPLEM
 _LAYER_IN_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def lookahead_routers(model: nn.Module) -> dict[int, tuple[int, nn.Module]]:
-    """For each MoE layer (tagged), the next MoE layer and its router: the module beside that layer's experts
-    (``gate`` or ``router``) that returns (logits, weights, indices), as every supported architecture's does."""
+def moe_routers(model: nn.Module) -> dict[int, nn.Module]:
+    """Each MoE layer's (tagged) router: the module beside that layer's experts (``gate`` or ``router``) that
+    returns (logits, weights, indices), as every supported architecture's does."""
     routers: dict[int, nn.Module] = {}
     for name, module in model.named_modules():
         layer = getattr(module, LAYER_ATTRIBUTE, None)
@@ -528,6 +528,12 @@ def lookahead_routers(model: nn.Module) -> dict[int, tuple[int, nn.Module]]:
         router = getattr(block, "gate", None) or getattr(block, "router", None)
         if isinstance(router, nn.Module) and hasattr(router, "weight"):
             routers[layer] = router
+    return routers
+
+
+def lookahead_routers(model: nn.Module) -> dict[int, tuple[int, nn.Module]]:
+    """For each MoE layer (tagged), the next MoE layer and its router (`moe_routers`)."""
+    routers = moe_routers(model)
     layers = sorted(routers)
     return {layer: (following, routers[following]) for layer, following in zip(layers, layers[1:])}
 

@@ -16,12 +16,14 @@ from engine.dense import (
     CALIBRATION_ROWS,
     MAX_ROWS,
     RowStreamLinear,
+    RowStreamWeight,
     calibrate_row_paths,
     kernel_max_rows,
     replace_linears,
+    stream_router_weights,
 )
 from engine.model_runner import ModelRunner, load_model
-from engine.offload.experts import TOKEN_BUCKETS
+from engine.offload.experts import TOKEN_BUCKETS, moe_routers
 from engine.offload.kernels import RUNS, using_runs
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -148,3 +150,48 @@ def test_the_model_runner_calibrates_row_and_experts_paths(experts_kernel, demo_
     assert linears and all("max_rows" in vars(m) and m.max_rows >= MAX_ROWS for m in linears)
     (shape, measured), = runner.experts_forward.paths.measured.items()
     assert set(measured) == set(TOKEN_BUCKETS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_a_router_weight_runs_few_row_products_on_the_kernel(experts_kernel, dtype: torch.dtype, bias: bool) -> None:
+    """RowStreamWeight: F.linear over 1..MAX_ROWS rows goes to the kernel (fp32 accuracy on the rounded weights, a
+    plain tensor back), larger products and products under autograd to torch bit for bit, other functions too."""
+    torch.manual_seed(6)
+    plain = (torch.randn(8, 139) * 139**-0.5).to(dtype)
+    b = torch.randn(8).to(dtype) if bias else None
+    weight = RowStreamWeight(plain, requires_grad=False)
+    assert isinstance(weight, nn.Parameter)
+    calls = []
+    with torch.no_grad():
+        for rows in range(1, MAX_ROWS + 1):
+            x = torch.randn(1, rows, 139).to(dtype)
+            out = F.linear(x, weight, b)
+            assert type(out) is torch.Tensor and out.shape == (1, rows, 8) and out.dtype == dtype
+            wide = torch.empty(rows, 8)
+            torch.ops.moeserve.dense(x[0], plain, b, wide)
+            calls.append(torch.equal(out[0], wide.to(dtype)))  # exactly the kernel's product, rounded once
+            expected = F.linear(x.double(), plain.double(), None if b is None else b.double())
+            assert ((out.double() - expected).abs().max() / expected.abs().max()).item() < 1e-2
+        assert all(calls)
+        with torch.profiler.profile() as profile:
+            F.linear(torch.randn(1, 139).to(dtype), weight, b)
+            F.linear(torch.randn(MAX_ROWS + 1, 139).to(dtype), weight, b)
+        assert [e.name for e in profile.events() if e.name in ("moeserve::dense", "aten::linear")] == [
+            "moeserve::dense", "aten::linear"]
+        prefill = torch.randn(MAX_ROWS + 1, 139).to(dtype)
+        assert torch.equal(F.linear(prefill, weight, b), F.linear(prefill, plain, b))  # torch's own product
+        assert type(weight * 2) is torch.Tensor and torch.equal(weight * 2, plain * 2)
+    x = torch.randn(2, 139).to(dtype)
+    with torch.enable_grad():
+        assert torch.equal(F.linear(x, weight, b), F.linear(x, plain, b))
+
+
+def test_the_model_runner_streams_every_router_weight(experts_kernel, demo_model: Callable[..., Path]) -> None:
+    """Each MoE layer's router (transformers calls F.linear on its weight) gets a RowStreamWeight over the same
+    data; a second swap changes nothing; tokens stay transformers' own (tests/integration/test_engine.py)."""
+    runner = ModelRunner(demo_model("mixtral"), num_kv_blocks=4)
+    routers = list(moe_routers(runner.model).values())
+    assert len(routers) == runner.num_moe_layers > 0
+    assert all(type(router.weight) is RowStreamWeight for router in routers)
+    assert stream_router_weights(routers) == 0
