@@ -17,7 +17,9 @@ RAM), in one run on the same machine:
 
 Decode tok/s per stream excludes the prefill: (tokens - 1) / (time to last token - time to first token), the
 first token's time taken from a run with ``max_tokens=1``. The bound is the RAM stream rate measured in the same
-run divided by the bytes a token touches in bf16 (benchmarks/bandwidth.py). ``engine_load_seconds``: the time
+run divided by the bytes a token touches in bf16 (benchmarks/bandwidth.py); the rate is the best of the run's
+first measurement and two taken around each shape's engine runs (``stream_bytes_per_s_measured``), since this
+host's memory bandwidth swings within minutes. ``engine_load_seconds``: the time
 ``LLM(...)`` took (reading the checkpoint, packing the experts, timing kernel against torch per shape). Each model
 is written to a temporary directory and deleted after its shape. Results: benchmarks/results/experts_decode.json.
 
@@ -63,6 +65,7 @@ SHAPES = {
 }
 ISSUE_SHAPES = tuple(SHAPES)[:3]
 PROMPT_LEN = 16
+STREAM_BYTES = int(1.5 * 2**30)  # the stream rate's working set (benchmarks/bandwidth.py)
 ONE_STREAM_ROUNDS = 3  # alternating rounds of one stream with and without the kernel's runs (best of each kept)
 
 
@@ -105,14 +108,17 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure_shape(name: str, shape: dict, rate: float, max_tokens: int) -> dict:
+def measure_shape(name: str, shape: dict, first_rate: float, max_tokens: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         config = write_mixtral(Path(tmp), with_heads(shape), torch.bfloat16)
-        bound = rate / bytes_per_token(config, torch.bfloat16)
         start = time.perf_counter()
         llm = LLM(tmp, max_model_len=PROMPT_LEN + max_tokens + 16, max_num_seqs=16, max_num_batched_tokens=512)
         load = time.perf_counter() - start  # reading the checkpoint, packing the experts, calibrating the paths
         engine_decode(llm, 1, 4)  # warm-up
+        # The bound from the best stream rate of the run's first measurement and of two taken around this shape's
+        # one-stream rounds: this host's memory bandwidth swings within minutes (README), and the bound must not
+        # be read from a slow minute while the engine ran in a fast one.
+        rates = [first_rate, stream_rate(STREAM_BYTES)["best"]]
         engine = {streams: engine_decode(llm, streams, max_tokens) for streams in (1, 4, 16)}
         lower_isas = {}  # 16 streams with the kernel's decode paths on each instruction set below the best
         one_run = None  # 1 stream with every kernel thread reading one run of rows (the paths before the runs)
@@ -124,6 +130,8 @@ def measure_shape(name: str, shape: dict, rate: float, max_tokens: int) -> dict:
                 with using_runs(1):
                     one_run = max(one_run or 0.0, engine_decode(llm, 1, max_tokens))
                 engine[1] = max(engine[1], engine_decode(llm, 1, max_tokens))
+        rates.append(stream_rate(STREAM_BYTES)["best"])
+        bound = max(rates) / bytes_per_token(config, torch.bfloat16)
         del llm
         gc.collect()
         model = AutoModelForCausalLM.from_pretrained(tmp, dtype="auto").eval()
@@ -131,6 +139,7 @@ def measure_shape(name: str, shape: dict, rate: float, max_tokens: int) -> dict:
         stock = transformers_decode(model, max_tokens)
         del model
     row = {
+        "stream_bytes_per_s_measured": [round(r) for r in rates],
         "bound_tok_per_s": round(bound, 2),
         "engine_load_seconds": round(load, 1),
         "engine_tok_per_s": {str(s): round(v, 2) for s, v in engine.items()},
@@ -157,7 +166,7 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging("info")
     load_before = os.getloadavg()
-    rate = stream_rate(int(1.5 * 2**30))
+    rate = stream_rate(STREAM_BYTES)
     rows = {}
     for name in args.shapes:
         shape = dict(SHAPES[name], **({"num_hidden_layers": args.layers} if args.layers else {}))
