@@ -364,17 +364,20 @@ MOESERVE_AVX512_TARGET void project_avx512(const float* x, int64_t n, int64_t K,
 }
 
 // ---- AVX-512 BF16 (where the CPU has it): bf16 pair products for bf16 inputs on bf16 weight rows ----
-// From kPairMinTokens tokens the widening path above is bound by arithmetic, not memory (Zen 4: 0.59 of triad at 4
-// tokens, 0.26 at 8). vdpbf16ps multiplies 32 bf16 weights by 32 bf16 inputs into 16 fp32 sums in one instruction,
+// From 3 tokens the widening path above is bound by arithmetic, not memory (Zen 4: 0.59 of triad at 4 tokens, 0.26
+// at 8), and at 1-2 tokens too once several runs keep enough lines in flight: on Zen 4, in minutes when the host
+// had bandwidth to spare (a plain 8-run read loop at 53-55 GB/s), one-token bf16 gate/up projections streamed at
+// 48-51 GB/s here against 41-45 on the widening path; when it had none (35 GB/s) both were within 3 %. So
+// kPairMinTokens is 1. vdpbf16ps multiplies 32 bf16 weights by 32 bf16 inputs into 16 fp32 sums in one instruction,
 // with no widening: twice the products per instruction, half the input bytes. A product of two bf16 is exact in
 // fp32 and sums are fp32, so this path is as exact as the widening one — but only where the input is bf16 already
 // (the gate/up projection of a bf16 hidden state, a bf16 dense input); the down projection's input, computed here
-// in fp32, keeps the widening path rather than being rounded. Same blocking as project_avx512: pairs of rows, token
-// blocks of 8, the first block streaming the rows (every line asked into L2 ahead) and the others finding them in
+// in fp32, keeps the widening path rather than being rounded. Same blocking as project_avx512: runs side by side at
+// 1-2 tokens, else pairs of rows in token blocks of 8, the first block streaming the rows (every line asked into L2 ahead) and the others finding them in
 // L1.
 #define MOESERVE_AVX512BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-constexpr int64_t kPairMinTokens = 3;
+constexpr int64_t kPairMinTokens = 1;
 
 inline bool use_pairs(int64_t n) {
   return n >= kPairMinTokens && n <= kAvx512MaxTokens && g_isa.load(std::memory_order_relaxed) == kIsaAvx512Bf16;
@@ -384,10 +387,11 @@ inline __mmask32 tail_mask32(int64_t left) {
   return left >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu) : static_cast<__mmask32>((1u << left) - 1);
 }
 
-// y[t * ldy + r] = dot(xb[t], w[r]) over K for R rows and TB tokens; xb[t] at xb + t * ldx, bf16.
-template <int R, int TB, bool PF>
+// y[t * ldy + r * rs] = dot(xb[t], w[r]) over K for R rows rs rows apart (w[r] at w + r * rs * ldw) and TB tokens;
+// xb[t] at xb + t * ldx, bf16; PF: each row's lines asked into L2 PFB bytes ahead.
+template <int R, int TB, bool PF, int64_t PFB = kAvx512PrefetchBytes>
 MOESERVE_AVX512BF16_TARGET inline void pair_dot_block(const uint16_t* xb, int64_t ldx, int64_t K, const uint16_t* w,
-                                                      int64_t ldw, float* y, int64_t ldy) {
+                                                      int64_t ldw, float* y, int64_t ldy, int64_t rs = 1) {
   __m512 acc[TB][R];
   for (int t = 0; t < TB; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
@@ -395,9 +399,8 @@ MOESERVE_AVX512BF16_TARGET inline void pair_dot_block(const uint16_t* xb, int64_
   for (; k + 32 <= K; k += 32) {
     __m512bh wv[R];
     for (int r = 0; r < R; ++r) {
-      if constexpr (PF) _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k) + kAvx512PrefetchBytes,
-                                     _MM_HINT_T1);
-      wv[r] = (__m512bh)_mm512_loadu_si512(w + r * ldw + k);
+      if constexpr (PF) _mm_prefetch(reinterpret_cast<const char*>(w + r * rs * ldw + k) + PFB, _MM_HINT_T1);
+      wv[r] = (__m512bh)_mm512_loadu_si512(w + r * rs * ldw + k);
     }
     for (int t = 0; t < TB; ++t) {
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + t * ldx + k);
@@ -407,14 +410,14 @@ MOESERVE_AVX512BF16_TARGET inline void pair_dot_block(const uint16_t* xb, int64_
   if (k < K) {  // masked lanes read as zero on both sides: their products add nothing
     const __mmask32 mask = tail_mask32(K - k);
     __m512bh wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * ldw + k);
+    for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * rs * ldw + k);
     for (int t = 0; t < TB; ++t) {
       const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, xb + t * ldx + k);
       for (int r = 0; r < R; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], wv[r], xv);
     }
   }
   for (int t = 0; t < TB; ++t)
-    for (int r = 0; r < R; ++r) y[t * ldy + r] = _mm512_reduce_add_ps(acc[t][r]);
+    for (int r = 0; r < R; ++r) y[t * ldy + r * rs] = _mm512_reduce_add_ps(acc[t][r]);
 }
 
 template <int R, bool PF>
@@ -448,6 +451,20 @@ MOESERVE_AVX512BF16_TARGET void project_pairs(const c10::BFloat16* inputs, int64
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(inputs);
   const uint16_t* w = reinterpret_cast<const uint16_t*>(weights);
   int64_t c = c0;
+  const int64_t runs = g_runs.load(std::memory_order_relaxed);
+  if (n >= 1 && n <= kRunsMaxTokens && runs > 1) {  // runs of L rows side by side, as in project_avx512
+    const int64_t L = (c1 - c0) / runs;
+    for (int64_t i = 0; i < L; ++i, ++c) {
+      if (runs == 8) {
+        if (n == 1) pair_dot_block<8, 1, true, kRunPrefetchBytes>(xb, ldx, K, w + c * ldw, ldw, y + c, ldy, L);
+        else pair_dot_block<8, 2, true, kRunPrefetchBytes>(xb, ldx, K, w + c * ldw, ldw, y + c, ldy, L);
+      } else {
+        if (n == 1) pair_dot_block<4, 1, true, kRunPrefetchBytes>(xb, ldx, K, w + c * ldw, ldw, y + c, ldy, L);
+        else pair_dot_block<4, 2, true, kRunPrefetchBytes>(xb, ldx, K, w + c * ldw, ldw, y + c, ldy, L);
+      }
+    }
+    c = c0 + runs * L;
+  }
   for (; c + 2 <= c1; c += 2) pair_dot_tokens<2>(xb, ldx, n, K, w + c * ldw, ldw, y + c, ldy);
   if (c < c1) pair_dot_tokens<1>(xb, ldx, n, K, w + c * ldw, ldw, y + c, ldy);
 }
