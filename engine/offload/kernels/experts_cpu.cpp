@@ -81,6 +81,27 @@ std::atomic<int64_t> g_runs{kRuns};
 constexpr int64_t kRunsMaxTokens = 2;
 constexpr int64_t kRunPrefetchBytes = 2048;
 
+template <int N>
+using Const = std::integral_constant<int, N>;
+
+// Rows [c0, c0 + runs * L) of n = 1-2 tokens as `runs` runs of L = (c1 - c0) / runs rows read side by side:
+// block(Const<R>, Const<TB>, c, L) computes rows c, c + L, ..., c + (R - 1) L for TB = n tokens, for each c in
+// [c0, c0 + L). Returns the first row after the runs: c0 where reading several runs is off, n is out of range, or
+// the chunk has fewer rows than runs.
+template <typename Block>
+inline int64_t run_rows(int64_t n, int64_t c0, int64_t c1, const Block& block) {
+  const int64_t runs = g_runs.load(std::memory_order_relaxed);
+  if (n < 1 || n > kRunsMaxTokens || runs <= 1) return c0;
+  const int64_t L = (c1 - c0) / runs;
+  for (int64_t c = c0; c < c0 + L; ++c) {
+    if (runs == 8 && n == 1) block(Const<8>{}, Const<1>{}, c, L);
+    else if (runs == 8) block(Const<8>{}, Const<2>{}, c, L);
+    else if (n == 1) block(Const<4>{}, Const<1>{}, c, L);
+    else block(Const<4>{}, Const<2>{}, c, L);
+  }
+  return c0 + runs * L;
+}
+
 template <int R, typename W>
 inline void prefetch_ahead(const W* w, int64_t ldw, int64_t k, int64_t step_bytes) {
   for (int r = 0; r < R; ++r) {
@@ -130,23 +151,20 @@ inline void dot_block(const float* x, int64_t K, const W* w, int64_t ldw, float*
     }
 }
 
-// Rows [c0, c0 + runs * L) of 1-2 tokens as `runs` runs of L rows read side by side; returns the first row after
-// them (c0 where reading several runs is off or the chunk has fewer rows than runs).
+// The AVX2 rows of `run_rows`: 8 runs of 2 tokens as 4 + 4 (16 accumulators would spill 16 ymm registers), 4
+// runs of one token two vectors a step.
 template <typename W>
 int64_t dot_runs(const float* x, int64_t n, int64_t K, const W* w, int64_t ldw, int64_t c0, int64_t c1, float* y,
                  int64_t ldy) {
-  const int64_t runs = g_runs.load(std::memory_order_relaxed);
-  if (n < 1 || n > kRunsMaxTokens || runs <= 1) return c0;
-  const int64_t L = (c1 - c0) / runs;
-  for (int64_t c = c0; c < c0 + L; ++c) {
-    const W* wc = w + c * ldw;
-    if (runs == 8 && n == 1) dot_block<8, 1, 1, W, true>(x, K, wc, ldw, y + c, ldy, L);
-    else if (runs == 8) for (int64_t h = 0; h < 2; ++h)  // 4 + 4 runs: 16 accumulators would spill
-      dot_block<4, 2, 1, W, true>(x, K, wc + 4 * h * L * ldw, ldw, y + c + 4 * h * L, ldy, L);
-    else if (n == 1) dot_block<4, 1, 2, W, true>(x, K, wc, ldw, y + c, ldy, L);
-    else dot_block<4, 2, 1, W, true>(x, K, wc, ldw, y + c, ldy, L);
-  }
-  return c0 + runs * L;
+  return run_rows(n, c0, c1, [&](auto runs, auto tokens, int64_t c, int64_t L) {
+    constexpr int R = decltype(runs)::value, TB = decltype(tokens)::value;
+    if constexpr (R == 8 && TB == 2) {
+      for (int64_t h = 0; h < 2; ++h)
+        dot_block<4, 2, 1, W, true>(x, K, w + (c + 4 * h * L) * ldw, ldw, y + c + 4 * h * L, ldy, L);
+    } else {
+      dot_block<R, TB, (R == 4 && TB == 1) ? 2 : 1, W, true>(x, K, w + c * ldw, ldw, y + c, ldy, L);
+    }
+  });
 }
 
 // All n tokens against R rows, TB tokens at a time (TB * R * U accumulators + R * U weights <= 16 ymm).
@@ -344,21 +362,10 @@ MOESERVE_AVX512_TARGET void wide_dot_tokens(const float* x, int64_t n, int64_t K
 MOESERVE_AVX512_TARGET void project_avx512(const float* x, int64_t n, int64_t K, const c10::BFloat16* weights,
                                            int64_t ldw, int64_t c0, int64_t c1, float* y, int64_t ldy) {
   const uint16_t* w = reinterpret_cast<const uint16_t*>(weights);
-  int64_t c = c0;
-  const int64_t runs = g_runs.load(std::memory_order_relaxed);
-  if (n >= 1 && n <= kRunsMaxTokens && runs > 1) {  // runs of L rows side by side, then the rest two rows at a time
-    const int64_t L = (c1 - c0) / runs;
-    for (int64_t i = 0; i < L; ++i, ++c) {
-      if (runs == 8) {
-        if (n == 1) wide_dot_block<8, 1, true, kRunPrefetchBytes>(x, K, w + c * ldw, ldw, y + c, ldy, L);
-        else wide_dot_block<8, 2, true, kRunPrefetchBytes>(x, K, w + c * ldw, ldw, y + c, ldy, L);
-      } else {
-        if (n == 1) wide_dot_block<4, 1, true, kRunPrefetchBytes>(x, K, w + c * ldw, ldw, y + c, ldy, L);
-        else wide_dot_block<4, 2, true, kRunPrefetchBytes>(x, K, w + c * ldw, ldw, y + c, ldy, L);
-      }
-    }
-    c = c0 + runs * L;
-  }
+  int64_t c = run_rows(n, c0, c1, [&](auto runs, auto tokens, int64_t row, int64_t L) MOESERVE_AVX512_TARGET {
+    wide_dot_block<decltype(runs)::value, decltype(tokens)::value, true, kRunPrefetchBytes>(x, K, w + row * ldw, ldw,
+                                                                                            y + row, ldy, L);
+  });  // then the rest two rows at a time
   for (; c + 2 <= c1; c += 2) wide_dot_tokens<2>(x, n, K, w + c * ldw, ldw, y + c, ldy);
   if (c < c1) wide_dot_tokens<1>(x, n, K, w + c * ldw, ldw, y + c, ldy);
 }
@@ -450,21 +457,10 @@ MOESERVE_AVX512BF16_TARGET void project_pairs(const c10::BFloat16* inputs, int64
                                               float* y, int64_t ldy) {
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(inputs);
   const uint16_t* w = reinterpret_cast<const uint16_t*>(weights);
-  int64_t c = c0;
-  const int64_t runs = g_runs.load(std::memory_order_relaxed);
-  if (n >= 1 && n <= kRunsMaxTokens && runs > 1) {  // runs of L rows side by side, as in project_avx512
-    const int64_t L = (c1 - c0) / runs;
-    for (int64_t i = 0; i < L; ++i, ++c) {
-      if (runs == 8) {
-        if (n == 1) pair_dot_block<8, 1, true, kRunPrefetchBytes>(xb, ldx, K, w + c * ldw, ldw, y + c, ldy, L);
-        else pair_dot_block<8, 2, true, kRunPrefetchBytes>(xb, ldx, K, w + c * ldw, ldw, y + c, ldy, L);
-      } else {
-        if (n == 1) pair_dot_block<4, 1, true, kRunPrefetchBytes>(xb, ldx, K, w + c * ldw, ldw, y + c, ldy, L);
-        else pair_dot_block<4, 2, true, kRunPrefetchBytes>(xb, ldx, K, w + c * ldw, ldw, y + c, ldy, L);
-      }
-    }
-    c = c0 + runs * L;
-  }
+  int64_t c = run_rows(n, c0, c1, [&](auto runs, auto tokens, int64_t row, int64_t L) MOESERVE_AVX512BF16_TARGET {
+    pair_dot_block<decltype(runs)::value, decltype(tokens)::value, true, kRunPrefetchBytes>(xb, ldx, K, w + row * ldw,
+                                                                                            ldw, y + row, ldy, L);
+  });  // then the rest two rows at a time
   for (; c + 2 <= c1; c += 2) pair_dot_tokens<2>(xb, ldx, n, K, w + c * ldw, ldw, y + c, ldy);
   if (c < c1) pair_dot_tokens<1>(xb, ldx, n, K, w + c * ldw, ldw, y + c, ldy);
 }
