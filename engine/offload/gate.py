@@ -105,10 +105,13 @@ class GateWindow:
 class PrefetchGate:
     """Shadow demand-paging caches of ``capacity`` keys (global) and the on/off decisions (module docstring).
 
-    ``served``: the real cache, whose priorities the gate clears when it turns them off."""
+    ``served``: the real cache, whose priorities the gate clears when it turns them off. ``flip_log_level``: the
+    level its on/off switches are logged at (info in the engine; the modelled replay, which runs thousands of steps
+    in a second, logs them at debug)."""
 
     def __init__(self, capacity: int, window_steps: int = WINDOW_STEPS, probe_every: int = PROBE_EVERY,
-                 margin: float = MARGIN, served: ExpertCache | None = None) -> None:
+                 margin: float = MARGIN, served: ExpertCache | None = None,
+                 flip_log_level: int = logging.INFO) -> None:
         if capacity < 1 or window_steps < 1 or probe_every < 1 or not 0.0 <= margin < 1.0:
             raise ValueError(f"capacity {capacity}, window_steps {window_steps} and probe_every {probe_every} must be "
                              f"positive and margin {margin} in [0, 1)")
@@ -117,6 +120,7 @@ class PrefetchGate:
         self.probe_every = probe_every
         self.margin = margin
         self.served = served
+        self.flip_log_level = flip_log_level
         self.lru = ExpertCache(LRUPolicy(), capacity, "global")
         self.prioritized: ExpertCache | None = None
         self.prefetch_on = True
@@ -209,13 +213,14 @@ class PrefetchGate:
         if self.prefetch_on != prefetch_on:
             self.switches += 1
         if changed:
-            logger.info("prefetch gate: prefetch %s, priorities %s (window of %d steps: stalled %.3f s with %d demand "
-                        "misses and %d prefetch reads of %.3f CPU s; on demand %d misses under LRU%s, %.4f s each)",
-                        "on" if self.prefetch_on else "off", "on" if self.priorities_on else "off", window.steps,
-                        window.stall_seconds, window.demand_misses, window.prefetch_reads,
-                        window.prefetch_cpu_seconds, window.lru_misses,
-                        "" if window.prioritized_misses is None
-                        else f", {window.prioritized_misses} under the priorities", self.miss_seconds or 0.0)
+            logger.log(self.flip_log_level,
+                       "prefetch gate: prefetch %s, priorities %s (window of %d steps: stalled %.3f s with %d demand "
+                       "misses and %d prefetch reads of %.3f CPU s; on demand %d misses under LRU%s, %.4f s each)",
+                       "on" if self.prefetch_on else "off", "on" if self.priorities_on else "off", window.steps,
+                       window.stall_seconds, window.demand_misses, window.prefetch_reads,
+                       window.prefetch_cpu_seconds, window.lru_misses,
+                       "" if window.prioritized_misses is None
+                       else f", {window.prioritized_misses} under the priorities", self.miss_seconds or 0.0)
         self.last = window
         self.window = GateWindow(prioritized_misses=None if self.prioritized is None else 0)
         return changed

@@ -375,7 +375,7 @@ class _PredictiveReplay:
         self.settings = settings
         self.cache = ExpertCache(LRUPolicy(), capacity, scope="global")
         self.queue = PrefetchQueue(self.cache, clock.expert_bytes, clock.max_bytes_in_flight)
-        self.gate = PrefetchGate(capacity, served=self.cache) if gate else None
+        self.gate = PrefetchGate(capacity, served=self.cache, flip_log_level=logging.DEBUG) if gate else None
         self.planner = PrefetchPlanner(self.cache, self.queue, header.num_layers, settings, TRACE_PRECISION,
                                        gate=self.gate)
         top_k = header.top_k or 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from engine.offload.cache import ExpertCache, LRUPolicy
@@ -213,3 +215,14 @@ def test_the_cold_start_window_decides_nothing():
     assert gate.prefetch_on and gate.priorities_on  # both lost, and both stay on for a second window
     run_window(gate, worse, [False] * len(worse), prefetch_reads=36, stall=100.0, busy=1.0)
     assert not gate.prefetch_on and not gate.priorities_on
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG], ids=["engine", "replay"])
+def test_switches_are_logged_at_the_level_asked(caplog, level: int) -> None:
+    """The engine logs each switch at info; the modelled replay (thousands of windows a second) at debug."""
+    gate = past_cold_start(capacity=4, window_steps=2, flip_log_level=level)
+    with caplog.at_level(logging.DEBUG, logger="engine.offload.gate"):
+        run_window(gate, SCAN, [True] * 20 + [False] * 20, prefetch_reads=20, stall=1.95, busy=1.0)  # switches off
+        run_window(gate, SCAN, [False] * 40, stall=1.0)  # stays off: nothing logged
+    assert [(r.levelno, r.getMessage().split(" (")[0]) for r in caplog.records] == [
+        (level, "prefetch gate: prefetch off, priorities off")]
