@@ -84,7 +84,7 @@ class RowStreamWeight(nn.Parameter):
     torch's extension point for tensor types, as quantized parameter types use). Every other function, and a
     product the kernel does not take, runs as on a plain tensor and returns plain tensors. In the engine the
     router's bf16 product on torch (oneDNN) cost 60-100 µs per layer against ~15 µs on the kernel
-    (README, "Decode against the bandwidth bound")."""
+    (README, the dense projections under "Python API")."""
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
