@@ -11,7 +11,7 @@ per ``moeserve::experts_group`` call, like the engine's decode — on:
   the richest instruction set this CPU has (engine.offload.kernels.ISAS), the engine's default;
 - ``kernel_avx2``, ``kernel_avx512``: the same op with its decode paths forced to each instruction set below the
   richest (AVX2 where the CPU has AVX-512; AVX-512 without the bf16 pair products where it has AVX-512 BF16);
-- ``kernel_one_run``, ``kernel_avx2_one_run``, ...: at 1-2 tokens, each of the above with every thread
+- ``kernel_one_run``, ``kernel_avx2_one_run``, ...: at 1-4 tokens, each of the above with every thread
   reading its chunk's rows as one run (``engine.offload.kernels.using_runs(1)``, the paths before the kernel
   read several runs side by side), so the gain of the runs shows against them in the same run;
 - ``torch``: ``engine.offload.experts.torch_expert``, one expert at a time.
@@ -64,7 +64,7 @@ SHAPES = {  # name: (hidden, intermediate, top_k)
 }
 DEFAULT_SHAPES = ("h1024_i3584_top2", "h2048_i768_top8")
 MIN_EXPERTS = 16
-RUNS_MAX_TOKENS = 2  # tokens per expert up to which the kernel reads several runs of rows (experts_cpu.cpp)
+RUNS_MAX_TOKENS = 4  # tokens per expert up to which the kernel reads several runs of rows (experts_cpu.cpp)
 
 
 def experts_module(hidden: int, inter: int, count: int, dtype: torch.dtype) -> torch.nn.Module:

@@ -47,12 +47,12 @@ def test_the_op_matches_fp64_for_1_to_max_rows(kernel_isa, dtype: torch.dtype, b
 
 @pytest.mark.parametrize("runs", RUNS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_one_and_two_rows_match_fp64_on_every_run_count(kernel_isa, runs: int, dtype: torch.dtype) -> None:
+def test_one_to_four_rows_match_fp64_on_every_run_count(kernel_isa, runs: int, dtype: torch.dtype) -> None:
     """The rows of a chunk read as several runs side by side: 203 outputs (chunks of 64, 64, 64, 11), K = 1030."""
     torch.manual_seed(5)
     weight = (torch.randn(203, 1030) * 1030**-0.5).to(dtype)
     with using_runs(runs):
-        for rows in (1, 2):
+        for rows in (1, 2, 3, 4):
             x = torch.randn(rows, 1030).to(dtype)
             out = torch.empty(rows, 203)
             torch.ops.moeserve.dense(x, weight, None, out)

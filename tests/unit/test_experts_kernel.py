@@ -132,15 +132,15 @@ def test_decode_token_counts_match_reference_past_the_unrolled_steps(experts_gro
 @pytest.mark.parametrize("runs", kernels.RUNS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_decode_tokens_match_reference_on_every_run_count(experts_group, runs: int, dtype) -> None:
-    """1-2 tokens read a chunk's rows as several runs side by side (experts_cpu.cpp, "several runs of rows side by side"):
-    rows enough for runs and leftovers in every chunk (H = 139 down rows: chunks of 64, 64, 11; I = 300 gate units:
-    chunks of 128, 128, 44), and a third token count on the paths beside them."""
+    """1-4 tokens read a chunk's rows as several runs side by side (experts_cpu.cpp, "several runs of rows side by
+    side"; AVX2 at 1-2): rows enough for runs and leftovers in every chunk (H = 139 down rows: chunks of 64, 64, 11;
+    I = 300 gate units: chunks of 128, 128, 44), and a fifth token count on the paths beside them."""
     torch.manual_seed(4)
     hidden_size, inter = 139, 300
     expert = make_expert(dtype, False, True, hidden_size, inter)
     errors = {}
     with kernels.using_runs(runs):
-        for n in (1, 2, 3):
+        for n in (1, 2, 3, 4, 5):
             hidden = torch.randn(n + 2, hidden_size).to(dtype)
             token_ids = torch.randperm(n + 2)[:n]
             args = (hidden, token_ids, torch.rand(n), [0], [n], [expert], False, SILU)

@@ -54,8 +54,9 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ISAS = ("avx2", "avx512", "avx512_bf16")
 """The kernel's instruction sets, in the order of its ``experts_isa`` codes (each includes the ones before)."""
 RUNS = (1, 4, 8)
-"""How many runs of rows a kernel thread may read side by side at 1-2 tokens (``experts_runs``; 8 by default,
-1 is the single sequential run of the paths before: see experts_cpu.cpp, "several runs of rows side by side")."""
+"""How many runs of rows a kernel thread may read side by side at 1-2 tokens, and at most 4 at 3-4 tokens on the
+bf16 pair products (``experts_runs``; 8 by default, 1 is the single sequential run of the paths before: see
+experts_cpu.cpp, "several runs of rows side by side")."""
 
 
 @functools.cache
@@ -117,7 +118,7 @@ def best_seconds(fn: Callable[[], None], repeats: int = 3) -> float:
 
 @contextmanager
 def using_runs(count: int) -> Iterator[int]:
-    """The loaded kernel reading ``count`` (one of RUNS) runs of rows side by side at 1-2 tokens for the block,
+    """The loaded kernel reading ``count`` (one of RUNS) runs of rows side by side at few tokens for the block,
     the previous count restored after (benchmarks and tests compare the settings in one process)."""
     if count not in RUNS:
         raise ValueError(f"runs must be one of {RUNS}, not {count!r}")

@@ -69,12 +69,14 @@ inline float hsum(__m256 v) {
 // there; slower for 1 token, and for 2 tokens of fp32 weights.)
 constexpr int64_t kPrefetchBytes = 2048;
 
-// ---- several runs of rows side by side (1-2 tokens) ----
+// ---- several runs of rows side by side (1-2 tokens; bf16 pair products 1-4) ----
 // At 1-2 tokens a projection streams its weights, and a core reading one sequential run of memory keeps too few
 // lines in flight to reach RAM speed: on Zen 4 (2 vCPUs, a plain read loop) 29 GB/s over one run per core,
 // 45-58 GB/s over 8 runs per core with each line asked into L2 2 KiB ahead, while STREAM triad gave 51-55 in the
 // same minutes (when the host's neighbours were busy, 33-36 for both). So at 1-2 tokens a chunk's rows are read
 // as `runs` runs of L = rows / runs side by side (rows c, c + L, c + 2L, ...), the rest a row or two at a time.
+// The bf16 pair products read 4 runs at 3-4 tokens too (Zen 4: 5-8 % faster, whatever the host's bandwidth; the
+// widening path at 4 tokens, bound by arithmetic, was 14 % slower that way and keeps its pairs of rows).
 // experts_runs(k) sets how many: 1 (one run per chunk, the paths before), 4 or kRuns (the default).
 constexpr int kRuns = 8;
 std::atomic<int64_t> g_runs{kRuns};
@@ -84,20 +86,25 @@ constexpr int64_t kRunPrefetchBytes = 2048;
 template <int N>
 using Const = std::integral_constant<int, N>;
 
-// Rows [c0, c0 + runs * L) of n = 1-2 tokens as `runs` runs of L = (c1 - c0) / runs rows read side by side:
-// block(Const<R>, Const<TB>, c, L) computes rows c, c + L, ..., c + (R - 1) L for TB = n tokens, for each c in
-// [c0, c0 + L). Returns the first row after the runs: c0 where reading several runs is off, n is out of range, or
-// the chunk has fewer rows than runs.
-template <typename Block>
+// Rows [c0, c0 + R * L) of n tokens as R runs of L = (c1 - c0) / R rows read side by side: block(Const<R>,
+// Const<TB>, c, L) computes rows c, c + L, ..., c + (R - 1) L for TB = n tokens, for each c in [c0, c0 + L). R is
+// `runs` at 1-2 tokens and at most 4 at 3-MaxTokens (R * TB accumulators must fit the registers). Returns the first
+// row after the runs: c0 where reading several runs is off, n is out of range, or the chunk has fewer rows than R.
+template <int MaxTokens = kRunsMaxTokens, typename Block>
 inline int64_t run_rows(int64_t n, int64_t c0, int64_t c1, const Block& block) {
-  const int64_t runs = g_runs.load(std::memory_order_relaxed);
-  if (n < 1 || n > kRunsMaxTokens || runs <= 1) return c0;
+  const int64_t runs = n <= 2 ? g_runs.load(std::memory_order_relaxed)
+                              : std::min<int64_t>(g_runs.load(std::memory_order_relaxed), 4);
+  if (n < 1 || n > MaxTokens || runs <= 1) return c0;
   const int64_t L = (c1 - c0) / runs;
   for (int64_t c = c0; c < c0 + L; ++c) {
     if (runs == 8 && n == 1) block(Const<8>{}, Const<1>{}, c, L);
     else if (runs == 8) block(Const<8>{}, Const<2>{}, c, L);
     else if (n == 1) block(Const<4>{}, Const<1>{}, c, L);
-    else block(Const<4>{}, Const<2>{}, c, L);
+    else if (n == 2) block(Const<4>{}, Const<2>{}, c, L);
+    else if constexpr (MaxTokens >= 4) {
+      if (n == 3) block(Const<4>{}, Const<3>{}, c, L);
+      else block(Const<4>{}, Const<4>{}, c, L);
+    }
   }
   return c0 + runs * L;
 }
@@ -380,7 +387,7 @@ MOESERVE_AVX512_TARGET void project_avx512(const float* x, int64_t n, int64_t K,
 // fp32 and sums are fp32, so this path is as exact as the widening one — but only where the input is bf16 already
 // (the gate/up projection of a bf16 hidden state, a bf16 dense input); the down projection's input, computed here
 // in fp32, keeps the widening path rather than being rounded. Same blocking as project_avx512: runs side by side at
-// 1-2 tokens, else pairs of rows in token blocks of 8, the first block streaming the rows (every line asked into L2 ahead) and the others finding them in
+// 1-4 tokens, else pairs of rows in token blocks of 8, the first block streaming the rows (every line asked into L2 ahead) and the others finding them in
 // L1.
 #define MOESERVE_AVX512BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
@@ -457,7 +464,7 @@ MOESERVE_AVX512BF16_TARGET void project_pairs(const c10::BFloat16* inputs, int64
                                               float* y, int64_t ldy) {
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(inputs);
   const uint16_t* w = reinterpret_cast<const uint16_t*>(weights);
-  int64_t c = run_rows(n, c0, c1, [&](auto runs, auto tokens, int64_t row, int64_t L) MOESERVE_AVX512BF16_TARGET {
+  int64_t c = run_rows<4>(n, c0, c1, [&](auto runs, auto tokens, int64_t row, int64_t L) MOESERVE_AVX512BF16_TARGET {
     pair_dot_block<decltype(runs)::value, decltype(tokens)::value, true, kRunPrefetchBytes>(xb, ldx, K, w + row * ldw,
                                                                                             ldw, y + row, ldy, L);
   });  // then the rest two rows at a time
