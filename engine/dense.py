@@ -54,24 +54,41 @@ class RowStreamLinear(nn.Linear):
         rows = x.numel() // self.in_features
         if rows > self.max_rows or not self._kernel_serves(x):
             return F.linear(x, self.weight, self.bias)
-        out = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype)  # rounded by the op from fp32
-        # The overload itself (.default): the packet's per-call overload resolution is Python.
-        torch.ops.moeserve.dense.default(x.reshape(rows, self.in_features).contiguous(), self.weight, self.bias,
-                                         out.view(rows, self.out_features))
-        return out
+        return _kernel_product(x, self.weight, self.bias, rows)
 
     def _kernel_serves(self, x: torch.Tensor) -> bool:
-        """Whether the kernel takes this input with this layer's weight: the weight's side (CPU, a kernel dtype,
-        unit inner stride, kernel built) is checked once per weight tensor, the input's on every call."""
-        if not (x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and not torch.is_grad_enabled()):
+        """Whether the kernel takes this input with this layer's weight: the weight's side (`_weight_served`) is
+        checked once per weight tensor, the input's on every call."""
+        if not _input_served(x):
             return False
         weight = self.weight
         if self._served is None or self._served() is not weight:
-            if not (weight.device.type == "cpu" and weight.dtype in KERNEL_DTYPES and weight.stride(-1) == 1
-                    and row_stream_available()):
+            if not _weight_served(weight):
                 return False
             self._served = weakref.ref(weight)
         return True
+
+
+def _input_served(x: torch.Tensor) -> bool:
+    """The input's side of what ``torch.ops.moeserve.dense`` takes: on the CPU, a kernel dtype, no autograd."""
+    return x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and not torch.is_grad_enabled()
+
+
+def _weight_served(weight: torch.Tensor) -> bool:
+    """The weight's side: on the CPU, a kernel dtype, unit inner stride, the kernel built."""
+    return (weight.device.type == "cpu" and weight.dtype in KERNEL_DTYPES and weight.stride(-1) == 1
+            and row_stream_available())
+
+
+def _kernel_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` over x's ``rows`` rows on ``torch.ops.moeserve.dense``: [..., out] in x's dtype
+    (rounded by the op from its fp32 sums)."""
+    out_features, in_features = weight.shape
+    out = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
+    # The overload itself (.default): the packet's per-call overload resolution is Python.
+    torch.ops.moeserve.dense.default(x.reshape(rows, in_features).contiguous(), weight, bias,
+                                     out.view(rows, out_features))
+    return out
 
 
 class RowStreamWeight(nn.Parameter):
@@ -98,33 +115,26 @@ class RowStreamWeight(nn.Parameter):
 
 
 def _router_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``F.linear(x, weight, bias)`` on the kernel when it takes it (few rows, CPU, kernel dtypes, no grad), else
-    None."""
-    if not isinstance(weight, RowStreamWeight) or isinstance(x, RowStreamWeight) or torch.is_grad_enabled():
+    """``F.linear(x, weight, bias)`` on the kernel when it takes it (few rows, `_input_served`, `_weight_served`,
+    one dtype), else None."""
+    if not isinstance(weight, RowStreamWeight) or isinstance(x, RowStreamWeight) or weight.dim() != 2:
         return None
     in_features = weight.shape[-1]
     rows = x.numel() // in_features if in_features else 0
-    if not (0 < rows <= MAX_ROWS and x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and x.dtype == weight.dtype
-            and weight.device.type == "cpu" and weight.dim() == 2 and weight.stride(-1) == 1
+    if not (0 < rows <= MAX_ROWS and _input_served(x) and x.dtype == weight.dtype and _weight_served(weight)
             and (bias is None or bias.dtype == weight.dtype)):
         return None
-    with torch._C.DisableTorchFunctionSubclass():
-        out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
-        torch.ops.moeserve.dense.default(x.reshape(rows, in_features).contiguous(), weight, bias,
-                                         out.view(rows, weight.shape[0]))
-    return out
+    with torch._C.DisableTorchFunctionSubclass():  # the op and the tensor functions on the weight, as on a plain one
+        return _kernel_product(x, weight, bias, rows)
 
 
 def stream_router_weights(routers: Sequence[nn.Module]) -> int:
-    """Give each of ``routers`` (modules with a 2-D ``weight``) a `RowStreamWeight` over the very same data, where
-    the kernel is built and the weight is on the CPU in a kernel dtype; returns how many were swapped."""
-    if not row_stream_available():
-        return 0
+    """Give each of ``routers`` (modules with a 2-D ``weight``) a `RowStreamWeight` over the very same data where
+    the kernel takes that weight (`_weight_served`); returns how many were swapped."""
     swapped = 0
     for router in routers:
         weight = router.weight
-        if (isinstance(weight, RowStreamWeight) or weight.dim() != 2 or weight.device.type != "cpu"
-                or weight.dtype not in KERNEL_DTYPES):
+        if isinstance(weight, RowStreamWeight) or weight.dim() != 2 or not _weight_served(weight):
             continue
         router.weight = RowStreamWeight(weight.detach(), requires_grad=False)
         swapped += 1
