@@ -5,9 +5,10 @@
 //
 // Why it exists: decode is memory-bound, and torch's per-expert matmuls over few tokens stream the weights far
 // below RAM speed on AVX2 machines (and bf16 ones worse). Here each weight row is read once for all of an
-// expert's tokens: at 1-4 tokens (decode) one row at a time, a cache line per step, so every thread streams one
-// sequential run of memory; at more tokens a block of 2 rows (or 32 columns for transposed weights). Weights are
-// widened to fp32 and multiplied into the tokens while they sit in registers/L1. Accumulation is fp32 (FMA);
+// expert's tokens: at 1-2 tokens (decode) several runs of rows side by side, so every thread keeps several lines in
+// flight (the bf16 pair products also at 3-4); else a row or a block of 2 rows at a time (32 columns for transposed
+// weights). Weights are widened to fp32 and multiplied into the tokens while they sit in registers/L1 (or, on
+// AVX-512 BF16 with bf16 inputs, multiplied in bf16 pairs, exact in fp32). Accumulation is fp32 (FMA);
 // weights may be fp32, bf16 or fp16. Work is split into small chunks claimed from an atomic ticket by the calling
 // thread and a pool of at::get_num_threads() - 1 workers (ChunkPool), so a thread slowed by a busy core stalls no
 // other. benchmarks/experts_kernel.py measures the kernel against the RAM stream rate.
@@ -92,8 +93,8 @@ using Const = std::integral_constant<int, N>;
 // row after the runs: c0 where reading several runs is off, n is out of range, or the chunk has fewer rows than R.
 template <int MaxTokens = kRunsMaxTokens, typename Block>
 inline int64_t run_rows(int64_t n, int64_t c0, int64_t c1, const Block& block) {
-  const int64_t runs = n <= 2 ? g_runs.load(std::memory_order_relaxed)
-                              : std::min<int64_t>(g_runs.load(std::memory_order_relaxed), 4);
+  const int64_t chosen = g_runs.load(std::memory_order_relaxed);
+  const int64_t runs = n <= 2 ? chosen : std::min<int64_t>(chosen, 4);
   if (n < 1 || n > MaxTokens || runs <= 1) return c0;
   const int64_t L = (c1 - c0) / runs;
   for (int64_t c = c0; c < c0 + L; ++c) {
@@ -386,9 +387,9 @@ MOESERVE_AVX512_TARGET void project_avx512(const float* x, int64_t n, int64_t K,
 // with no widening: twice the products per instruction, half the input bytes. A product of two bf16 is exact in
 // fp32 and sums are fp32, so this path is as exact as the widening one — but only where the input is bf16 already
 // (the gate/up projection of a bf16 hidden state, a bf16 dense input); the down projection's input, computed here
-// in fp32, keeps the widening path rather than being rounded. Same blocking as project_avx512: runs side by side at
-// 1-4 tokens, else pairs of rows in token blocks of 8, the first block streaming the rows (every line asked into L2 ahead) and the others finding them in
-// L1.
+// in fp32, keeps the widening path rather than being rounded. Blocking: runs side by side at 1-4 tokens (the
+// widening path only at 1-2), else as project_avx512, pairs of rows in token blocks of 8, the first block streaming
+// the rows (every line asked into L2 ahead) and the others finding them in L1.
 #define MOESERVE_AVX512BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 constexpr int64_t kPairMinTokens = 1;
@@ -1090,20 +1091,22 @@ void decode_attention(const Tensor& query, const Tensor& key, const Tensor& valu
 
 // The instruction set the kernel's decode paths use: 0 AVX2 (every CPU the kernel loads on), 1 AVX-512, 2 AVX-512
 // with bf16 pair products (the default is the best the CPU has). ``choice`` >= 0 selects one; returns the one in use.
-int64_t experts_runs(int64_t choice) {
-  if (choice >= 0) {
-    TORCH_CHECK(choice == 1 || choice == 4 || choice == 8, "runs must be 1, 4 or 8, not ", choice);
-    g_runs.store(choice);
-  }
-  return g_runs.load();
-}
-
 int64_t experts_isa(int64_t choice) {
   if (choice >= 0) {
     TORCH_CHECK(choice <= best_isa(), "this CPU lacks the instruction set ", choice, " (best: ", best_isa(), ")");
     g_isa.store(choice);
   }
   return g_isa.load();
+}
+
+// How many runs of rows each thread reads side by side at few tokens (1, 4 or kRuns; see "several runs of rows side
+// by side"). ``choice`` >= 0 selects a count; returns the one in use.
+int64_t experts_runs(int64_t choice) {
+  if (choice >= 0) {
+    TORCH_CHECK(choice == 1 || choice == 4 || choice == 8, "runs must be 1, 4 or 8, not ", choice);
+    g_runs.store(choice);
+  }
+  return g_runs.load();
 }
 
 }  // namespace
