@@ -115,8 +115,8 @@ def measure_shape(name: str, shape: dict, first_rate: float, max_tokens: int) ->
         llm = LLM(tmp, max_model_len=PROMPT_LEN + max_tokens + 16, max_num_seqs=16, max_num_batched_tokens=512)
         load = time.perf_counter() - start  # reading the checkpoint, packing the experts, calibrating the paths
         engine_decode(llm, 1, 4)  # warm-up
-        # The bound from the best stream rate of the run's first measurement and of two taken around this shape's
-        # one-stream rounds: this host's memory bandwidth swings within minutes (README), and the bound must not
+        # The bound from the best stream rate of the run's first measurement and of two taken before and after this
+        # shape's engine runs: this host's memory bandwidth swings within minutes (README), and the bound must not
         # be read from a slow minute while the engine ran in a fast one.
         rates = [first_rate, stream_rate(STREAM_BYTES)["best"]]
         engine = {streams: engine_decode(llm, streams, max_tokens) for streams in (1, 4, 16)}
