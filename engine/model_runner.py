@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from engine.attention import ATTENTION_NAME, GATHERED_CACHE_MODEL_TYPES, BatchLayout, PagedKVStore
 from engine.dense import RowStreamConfig, calibrate_row_paths, row_stream_available, stream_router_weights
 from engine.kv_cache import DEFAULT_BLOCK_SIZE
+from engine.norms import fuse_rms_norms
 from engine.offload.experts import (
     ExpertsForward,
     is_experts_module,
@@ -116,6 +117,8 @@ class ModelRunner:
         self.model.set_experts_implementation(register_experts_forward(self.experts_forward, name))
         if self.device.type == "cpu":
             stream_router_weights(list(moe_routers(self.model).values()))  # their few-row products on the kernel
+            fused = fuse_rms_norms(self.model)  # few-row RMSNorms in one op each (engine.norms)
+            logger.debug("%d RMSNorm modules on the rms_norm op", fused)
             self._calibrate_paths()
         logger.info(
             "loaded %s (%s, %d layers, %d with experts%s) with %d KV blocks of %d tokens",

@@ -1,7 +1,8 @@
 // moeserve's CPU experts kernel: `torch.ops.moeserve.experts_group`, which runs a group of routed experts of one MoE
 // layer and adds their routing-weighted outputs into an fp32 accumulator, and `torch.ops.moeserve.dense`, one dense
 // projection on the same row paths (torch's bf16 one-row products run far below RAM speed on these machines), and
-// `torch.ops.moeserve.decode_attention`, attention of one new token per request over its context (below).
+// `torch.ops.moeserve.decode_attention`, attention of one new token per request over its context (below), and
+// `torch.ops.moeserve.rms_norm`, a few rows' RMSNorm in one call (engine.norms).
 //
 // Why it exists: decode is memory-bound, and torch's per-expert matmuls over few tokens stream the weights far
 // below RAM speed on AVX2 machines (and bf16 ones worse). Here each weight row is read once for all of an
@@ -942,6 +943,58 @@ void dense(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, 
   }
 }
 
+// ---- RMSNorm of a few rows: the one op engine.norms runs for a model's own RMSNorm modules ----
+// out[r] = norm(x[r]) with n = x * (1 / sqrt(mean(x^2) + eps)) in fp32, as transformers' RMSNorm modules compute
+// it, then either w * round(n) (round_first, the Llama family: the normalized row is rounded to x's dtype before
+// the weight multiplies it, in fp32, and rounds again) or round(w * n) (GPT-OSS). A decode step runs two of
+// them per layer; as torch ops each is 6-8 small calls, each slowed by caches the weight stream just emptied.
+// x, w and out of one dtype (fp32, bf16 or fp16), [R, H] contiguous (w [H]); one thread: a row is 2-16 KB.
+template <typename T>
+void rms_norm_rows(const T* x, const T* w, int64_t R, int64_t H, float eps, bool round_first, T* out) {
+  for (int64_t r = 0; r < R; ++r) {
+    const T* row = x + r * H;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t i = 0;
+    for (; i + 32 <= H; i += 32)
+      for (int u = 0; u < 4; ++u) {
+        const __m256 v = load8(row + i + 8 * u);
+        acc[u] = _mm256_fmadd_ps(v, v, acc[u]);
+      }
+    for (; i + 8 <= H; i += 8) acc[0] = _mm256_fmadd_ps(load8(row + i), load8(row + i), acc[0]);
+    float sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    for (; i < H; ++i) sum += static_cast<float>(row[i]) * static_cast<float>(row[i]);
+    const float scale = 1.f / std::sqrt(sum / static_cast<float>(H) + eps);
+    T* o = out + r * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const float n = static_cast<float>(row[j]) * scale;
+      o[j] = round_first ? static_cast<T>(static_cast<float>(w[j]) * static_cast<float>(static_cast<T>(n)))
+                         : static_cast<T>(static_cast<float>(w[j]) * n);
+    }
+  }
+}
+
+void rms_norm(const Tensor& x, const Tensor& w, double eps, bool round_first, const Tensor& out) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be [R, H] contiguous");
+  const int64_t R = x.size(0), H = x.size(1);
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == H && w.is_contiguous() && w.scalar_type() == x.scalar_type(),
+              "w must be [", H, "] contiguous, of x's dtype");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.is_contiguous() && out.scalar_type() == x.scalar_type(),
+              "out must be like x");
+  const float e = static_cast<float>(eps);
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return rms_norm_rows(x.const_data_ptr<float>(), w.const_data_ptr<float>(), R, H, e, round_first,
+                           out.data_ptr<float>());
+    case at::kBFloat16:
+      return rms_norm_rows(x.const_data_ptr<c10::BFloat16>(), w.const_data_ptr<c10::BFloat16>(), R, H, e,
+                           round_first, out.data_ptr<c10::BFloat16>());
+    case at::kHalf:
+      return rms_norm_rows(x.const_data_ptr<c10::Half>(), w.const_data_ptr<c10::Half>(), R, H, e, round_first,
+                           out.data_ptr<c10::Half>());
+    default: TORCH_CHECK(false, "x must be fp32, bf16 or fp16");
+  }
+}
+
 // ---- decode attention: one new token of each request over its own context ----
 // out[t][h] = sum_j p_j v[g][j] / (sum_j p_j + exp(sink[h] - m)), p_j = exp(scale * q[h][t] . k[g][j] - m), over the
 // request's context rows j, for the query heads h of key/value head g (G = H / Hk heads share one), m the largest
@@ -1115,6 +1168,7 @@ TORCH_LIBRARY(moeserve, m) {
   m.def("experts_isa(int choice) -> int", &experts_isa);
   m.def("experts_runs(int choice) -> int", &experts_runs);
   m.def("dense(Tensor x, Tensor w, Tensor? bias, Tensor(a!) out) -> ()");
+  m.def("rms_norm(Tensor x, Tensor w, float eps, bool round_first, Tensor(a!) out) -> ()");
   m.def("experts_best_isa() -> int", [] { return static_cast<int64_t>(best_isa()); });
   m.def("decode_attention(Tensor query, Tensor key, Tensor value, Tensor spans, float scale, int window, "
         "Tensor? sinks, Tensor? slots, Tensor(a!) out) -> ()");
@@ -1127,5 +1181,6 @@ TORCH_LIBRARY(moeserve, m) {
 TORCH_LIBRARY_IMPL(moeserve, CPU, m) {
   m.impl("experts_group", &experts_group);
   m.impl("dense", &dense);
+  m.impl("rms_norm", &rms_norm);
   m.impl("decode_attention", &decode_attention);
 }

@@ -1,0 +1,146 @@
+"""A model's own RMSNorm modules on one kernel op (``torch.ops.moeserve.rms_norm``) for few-row inputs.
+
+A decode step runs two RMSNorms per layer. transformers' RMSNorm modules compute them as 6-8 small torch ops
+(upcast, square, mean, add, rsqrt, multiply, round, weight): ~18 µs on a quiet core, and ~45 µs in the engine,
+where each op finds the caches the previous layer's weight stream emptied (README, "small ops after a weight
+stream"). The op computes the same arithmetic in one call, ~4 µs.
+
+Nothing of transformers' code changes: `fuse_rms_norms` replaces a norm *module* by a `KernelRMSNorm` that holds the
+very same weight (same parameter name, so state dicts and checkpoints are unchanged) and keeps the original module
+for what the op does not take (more than ``max_rows`` rows, autograd, another device or dtype). A module is
+replaced only after the op reproduced its own output on random rows in its own dtype, in one of the two orders
+RMSNorm classes round in (`ROUNDINGS`); a class computing anything else (Gemma's ``1 + weight``, a bias, an
+offset) matches neither and keeps its forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from engine.dense import MAX_ROWS
+from engine.offload.kernels import KERNEL_DTYPES, load_experts_kernel
+
+logger = logging.getLogger(__name__)
+
+ROUNDINGS = {"round_first": True, "scale_first": False}
+"""The orders RMSNorm modules round in (the op's ``round_first``): the Llama family (Mixtral, Qwen-MoE, OLMoE,
+DeepSeek) rounds the normalized row to the input's dtype before the weight multiplies it; GPT-OSS multiplies in
+fp32 and rounds once."""
+PROBE_ROWS = 16
+MAX_MISMATCH = 1e-3
+"""Share of a 16-bit probe's elements allowed to differ (by one unit in the last place: the mean's summation order
+differs from torch's). The other rounding order differs in ~25 % of them."""
+EPSILON_NAMES = ("variance_epsilon", "eps")
+
+
+class KernelRMSNorm(nn.Module):
+    """An RMSNorm module whose products of at most ``max_rows`` rows run on ``torch.ops.moeserve.rms_norm``."""
+
+    max_rows: int = MAX_ROWS
+
+    def __init__(self, original: nn.Module, eps: float, round_first: bool) -> None:
+        super().__init__()
+        self.weight = original.weight
+        self.eps = eps
+        self.round_first = round_first
+        # Not a registered submodule: the weight must appear once in state dicts, under its own name.
+        object.__setattr__(self, "original", original)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        rows = hidden_states.numel() // weight.shape[0] if weight.shape[0] else 0
+        if not (0 < rows <= self.max_rows and hidden_states.dtype == weight.dtype and hidden_states.device.type == "cpu"
+                and not torch.is_grad_enabled()):
+            return self.original(hidden_states)
+        out = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
+        torch.ops.moeserve.rms_norm.default(hidden_states.reshape(rows, -1).contiguous(), weight, self.eps,
+                                            self.round_first, out.view(rows, -1))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, round_first={self.round_first}, " \
+               f"original={type(self.original).__name__}"
+
+
+def rms_norm_epsilon(module: nn.Module) -> float | None:
+    """The epsilon of an RMSNorm-shaped module: no children, one parameter ``weight`` of one dimension on the CPU
+    in a kernel dtype, and a float epsilon attribute; None for any other module."""
+    if next(module.children(), None) is not None or "RMSNorm" not in type(module).__name__:
+        return None
+    parameters = dict(module.named_parameters(recurse=False))
+    weight = parameters.get("weight")
+    if len(parameters) != 1 or weight is None or weight.dim() != 1 or weight.device.type != "cpu":
+        return None
+    if weight.dtype not in KERNEL_DTYPES or not weight.is_contiguous():
+        return None
+    for name in EPSILON_NAMES:
+        value = getattr(module, name, None)
+        if isinstance(value, float):
+            return value
+    return None
+
+
+@torch.no_grad()
+def matching_rounding(module: nn.Module, eps: float, generator: torch.Generator | None = None) -> bool | None:
+    """The op's ``round_first`` that reproduces ``module``'s class on random rows and a random weight in the module's
+    dtype, or None if neither does (`MAX_MISMATCH`; fp32 within 4 units in the last place). The weight is a copy's
+    (a weight of ones would make both orders agree)."""
+    module = copy.deepcopy(module)
+    weight = module.weight
+    dtype = weight.dtype
+    weight.copy_(1 + 0.3 * torch.randn(weight.shape, generator=generator))
+    probe = (torch.randn(PROBE_ROWS, weight.shape[0], generator=generator) * 3).to(dtype)
+    expected = module(probe)
+    if expected.dtype != dtype or expected.shape != probe.shape:
+        return None
+    tolerance = 4 * torch.finfo(dtype).eps * expected.float().abs()
+    for round_first in ROUNDINGS.values():
+        out = torch.empty_like(probe)
+        torch.ops.moeserve.rms_norm.default(probe, weight, eps, round_first, out)
+        difference = (out.float() - expected.float()).abs()
+        close = bool(torch.isfinite(out).all() and (difference <= tolerance).all())
+        if close and (dtype == torch.float32 or (difference > 0).float().mean().item() <= MAX_MISMATCH):
+            return round_first
+    return None
+
+
+def fuse_rms_norms(model: nn.Module) -> int:
+    """Replace every RMSNorm module of ``model`` the op reproduces (`matching_rounding`) by a `KernelRMSNorm`;
+    return how many. Nothing changes without the built kernel."""
+    if load_experts_kernel() is None:
+        return 0
+    generator = torch.Generator().manual_seed(0)
+    verdicts: dict[tuple, bool | None] = {}
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            eps = rms_norm_epsilon(child)
+            if eps is None:
+                continue
+            key = (type(child), child.weight.dtype, eps)
+            if key not in verdicts:  # the arithmetic is the class's: one probe per class, dtype and epsilon
+                verdicts[key] = matching_rounding(child, eps, generator)
+                if verdicts[key] is None:
+                    logger.info("%s keeps its own forward: the rms_norm op does not reproduce it", type(child).__name__)
+            if verdicts[key] is not None:
+                setattr(parent, name, KernelRMSNorm(child, eps, verdicts[key]))
+                replaced += 1
+    return replaced
+
+
+@contextmanager
+def using_module_norms() -> Iterator[None]:
+    """Within the block every `KernelRMSNorm` runs its original module (benchmarks compare the op against the
+    module's torch ops in one process)."""
+    saved = KernelRMSNorm.max_rows
+    KernelRMSNorm.max_rows = 0
+    try:
+        yield
+    finally:
+        KernelRMSNorm.max_rows = saved
