@@ -12,6 +12,8 @@ RAM), in one run on the same machine:
 - ``engine_1_stream_tok_per_s_one_run``: one stream with every kernel thread reading its rows as one run
   (engine.offload.kernels.using_runs(1), the paths before the kernel read several runs side by side), in rounds
   alternating with the default (the 1-stream figure is the best of those rounds and the first measurement);
+- ``engine_1_stream_tok_per_s_module_norms``: one stream with the model's RMSNorm modules running their own torch
+  ops instead of the kernel's ``rms_norm`` (engine.norms.using_module_norms), in the same alternating rounds;
 - ``transformers``: the same checkpoint through transformers' own ``generate`` (its default experts
   implementation), one stream.
 
@@ -45,6 +47,7 @@ from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
 from engine.logs import configure_logging
+from engine.norms import using_module_norms
 from engine.offload.kernels import ISAS, best_isa, load_experts_kernel, using_isa, using_runs
 
 logger = logging.getLogger("benchmarks.experts_decode")
@@ -66,7 +69,7 @@ SHAPES = {
 ISSUE_SHAPES = tuple(SHAPES)[:3]
 PROMPT_LEN = 16
 STREAM_BYTES = int(1.5 * 2**30)  # the stream rate's working set (benchmarks/bandwidth.py)
-ONE_STREAM_ROUNDS = 3  # alternating rounds of one stream with and without the kernel's runs (best of each kept)
+ONE_STREAM_ROUNDS = 3  # alternating rounds of one stream: default, one run, module norms (best of each kept)
 
 
 def with_heads(shape: dict) -> dict:
@@ -122,13 +125,16 @@ def measure_shape(name: str, shape: dict, first_rate: float, max_tokens: int) ->
         engine = {streams: engine_decode(llm, streams, max_tokens) for streams in (1, 4, 16)}
         lower_isas = {}  # 16 streams with the kernel's decode paths on each instruction set below the best
         one_run = None  # 1 stream with every kernel thread reading one run of rows (the paths before the runs)
+        module_norms = None  # 1 stream with the RMSNorm modules' own torch ops (engine.norms)
         if load_experts_kernel() is not None:
             for isa in ISAS[: ISAS.index(best_isa())]:
                 with using_isa(isa):
                     lower_isas[isa] = engine_decode(llm, 16, max_tokens)
-            for _ in range(ONE_STREAM_ROUNDS):  # alternating, best of each: the pair compares on the same minutes
+            for _ in range(ONE_STREAM_ROUNDS):  # alternating, best of each: the arms compare on the same minutes
                 with using_runs(1):
                     one_run = max(one_run or 0.0, engine_decode(llm, 1, max_tokens))
+                with using_module_norms():
+                    module_norms = max(module_norms or 0.0, engine_decode(llm, 1, max_tokens))
                 engine[1] = max(engine[1], engine_decode(llm, 1, max_tokens))
         rates.append(stream_rate(STREAM_BYTES)["best"])
         bound = max(rates) / bytes_per_token(config, torch.bfloat16)
@@ -145,6 +151,7 @@ def measure_shape(name: str, shape: dict, first_rate: float, max_tokens: int) ->
         "engine_tok_per_s": {str(s): round(v, 2) for s, v in engine.items()},
         "engine_16_streams_tok_per_s_on_isa": {isa: round(v, 2) for isa, v in lower_isas.items()},
         "engine_1_stream_tok_per_s_one_run": None if one_run is None else round(one_run, 2),
+        "engine_1_stream_tok_per_s_module_norms": None if module_norms is None else round(module_norms, 2),
         "transformers_tok_per_s": round(stock, 2),
         "engine_fraction_of_bound": round(engine[1] / bound, 3),
         "transformers_fraction_of_bound": round(stock / bound, 3),
