@@ -33,6 +33,7 @@ from engine.offload.loader import load_offloaded_model
 from engine.offload.offloaded import OffloadedExperts
 from engine.offload.tiers import pack_tensors
 from engine.reference import TORCH_DTYPES
+from engine.routers import fuse_routers
 from engine.scheduler import ScheduledRequest
 
 logger = logging.getLogger(__name__)
@@ -117,8 +118,10 @@ class ModelRunner:
         self.model.set_experts_implementation(register_experts_forward(self.experts_forward, name))
         if self.device.type == "cpu":
             stream_router_weights(list(moe_routers(self.model).values()))  # their few-row products on the kernel
-            fused = fuse_rms_norms(self.model)  # few-row RMSNorms in one op each (engine.norms)
-            logger.debug("%d RMSNorm modules on the rms_norm op", fused)
+            norms, routers = fuse_rms_norms(self.model), fuse_routers(self.model)  # engine.norms, engine.routers
+            logger.debug("%d RMSNorm modules on the rms_norm op, %d routers on route_topk", norms, routers)
+            if self.experts_forward.lookahead:
+                self.experts_forward.lookahead = lookahead_routers(self.model)  # the replaced routers
             self._calibrate_paths()
         logger.info(
             "loaded %s (%s, %d layers, %d with experts%s) with %d KV blocks of %d tokens",

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -71,7 +69,8 @@ class KernelRMSNorm(nn.Module):
 def rms_norm_epsilon(module: nn.Module) -> float | None:
     """The epsilon of an RMSNorm-shaped module: no children, one parameter ``weight`` of one dimension on the CPU
     in a kernel dtype, and a float epsilon attribute; None for any other module."""
-    if next(module.children(), None) is not None or "RMSNorm" not in type(module).__name__:
+    if (isinstance(module, KernelRMSNorm) or next(module.children(), None) is not None
+            or "RMSNorm" not in type(module).__name__):
         return None
     parameters = dict(module.named_parameters(recurse=False))
     weight = parameters.get("weight")
@@ -133,14 +132,3 @@ def fuse_rms_norms(model: nn.Module) -> int:
                 replaced += 1
     return replaced
 
-
-@contextmanager
-def using_module_norms() -> Iterator[None]:
-    """Within the block every `KernelRMSNorm` runs its original module (benchmarks compare the op against the
-    module's torch ops in one process)."""
-    saved = KernelRMSNorm.max_rows
-    KernelRMSNorm.max_rows = 0
-    try:
-        yield
-    finally:
-        KernelRMSNorm.max_rows = saved

@@ -12,10 +12,10 @@ from torch import nn
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
 from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
 
-from engine.dense import MAX_ROWS
+from engine.dense import MAX_ROWS, original_modules
 from engine.models.demo import ARCHITECTURES
 from engine.model_runner import ModelRunner
-from engine.norms import KernelRMSNorm, fuse_rms_norms, matching_rounding, using_module_norms
+from engine.norms import KernelRMSNorm, fuse_rms_norms, matching_rounding
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CLASSES = {MixtralRMSNorm: True, GptOssRMSNorm: False}  # class -> the rounding order it computes (round_first)
@@ -118,15 +118,16 @@ def test_the_model_runner_fuses_the_norms_it_can(experts_kernel, demo_model: Cal
     runner = ModelRunner(demo_model(arch), num_kv_blocks=4)
     norms = [m for m in runner.model.modules() if "RMSNorm" in type(m).__name__]
     assert norms and all(isinstance(m, KernelRMSNorm) for m in norms)
+    assert fuse_rms_norms(runner.model) == 0  # nothing is replaced twice
 
 
-def test_using_module_norms_runs_the_original_module_within_the_block(experts_kernel) -> None:
+def test_original_modules_runs_the_original_module_within_the_block(experts_kernel) -> None:
     """The benchmarks' switch: inside it the module's torch ops run (bit for bit), after it the op again."""
     original = _norm(MixtralRMSNorm, torch.bfloat16, 128)
     fused = KernelRMSNorm(original, 1e-5, True)
     x = torch.randn(1, 128).to(torch.bfloat16)
     with torch.no_grad():
-        with using_module_norms(), torch.profiler.profile() as profile:
+        with original_modules(KernelRMSNorm), torch.profiler.profile() as profile:
             assert torch.equal(fused(x), original(x))
         assert "moeserve::rms_norm" not in {event.name for event in profile.events()}
         with torch.profiler.profile() as profile:

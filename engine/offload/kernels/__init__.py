@@ -1,8 +1,8 @@
 """The optional compiled CPU experts kernel: where it lives and how it is loaded.
 
 The kernel (``experts_cpu.cpp``: the torch ops ``torch.ops.moeserve.experts_group``, ``dense`` for engine.dense,
-``rms_norm`` for engine.norms and ``decode_attention`` for engine.attention) is built ahead of time by
-``python -m engine.offload.kernels.build`` into ``_build/`` beside this file. Loading never compiles: when the
+``rms_norm`` for engine.norms, ``route_topk`` for engine.routers and ``decode_attention`` for engine.attention) is
+built ahead of time by ``python -m engine.offload.kernels.build`` into ``_build/`` beside this file. Loading never compiles: when the
 library is missing, stale (source, flags or torch changed since the build) or the CPU lacks AVX2+FMA,
 ``load_experts_kernel()`` logs one line and returns ``None``, and callers use their pure-torch path.
 

@@ -2,7 +2,8 @@
 // layer and adds their routing-weighted outputs into an fp32 accumulator, and `torch.ops.moeserve.dense`, one dense
 // projection on the same row paths (torch's bf16 one-row products run far below RAM speed on these machines), and
 // `torch.ops.moeserve.decode_attention`, attention of one new token per request over its context (below), and
-// `torch.ops.moeserve.rms_norm`, a few rows' RMSNorm in one call (engine.norms).
+// `torch.ops.moeserve.rms_norm`, a few rows' RMSNorm in one call (engine.norms), and `route_topk`, a router's
+// softmax and top-k selection (engine.routers).
 //
 // Why it exists: decode is memory-bound, and torch's per-expert matmuls over few tokens stream the weights far
 // below RAM speed on AVX2 machines (and bf16 ones worse). Here each weight row is read once for all of an
@@ -995,6 +996,73 @@ void rms_norm(const Tensor& x, const Tensor& w, double eps, bool round_first, co
   }
 }
 
+// ---- top-k routing of a few rows: softmax, the k most probable experts, optional renormalization ----
+// For each row t of the router's logits [T, E]: p = softmax(float(logits[t])) in fp32, the k largest p in
+// descending order, divided by their sum when `renormalize`; scores [T, k] in fp32 or the logits' dtype, indices
+// [T, k] int64. What the Mixtral, Qwen-MoE and OLMoE routers compute after their linear layer in 4-6 torch ops
+// (engine.routers runs it only where it reproduces the module). Returns true when some row's k+1 largest hold equal
+// values (or NaN): torch.topk's order among equal values is its algorithm's (on the CPU the higher id first at 8
+// experts, the lower at 64), so the caller recomputes such a call with torch. Equal bf16 logits tie often enough.
+template <typename L, typename S>
+bool route_rows(const L* logits, int64_t T, int64_t E, int64_t k, bool renormalize, S* scores, int64_t* indices) {
+  if (E <= 0) return false;
+  static thread_local std::vector<float> p_buf;
+  static thread_local std::vector<char> taken_buf;
+  float* p = scratch(p_buf, E);
+  char* taken = scratch(taken_buf, E);
+  bool tied = false;
+  for (int64_t t = 0; t < T; ++t) {
+    const L* row = logits + t * E;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t e = 0; e < E; ++e) m = std::max(m, static_cast<float>(row[e]));
+    float sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(static_cast<float>(row[e]) - m));
+    for (int64_t e = 0; e < E; ++e) p[e] /= sum;
+    S* s = scores + t * k;
+    int64_t* ids = indices + t * k;
+    std::fill(taken, taken + E, 0);
+    float chosen = 0.f, last = 0.f;
+    for (int64_t j = 0; j <= k && j < E; ++j) {  // k is small (2-8): passes taking the first largest remaining
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; ++e)  // NaN ranks above every number, as in torch.topk
+        if (!taken[e] && (best < 0 || (std::isnan(p[e]) && !std::isnan(p[best])) || p[e] > p[best])) best = e;
+      if (j > 0 && !(p[best] < last)) tied = true;  // equal (or NaN) neighbours: torch's order is its own
+      last = p[best];
+      if (j == k) break;  // the (k+1)-th only tells whether the k-th was tied
+      taken[best] = 1;
+      ids[j] = best;
+      s[j] = static_cast<S>(p[best]);
+      chosen += p[best];
+    }
+    if (renormalize)
+      for (int64_t j = 0; j < k; ++j) s[j] = static_cast<S>(static_cast<float>(s[j]) / chosen);
+  }
+  return tied;
+}
+
+bool route_topk(const Tensor& logits, int64_t k, bool renormalize, const Tensor& scores, const Tensor& indices) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "logits must be [T, E] contiguous");
+  const int64_t T = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(k >= 1 && k <= E, "k must be in 1..", E);
+  TORCH_CHECK(scores.dim() == 2 && scores.size(0) == T && scores.size(1) == k && scores.is_contiguous() &&
+                  (scores.scalar_type() == at::kFloat || scores.scalar_type() == logits.scalar_type()),
+              "scores must be [T, k] contiguous, fp32 or the logits' dtype");
+  TORCH_CHECK(indices.sizes() == scores.sizes() && indices.is_contiguous() && indices.scalar_type() == at::kLong,
+              "indices must be [T, k] int64 contiguous");
+  auto run = [&](const auto* l) {
+    using L = std::remove_cv_t<std::remove_pointer_t<decltype(l)>>;
+    int64_t* ids = indices.data_ptr<int64_t>();
+    if (scores.scalar_type() == at::kFloat) return route_rows(l, T, E, k, renormalize, scores.data_ptr<float>(), ids);
+    return route_rows(l, T, E, k, renormalize, scores.data_ptr<L>(), ids);
+  };
+  switch (logits.scalar_type()) {
+    case at::kFloat: return run(logits.const_data_ptr<float>());
+    case at::kBFloat16: return run(logits.const_data_ptr<c10::BFloat16>());
+    case at::kHalf: return run(logits.const_data_ptr<c10::Half>());
+    default: TORCH_CHECK(false, "logits must be fp32, bf16 or fp16");
+  }
+}
+
 // ---- decode attention: one new token of each request over its own context ----
 // out[t][h] = sum_j p_j v[g][j] / (sum_j p_j + exp(sink[h] - m)), p_j = exp(scale * q[h][t] . k[g][j] - m), over the
 // request's context rows j, for the query heads h of key/value head g (G = H / Hk heads share one), m the largest
@@ -1169,6 +1237,7 @@ TORCH_LIBRARY(moeserve, m) {
   m.def("experts_runs(int choice) -> int", &experts_runs);
   m.def("dense(Tensor x, Tensor w, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("rms_norm(Tensor x, Tensor w, float eps, bool round_first, Tensor(a!) out) -> ()");
+  m.def("route_topk(Tensor logits, int k, bool renormalize, Tensor(a!) scores, Tensor(b!) indices) -> bool");
   m.def("experts_best_isa() -> int", [] { return static_cast<int64_t>(best_isa()); });
   m.def("decode_attention(Tensor query, Tensor key, Tensor value, Tensor spans, float scale, int window, "
         "Tensor? sinks, Tensor? slots, Tensor(a!) out) -> ()");
@@ -1182,5 +1251,6 @@ TORCH_LIBRARY_IMPL(moeserve, CPU, m) {
   m.impl("experts_group", &experts_group);
   m.impl("dense", &dense);
   m.impl("rms_norm", &rms_norm);
+  m.impl("route_topk", &route_topk);
   m.impl("decode_attention", &decode_attention);
 }
