@@ -12,16 +12,21 @@ RAM), in one run on the same machine:
 - ``engine_1_stream_tok_per_s_one_run``: one stream with every kernel thread reading its rows as one run
   (engine.offload.kernels.using_runs(1), the paths before the kernel read several runs side by side), in rounds
   alternating with the default (the 1-stream figure is the best of those rounds and the first measurement);
-- ``engine_1_stream_tok_per_s_module_norms``: one stream with the model's RMSNorm modules running their own torch
-  ops instead of the kernel's ``rms_norm`` (engine.norms.using_module_norms), in the same alternating rounds;
+- ``engine_1_stream_tok_per_s_module_norms`` and ``_module_routers``: one stream with the model's RMSNorm modules,
+  or its routers after their linear layer, running their own torch ops instead of the kernel's ``rms_norm`` or
+  ``route_topk`` (engine.dense.original_modules; engine.norms, engine.routers), in the same alternating rounds;
 - ``transformers``: the same checkpoint through transformers' own ``generate`` (its default experts
   implementation), one stream.
 
 Decode tok/s per stream excludes the prefill: (tokens - 1) / (time to last token - time to first token), the
 first token's time taken from a run with ``max_tokens=1``. The bound is the RAM stream rate measured in the same
-run divided by the bytes a token touches in bf16 (benchmarks/bandwidth.py); the rate is the best of the run's
-first measurement and two taken around each shape's engine runs (``stream_bytes_per_s_measured``), since this
-host's memory bandwidth swings within minutes. ``engine_load_seconds``: the time
+run divided by the bytes a token touches in bf16 (benchmarks/bandwidth.py); the rate is the best of the run's first
+measurement, two taken around each shape's engine runs and the paired ones below (``stream_bytes_per_s_measured``),
+since this host's memory bandwidth swings within minutes. As it swings within seconds too, each one-stream round of
+the default is also paired with stream rates taken just before and just after it (``engine_1_stream_paired_rounds``):
+the round's fraction is its tok/s over the bound from the higher of the two, and ``engine_fraction_of_bound_paired``
+is their median — the fraction at the bandwidth the host gave at that moment, where the run-wide fraction can fall
+on a fast minute's bound (low) or miss it (above 1). ``engine_load_seconds``: the time
 ``LLM(...)`` took (reading the checkpoint, packing the experts, timing kernel against torch per shape). Each model
 is written to a temporary directory and deleted after its shape. Results: benchmarks/results/experts_decode.json.
 
@@ -35,6 +40,7 @@ import argparse
 import gc
 import logging
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -47,7 +53,9 @@ from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
 from engine.logs import configure_logging
-from engine.norms import using_module_norms
+from engine.dense import original_modules
+from engine.norms import KernelRMSNorm
+from engine.routers import KernelTopKRouter
 from engine.offload.kernels import ISAS, best_isa, load_experts_kernel, using_isa, using_runs
 
 logger = logging.getLogger("benchmarks.experts_decode")
@@ -69,7 +77,7 @@ SHAPES = {
 ISSUE_SHAPES = tuple(SHAPES)[:3]
 PROMPT_LEN = 16
 STREAM_BYTES = int(1.5 * 2**30)  # the stream rate's working set (benchmarks/bandwidth.py)
-ONE_STREAM_ROUNDS = 3  # alternating rounds of one stream: default, one run, module norms (best of each kept)
+ONE_STREAM_ROUNDS = 5  # alternating rounds of one stream: one run, module norms, module routers, default
 
 
 def with_heads(shape: dict) -> dict:
@@ -126,6 +134,8 @@ def measure_shape(name: str, shape: dict, first_rate: float, max_tokens: int) ->
         lower_isas = {}  # 16 streams with the kernel's decode paths on each instruction set below the best
         one_run = None  # 1 stream with every kernel thread reading one run of rows (the paths before the runs)
         module_norms = None  # 1 stream with the RMSNorm modules' own torch ops (engine.norms)
+        module_routers = None  # 1 stream with the routers' own torch ops after the linear layer (engine.routers)
+        paired = []  # (1-stream tok/s, stream rate just before, just after) of the default's rounds
         if load_experts_kernel() is not None:
             for isa in ISAS[: ISAS.index(best_isa())]:
                 with using_isa(isa):
@@ -133,11 +143,19 @@ def measure_shape(name: str, shape: dict, first_rate: float, max_tokens: int) ->
             for _ in range(ONE_STREAM_ROUNDS):  # alternating, best of each: the arms compare on the same minutes
                 with using_runs(1):
                     one_run = max(one_run or 0.0, engine_decode(llm, 1, max_tokens))
-                with using_module_norms():
+                with original_modules(KernelRMSNorm):
                     module_norms = max(module_norms or 0.0, engine_decode(llm, 1, max_tokens))
-                engine[1] = max(engine[1], engine_decode(llm, 1, max_tokens))
+                with original_modules(KernelTopKRouter):
+                    module_routers = max(module_routers or 0.0, engine_decode(llm, 1, max_tokens))
+                before = stream_rate(STREAM_BYTES)["best"]
+                tok_per_s = engine_decode(llm, 1, max_tokens)
+                paired.append((tok_per_s, before, stream_rate(STREAM_BYTES)["best"]))
+                engine[1] = max(engine[1], tok_per_s)
         rates.append(stream_rate(STREAM_BYTES)["best"])
-        bound = max(rates) / bytes_per_token(config, torch.bfloat16)
+        rates.extend(rate for _, before, after in paired for rate in (before, after))  # the run-wide bound: all
+        token_bytes = bytes_per_token(config, torch.bfloat16)
+        bound = max(rates) / token_bytes
+        paired_fractions = [tok_per_s * token_bytes / max(before, after) for tok_per_s, before, after in paired]
         del llm
         gc.collect()
         model = AutoModelForCausalLM.from_pretrained(tmp, dtype="auto").eval()
@@ -152,13 +170,20 @@ def measure_shape(name: str, shape: dict, first_rate: float, max_tokens: int) ->
         "engine_16_streams_tok_per_s_on_isa": {isa: round(v, 2) for isa, v in lower_isas.items()},
         "engine_1_stream_tok_per_s_one_run": None if one_run is None else round(one_run, 2),
         "engine_1_stream_tok_per_s_module_norms": None if module_norms is None else round(module_norms, 2),
+        "engine_1_stream_tok_per_s_module_routers": None if module_routers is None else round(module_routers, 2),
         "transformers_tok_per_s": round(stock, 2),
         "engine_fraction_of_bound": round(engine[1] / bound, 3),
+        "engine_1_stream_paired_rounds": [
+            {"tok_per_s": round(tok_per_s, 2), "stream_bytes_per_s_before": round(before),
+             "stream_bytes_per_s_after": round(after), "fraction_of_bound": round(fraction, 3)}
+            for (tok_per_s, before, after), fraction in zip(paired, paired_fractions)],
+        "engine_fraction_of_bound_paired": (round(statistics.median(paired_fractions), 3) if paired_fractions
+                                            else None),
         "transformers_fraction_of_bound": round(stock / bound, 3),
         "engine_over_transformers": round(engine[1] / stock, 3),
     }
-    logger.info("%s: bound %.1f tok/s, engine %.1f (%.2f of bound), transformers %.1f (%.2f)", name, bound,
-                engine[1], engine[1] / bound, stock, stock / bound)
+    logger.info("%s: bound %.1f tok/s, engine %.1f (%.2f of bound; paired %s), transformers %.1f (%.2f)", name,
+                bound, engine[1], engine[1] / bound, row["engine_fraction_of_bound_paired"], stock, stock / bound)
     return row
 
 
