@@ -14,7 +14,10 @@ RAM), in one run on the same machine:
   alternating with the default (the 1-stream figure is the best of those rounds and the first measurement);
 - ``engine_1_stream_tok_per_s_module_norms`` and ``_module_routers``: one stream with the model's RMSNorm modules,
   or its routers after their linear layer, running their own torch ops instead of the kernel's ``rms_norm`` or
-  ``route_topk`` (engine.dense.original_modules; engine.norms, engine.routers), in the same alternating rounds;
+  ``route_topk`` (engine.dense.original_modules; engine.norms, engine.routers), in the same alternating rounds
+  (each arm's figure is the best of its rounds; ``engine_1_stream_default_over_arm_per_round``: the median over the
+  rounds of the default's tok/s over the arm's in that round, the steadier comparison on a host whose bandwidth
+  swings within seconds);
 - ``transformers``: the same checkpoint through transformers' own ``generate`` (its default experts
   implementation), one stream.
 
@@ -132,25 +135,25 @@ def measure_shape(name: str, shape: dict, first_rate: float, max_tokens: int) ->
         rates = [first_rate, stream_rate(STREAM_BYTES)["best"]]
         engine = {streams: engine_decode(llm, streams, max_tokens) for streams in (1, 4, 16)}
         lower_isas = {}  # 16 streams with the kernel's decode paths on each instruction set below the best
-        one_run = None  # 1 stream with every kernel thread reading one run of rows (the paths before the runs)
-        module_norms = None  # 1 stream with the RMSNorm modules' own torch ops (engine.norms)
-        module_routers = None  # 1 stream with the routers' own torch ops after the linear layer (engine.routers)
+        arms = {  # 1 stream with one thing switched back, in rounds alternating with the default
+            "one_run": lambda: using_runs(1),  # every kernel thread reading one run of rows (before the runs)
+            "module_norms": lambda: original_modules(KernelRMSNorm),  # the RMSNorm modules' torch ops
+            "module_routers": lambda: original_modules(KernelTopKRouter),  # the routers' torch ops after the linear
+        }
+        rounds: dict[str, list[float]] = {arm: [] for arm in (*arms, "default")}
         paired = []  # (1-stream tok/s, stream rate just before, just after) of the default's rounds
         if load_experts_kernel() is not None:
             for isa in ISAS[: ISAS.index(best_isa())]:
                 with using_isa(isa):
                     lower_isas[isa] = engine_decode(llm, 16, max_tokens)
-            for _ in range(ONE_STREAM_ROUNDS):  # alternating, best of each: the arms compare on the same minutes
-                with using_runs(1):
-                    one_run = max(one_run or 0.0, engine_decode(llm, 1, max_tokens))
-                with original_modules(KernelRMSNorm):
-                    module_norms = max(module_norms or 0.0, engine_decode(llm, 1, max_tokens))
-                with original_modules(KernelTopKRouter):
-                    module_routers = max(module_routers or 0.0, engine_decode(llm, 1, max_tokens))
+            for _ in range(ONE_STREAM_ROUNDS):  # alternating: the arms compare on the same minutes
+                for arm, switch in arms.items():
+                    with switch():
+                        rounds[arm].append(engine_decode(llm, 1, max_tokens))
                 before = stream_rate(STREAM_BYTES)["best"]
-                tok_per_s = engine_decode(llm, 1, max_tokens)
-                paired.append((tok_per_s, before, stream_rate(STREAM_BYTES)["best"]))
-                engine[1] = max(engine[1], tok_per_s)
+                rounds["default"].append(engine_decode(llm, 1, max_tokens))
+                paired.append((rounds["default"][-1], before, stream_rate(STREAM_BYTES)["best"]))
+            engine[1] = max(engine[1], *rounds["default"])
         rates.append(stream_rate(STREAM_BYTES)["best"])
         rates.extend(rate for _, before, after in paired for rate in (before, after))  # the run-wide bound: all
         token_bytes = bytes_per_token(config, torch.bfloat16)
@@ -168,9 +171,10 @@ def measure_shape(name: str, shape: dict, first_rate: float, max_tokens: int) ->
         "engine_load_seconds": round(load, 1),
         "engine_tok_per_s": {str(s): round(v, 2) for s, v in engine.items()},
         "engine_16_streams_tok_per_s_on_isa": {isa: round(v, 2) for isa, v in lower_isas.items()},
-        "engine_1_stream_tok_per_s_one_run": None if one_run is None else round(one_run, 2),
-        "engine_1_stream_tok_per_s_module_norms": None if module_norms is None else round(module_norms, 2),
-        "engine_1_stream_tok_per_s_module_routers": None if module_routers is None else round(module_routers, 2),
+        **{f"engine_1_stream_tok_per_s_{arm}": round(max(rounds[arm]), 2) if rounds[arm] else None for arm in arms},
+        "engine_1_stream_default_over_arm_per_round": {  # the steadier A/B on this host: ratios within a round
+            arm: round(statistics.median(d / a for d, a in zip(rounds["default"], rounds[arm])), 3)
+            if rounds[arm] else None for arm in arms},
         "transformers_tok_per_s": round(stock, 2),
         "engine_fraction_of_bound": round(engine[1] / bound, 3),
         "engine_1_stream_paired_rounds": [

@@ -3,21 +3,23 @@ for few-row inputs.
 
 After its linear layer (on the kernel's row paths already: engine.dense.RowStreamWeight), the Mixtral, Qwen-MoE and
 OLMoE routers take the softmax, the top k, their sum and quotient and a cast: 4-6 small torch ops per MoE layer,
-~65 µs with the linear layer in the engine at decode, where each op finds the caches the previous layer's weight
+60-100 µs with the linear layer in the engine at decode, where each op finds the caches the previous layer's weight
 stream emptied (README). The op does that arithmetic in one call.
 
 As with engine.norms: `fuse_routers` replaces a router *module* by a `KernelTopKRouter` holding the very same
-weight (same name) and keeping the original module for what it does not take (more than ``max_rows`` rows,
-autograd, another device or an input of another dtype than the weight's, a call whose top k+1 probabilities hold equal values: torch.topk orders equal values by
-its own algorithm, and equal bf16 logits are common). A router is replaced only after the op reproduced its class's
-three outputs (logits, scores, indices) on random rows in one of the variants of `VARIANTS`; any other router
-(DeepSeek's grouped selection, GPT-OSS's softmax over the top k) matches none and keeps its forward.
+weight (same name) and keeping the original module for what it does not take: more than ``max_rows`` rows,
+autograd, another device, an input of another dtype than the weight's, and a call whose top k + 1 probabilities
+hold equal values (torch.topk orders equal values by its own algorithm, and equal bf16 logits are common). A router
+is replaced only after it reproduced its class's three outputs (logits, scores, indices) on random rows in one of
+`VARIANTS`. Others match none and keep their forward: DeepSeek-V3's grouped sigmoid selection, GPT-OSS's softmax
+over the top k, DeepSeek-V2's scaled weights (its greedy router matches where ``routed_scaling_factor`` is 1).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
