@@ -53,7 +53,8 @@ class KernelRMSNorm(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         rows = hidden_states.numel() // weight.shape[0] if weight.shape[0] else 0
-        if not (0 < rows <= self.max_rows and hidden_states.dtype == weight.dtype and hidden_states.device.type == "cpu"
+        if not (0 < rows <= self.max_rows and hidden_states.shape[-1] == weight.shape[0]
+                and hidden_states.dtype == weight.dtype and hidden_states.device.type == "cpu"
                 and not torch.is_grad_enabled()):
             return self.original(hidden_states)
         out = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)

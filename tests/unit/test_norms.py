@@ -97,6 +97,9 @@ def test_the_swap_keeps_weights_and_names_and_falls_back_to_the_module(experts_k
             many = torch.randn(MAX_ROWS + 1, 96).to(torch.bfloat16)
             assert torch.equal(fused(many), module(many))
             assert torch.equal(fused(few.float()), module(few.float()))  # another dtype than the weight's
+            wide = torch.randn(1, 2 * 96).to(torch.bfloat16)  # not the weight's width: the module's own error
+            with pytest.raises(RuntimeError):
+                fused(wide)
     x = torch.randn(1, 96).to(torch.bfloat16).requires_grad_()
     out = model[0](x)
     assert out.grad_fn is not None and torch.equal(out, original[0](x))
