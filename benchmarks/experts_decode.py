@@ -14,7 +14,7 @@ RAM), in one run on the same machine:
   alternating with the default (the 1-stream figure is the best of those rounds and the first measurement);
 - ``engine_1_stream_tok_per_s_module_norms`` and ``_module_routers``: one stream with the model's RMSNorm modules,
   or its routers after their linear layer, running their own torch ops instead of the kernel's ``rms_norm`` or
-  ``route_topk`` (engine.dense.original_modules; engine.norms, engine.routers), in the same alternating rounds
+  ``route_topk`` (engine.replacement.original_modules; engine.norms, engine.routers), in the same alternating rounds
   (each arm's figure is the best of its rounds; ``engine_1_stream_default_over_arm_per_round``: the median over the
   rounds of the default's tok/s over the arm's in that round, the steadier comparison on a host whose bandwidth
   swings within seconds);
@@ -56,10 +56,10 @@ from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
 from engine.logs import configure_logging
-from engine.dense import original_modules
 from engine.norms import KernelRMSNorm
-from engine.routers import KernelTopKRouter
 from engine.offload.kernels import ISAS, best_isa, load_experts_kernel, using_isa, using_runs
+from engine.replacement import original_modules
+from engine.routers import KernelTopKRouter
 
 logger = logging.getLogger("benchmarks.experts_decode")
 
@@ -129,9 +129,9 @@ def measure_shape(name: str, shape: dict, first_rate: float, max_tokens: int) ->
         llm = LLM(tmp, max_model_len=PROMPT_LEN + max_tokens + 16, max_num_seqs=16, max_num_batched_tokens=512)
         load = time.perf_counter() - start  # reading the checkpoint, packing the experts, calibrating the paths
         engine_decode(llm, 1, 4)  # warm-up
-        # The bound from the best stream rate of the run's first measurement and of two taken before and after this
-        # shape's engine runs: this host's memory bandwidth swings within minutes (README), and the bound must not
-        # be read from a slow minute while the engine ran in a fast one.
+        # The bound from the best stream rate of the run's first measurement, two taken before and after this shape's
+        # engine runs and those paired with its one-stream rounds: this host's memory bandwidth swings within
+        # seconds (README), and the bound must not be read from a slow moment while the engine ran in a fast one.
         rates = [first_rate, stream_rate(STREAM_BYTES)["best"]]
         engine = {streams: engine_decode(llm, streams, max_tokens) for streams in (1, 4, 16)}
         lower_isas = {}  # 16 streams with the kernel's decode paths on each instruction set below the best

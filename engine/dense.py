@@ -22,8 +22,7 @@ from __future__ import annotations
 import logging
 import sys
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -208,21 +207,6 @@ def _time_row_paths(layer: RowStreamLinear, rows: int) -> tuple[float, float]:
         F.linear(x, layer.weight, layer.bias)
 
     return best_seconds(kernel), best_seconds(linear)
-
-
-@contextmanager
-def original_modules(*replacements: type) -> Iterator[None]:
-    """Within the block, the module-replacement classes given (engine.norms.KernelRMSNorm,
-    engine.routers.KernelTopKRouter: a class-level ``max_rows`` and the ``original`` module they hold) run their
-    original modules: benchmarks compare the two in one process."""
-    saved = [cls.max_rows for cls in replacements]
-    for cls in replacements:
-        cls.max_rows = 0
-    try:
-        yield
-    finally:
-        for cls, rows in zip(replacements, saved):
-            cls.max_rows = rows
 
 
 def row_stream_available() -> bool:

@@ -1,30 +1,27 @@
 """A model's own RMSNorm modules on one kernel op (``torch.ops.moeserve.rms_norm``) for few-row inputs.
 
 A decode step runs two RMSNorms per layer. transformers' RMSNorm modules compute them as 6-8 small torch ops
-(upcast, square, mean, add, rsqrt, multiply, round, weight): ~18 µs on a quiet core, and ~45 µs in the engine,
-where each op finds the caches the previous layer's weight stream emptied (README, "small ops after a weight
-stream"). The op computes the same arithmetic in one call, ~4 µs.
+(upcast, square, mean, add, rsqrt, multiply, round, weight), each of which, in the engine, finds the caches the
+previous layer's weight stream emptied (README, "small ops after a weight stream"). The op computes the same
+arithmetic in one call (benchmarks/experts_decode.py compares one stream with and without it).
 
-Nothing of transformers' code changes: `fuse_rms_norms` replaces a norm *module* by a `KernelRMSNorm` that holds the
-very same weight (same parameter name, so state dicts and checkpoints are unchanged) and keeps the original module
-for what the op does not take (more than ``max_rows`` rows, autograd, another device or dtype). A module is
-replaced only after the op reproduced its own output on random rows in its own dtype, in one of the two orders
-RMSNorm classes round in (`ROUNDINGS`); a class computing anything else (Gemma's ``1 + weight``, a bias, an
-offset) matches neither and keeps its forward.
+Nothing of transformers' code changes: `fuse_rms_norms` replaces a norm *module* (engine.replacement) by a
+`KernelRMSNorm` that holds the very same weight (same parameter name, so state dicts and checkpoints are unchanged)
+and keeps the original module for what the op does not take (more than ``max_rows`` rows, autograd, another device
+or dtype). A module is replaced only after the op reproduced its own output on random rows in its own dtype, in one
+of the two orders RMSNorm classes round in (`ROUNDINGS`); a class computing anything else (Gemma's ``1 + weight``,
+a bias, an offset) matches neither and keeps its forward.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 
 import torch
 from torch import nn
 
-from engine.dense import MAX_ROWS
 from engine.offload.kernels import KERNEL_DTYPES, load_experts_kernel
-
-logger = logging.getLogger(__name__)
+from engine.replacement import ModuleReplacement, replace_reproduced
 
 ROUNDINGS = {"round_first": True, "scale_first": False}
 """The orders RMSNorm modules round in (the op's ``round_first``): the Llama family (Mixtral, Qwen-MoE, OLMoE,
@@ -37,18 +34,13 @@ differs from torch's). The other rounding order differs in ~25 % of them."""
 EPSILON_NAMES = ("variance_epsilon", "eps")
 
 
-class KernelRMSNorm(nn.Module):
-    """An RMSNorm module whose products of at most ``max_rows`` rows run on ``torch.ops.moeserve.rms_norm``."""
-
-    max_rows: int = MAX_ROWS
+class KernelRMSNorm(ModuleReplacement):
+    """An RMSNorm module whose calls of at most ``max_rows`` rows run on ``torch.ops.moeserve.rms_norm``."""
 
     def __init__(self, original: nn.Module, eps: float, round_first: bool) -> None:
-        super().__init__()
-        self.weight = original.weight
+        super().__init__(original)
         self.eps = eps
         self.round_first = round_first
-        # Not a registered submodule: the weight must appear once in state dicts, under its own name.
-        object.__setattr__(self, "original", original)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weight = self.weight
@@ -70,8 +62,7 @@ class KernelRMSNorm(nn.Module):
 def rms_norm_epsilon(module: nn.Module) -> float | None:
     """The epsilon of an RMSNorm-shaped module: no children, one parameter ``weight`` of one dimension on the CPU
     in a kernel dtype, and a float epsilon attribute; None for any other module."""
-    if (isinstance(module, KernelRMSNorm) or next(module.children(), None) is not None
-            or "RMSNorm" not in type(module).__name__):
+    if next(module.children(), None) is not None or "RMSNorm" not in type(module).__name__:
         return None
     parameters = dict(module.named_parameters(recurse=False))
     weight = parameters.get("weight")
@@ -116,20 +107,14 @@ def fuse_rms_norms(model: nn.Module) -> int:
     if load_experts_kernel() is None:
         return 0
     generator = torch.Generator().manual_seed(0)
-    verdicts: dict[tuple, bool | None] = {}
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            eps = rms_norm_epsilon(child)
-            if eps is None:
-                continue
-            key = (type(child), child.weight.dtype, eps)
-            if key not in verdicts:  # the arithmetic is the class's: one probe per class, dtype and epsilon
-                verdicts[key] = matching_rounding(child, eps, generator)
-                if verdicts[key] is None:
-                    logger.info("%s keeps its own forward: the rms_norm op does not reproduce it", type(child).__name__)
-            if verdicts[key] is not None:
-                setattr(parent, name, KernelRMSNorm(child, eps, verdicts[key]))
-                replaced += 1
-    return replaced
 
+    def kind(module: nn.Module) -> tuple | None:  # the arithmetic is the class's: one probe per class, dtype, epsilon
+        eps = rms_norm_epsilon(module)
+        return None if eps is None else (type(module), module.weight.dtype, eps)
+
+    def verify(module: nn.Module) -> tuple[float, bool] | None:
+        eps = rms_norm_epsilon(module)
+        round_first = matching_rounding(module, eps, generator)
+        return None if round_first is None else (eps, round_first)
+
+    return replace_reproduced(model, kind, verify, lambda module, verdict: KernelRMSNorm(module, *verdict), "rms_norm")

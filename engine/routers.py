@@ -2,33 +2,31 @@
 for few-row inputs.
 
 After its linear layer (on the kernel's row paths already: engine.dense.RowStreamWeight), the Mixtral, Qwen-MoE and
-OLMoE routers take the softmax, the top k, their sum and quotient and a cast: 4-6 small torch ops per MoE layer,
-60-100 µs with the linear layer in the engine at decode, where each op finds the caches the previous layer's weight
-stream emptied (README). The op does that arithmetic in one call.
+OLMoE routers take the softmax, the top k, their sum and quotient and a cast: 4-6 small torch ops per MoE layer at
+decode, each of which finds the caches the previous layer's weight stream emptied (README). The op does that
+arithmetic in one call (benchmarks/experts_decode.py compares one stream with and without it).
 
-As with engine.norms: `fuse_routers` replaces a router *module* by a `KernelTopKRouter` holding the very same
-weight (same name) and keeping the original module for what it does not take: more than ``max_rows`` rows,
-autograd, another device, an input of another dtype than the weight's, and a call whose top k + 1 probabilities
-hold equal values (torch.topk orders equal values by its own algorithm, and equal bf16 logits are common). A router
-is replaced only after it reproduced its class's three outputs (logits, scores, indices) on random rows in one of
-`VARIANTS`. Others match none and keep their forward: DeepSeek-V3's grouped sigmoid selection, GPT-OSS's softmax
-over the top k, DeepSeek-V2's scaled weights (its greedy router matches where ``routed_scaling_factor`` is 1).
+As with engine.norms: `fuse_routers` replaces a router *module* (engine.replacement) by a `KernelTopKRouter`
+holding the very same weight (same name) and keeping the original module for what it does not take: more than
+``max_rows`` rows, autograd, another device, an input of another dtype than the weight's, and a call whose top
+k + 1 probabilities hold equal values (torch.topk orders equal values by its own algorithm, and equal bf16 logits
+are common). A router is replaced only after it reproduced its class's three outputs (logits, scores, indices) on
+random rows in one of `VARIANTS`. Others match none and keep their forward: DeepSeek-V3's grouped sigmoid
+selection, GPT-OSS's softmax over the top k, DeepSeek-V2's scaled weights (its greedy router matches where
+``routed_scaling_factor`` is 1).
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.dense import MAX_ROWS
 from engine.offload.experts import moe_routers
 from engine.offload.kernels import KERNEL_DTYPES, load_experts_kernel
-
-logger = logging.getLogger(__name__)
+from engine.replacement import ModuleReplacement, replace_reproduced
 
 VARIANTS = tuple((renormalize, scores_in_logits_dtype) for renormalize in (True, False)
                  for scores_in_logits_dtype in (False, True))
@@ -41,20 +39,15 @@ PROBE_DRAWS = 64
 k + 1, out of at most PROBE_DRAWS (equal bf16 logits are common at 16 and more experts)."""
 
 
-class KernelTopKRouter(nn.Module):
+class KernelTopKRouter(ModuleReplacement):
     """A softmax-top-k router whose calls of at most ``max_rows`` rows run their selection on
     ``torch.ops.moeserve.route_topk``; returns ``(logits, scores, indices)`` as the original module does."""
 
-    max_rows: int = MAX_ROWS
-
     def __init__(self, original: nn.Module, top_k: int, renormalize: bool, scores_in_logits_dtype: bool) -> None:
-        super().__init__()
-        self.weight = original.weight
+        super().__init__(original)
         self.top_k = top_k
         self.renormalize = renormalize
         self.scores_in_logits_dtype = scores_in_logits_dtype
-        # Not a registered submodule: the weight must appear once in state dicts, under its own name.
-        object.__setattr__(self, "original", original)
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         weight = self.weight
@@ -62,9 +55,7 @@ class KernelTopKRouter(nn.Module):
         if not (0 < hidden.shape[0] <= self.max_rows and hidden.device.type == "cpu" and hidden.dtype == weight.dtype
                 and not torch.is_grad_enabled()):
             return self.original(hidden_states)
-        logits = F.linear(hidden, weight)  # the original's product, on the kernel where the weight streams
-        if logits.dtype not in KERNEL_DTYPES:
-            return self.original(hidden_states)
+        logits = F.linear(hidden, weight)  # the original's product (on the kernel where the weight streams)
         routed = route(logits, self.top_k, self.renormalize, self.scores_in_logits_dtype)
         if routed is None:
             return self.original(hidden_states)  # equal probabilities: torch's own order
@@ -140,18 +131,12 @@ def fuse_routers(model: nn.Module) -> int:
         return 0
     routers = {id(router) for router in moe_routers(model).values()}
     generator = torch.Generator().manual_seed(0)
-    verdicts: dict[tuple, tuple[bool, bool] | None] = {}
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if id(child) not in routers or isinstance(child, KernelTopKRouter):
-                continue
-            key = (type(child), child.weight.dtype, getattr(child, "top_k", None), getattr(child, "norm_topk_prob", None))
-            if key not in verdicts:
-                verdicts[key] = matching_variant(child, generator)
-                if verdicts[key] is None:
-                    logger.info("%s keeps its own forward: the route_topk op does not reproduce it", type(child).__name__)
-            if verdicts[key] is not None:
-                setattr(parent, name, KernelTopKRouter(child, child.top_k, *verdicts[key]))
-                replaced += 1
-    return replaced
+
+    def kind(module: nn.Module) -> tuple | None:
+        if id(module) not in routers:
+            return None
+        return (type(module), module.weight.dtype, getattr(module, "top_k", None),
+                getattr(module, "norm_topk_prob", None))
+
+    return replace_reproduced(model, kind, lambda module: matching_variant(module, generator),
+                              lambda module, verdict: KernelTopKRouter(module, module.top_k, *verdict), "route_topk")

@@ -12,10 +12,11 @@ from torch import nn
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
 from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
 
-from engine.dense import MAX_ROWS, original_modules
+from engine.dense import MAX_ROWS
 from engine.models.demo import ARCHITECTURES
 from engine.model_runner import ModelRunner
 from engine.norms import KernelRMSNorm, fuse_rms_norms, matching_rounding
+from engine.replacement import original_modules
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CLASSES = {MixtralRMSNorm: True, GptOssRMSNorm: False}  # class -> the rounding order it computes (round_first)

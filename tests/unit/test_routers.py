@@ -14,9 +14,10 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
 
-from engine.dense import MAX_ROWS, RowStreamWeight, original_modules
+from engine.dense import MAX_ROWS, RowStreamWeight
 from engine.model_runner import ModelRunner
 from engine.offload.experts import moe_routers
+from engine.replacement import original_modules
 from engine.routers import KernelTopKRouter, fuse_routers, matching_variant
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

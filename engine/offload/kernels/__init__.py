@@ -2,9 +2,9 @@
 
 The kernel (``experts_cpu.cpp``: the torch ops ``torch.ops.moeserve.experts_group``, ``dense`` for engine.dense,
 ``rms_norm`` for engine.norms, ``route_topk`` for engine.routers and ``decode_attention`` for engine.attention) is
-built ahead of time by ``python -m engine.offload.kernels.build`` into ``_build/`` beside this file. Loading never compiles: when the
-library is missing, stale (source, flags or torch changed since the build) or the CPU lacks AVX2+FMA,
-``load_experts_kernel()`` logs one line and returns ``None``, and callers use their pure-torch path.
+built ahead of time by ``python -m engine.offload.kernels.build`` into ``_build/`` beside this file. Loading never
+compiles: when the library is missing, stale (source, flags or torch changed since the build) or the CPU lacks
+AVX2+FMA, ``load_experts_kernel()`` logs one line and returns ``None``, and callers use their pure-torch path.
 
 The kernel's paths for bf16 weight rows (at up to 64 tokens: decode, and the few-row products of engine.dense)
 come in three instruction sets, chosen at load time by what the CPU has: ``avx512_bf16`` (AVX-512 F, BW, VL and
