@@ -1006,9 +1006,10 @@ void rms_norm(const Tensor& x, const Tensor& w, double eps, bool round_first, co
 template <typename L, typename S>
 bool route_rows(const L* logits, int64_t T, int64_t E, int64_t k, bool renormalize, S* scores, int64_t* indices) {
   if (E <= 0) return false;
-  static thread_local std::vector<float> p_buf;
+  static thread_local std::vector<float> p_buf, top_buf;
   static thread_local std::vector<char> taken_buf;
   float* p = scratch(p_buf, E);
+  float* top = scratch(top_buf, k);  // the chosen probabilities in fp32: scores are rounded once, at the end
   char* taken = scratch(taken_buf, E);
   bool tied = false;
   for (int64_t t = 0; t < T; ++t) {
@@ -1031,11 +1032,10 @@ bool route_rows(const L* logits, int64_t T, int64_t E, int64_t k, bool renormali
       if (j == k) break;  // the (k+1)-th only tells whether the k-th was tied
       taken[best] = 1;
       ids[j] = best;
-      s[j] = static_cast<S>(p[best]);
+      top[j] = p[best];
       chosen += p[best];
     }
-    if (renormalize)
-      for (int64_t j = 0; j < k; ++j) s[j] = static_cast<S>(static_cast<float>(s[j]) / chosen);
+    for (int64_t j = 0; j < k; ++j) s[j] = static_cast<S>(renormalize ? top[j] / chosen : top[j]);
   }
   return tied;
 }
