@@ -9,9 +9,10 @@ the same predictor, store, cache and clock — `replay`'s ``warm_up``; ``warm_up
   the token match over the request's own tokens (``history``), its recent use (``recent``), (a) the trace store
   — beside random choice (exactly M / num_experts).
 - ``policies``: `replay` of the demand-paging policies, of the ``default`` policy (predicted priorities and
-  prefetch over a global cache) and of ``gated`` (the same behind the engine's prefetch gate, as served) at 4
-  slots per layer, each with per-layer and global Belady at the same total
-  capacity, under three modelled clocks: ``unbounded`` (reads take no time: what prediction alone can give),
+  prefetch over a global cache), of ``gated`` (the same behind the engine's prefetch gate, as served) and of
+  ``oracle`` (the same planner fed the trace's own next visits: the ceiling of prediction under it, an offline
+  bound) at 4 slots per layer, each with per-layer and global Belady at the same total capacity, under three
+  modelled clocks: ``unbounded`` (reads take no time: what prediction alone can give),
   ``nvme`` (7 GB/s) and ``disk`` (the `ClockModel` default, 1.5 GB/s; 35 ms of compute per layer in all).
 
 Held out: every setting of the predictor and of the default policy (`PrefetchSettings.for_read_time` and its
@@ -24,6 +25,8 @@ figures, which were measured with the settings as they were. One caveat: the req
 token match and the 8 pseudo-tokens of `DEFAULT_REQUEST_PRIOR_TOKENS` follow the design of an earlier attempt
 whose figures on mario (cold and warm) were known, so the design, not its tuning, was informed by them. Each
 clock's default policy runs with `PrefetchSettings.for_read_time` of that clock (recorded under ``settings``).
+``h39s_80`` is h39s's decode steps cut into requests of 80 (the last one shorter; its prefill left out, as mario
+has none): short requests on the tuning data, the cold start that mario's ~80-token requests meet (scored cold only).
 Replay is deterministic: the figures are exact and tests/unit/test_replay_policies.py pins them.
 
 Usage: python benchmarks/replay_policies.py [--out benchmarks/results/replay_policies.json]
@@ -38,14 +41,25 @@ import logging
 from pathlib import Path
 
 from engine.logs import configure_logging
-from engine.trace.format import read_traces
-from engine.trace.replay import GATED_POLICY, PREDICTIVE_POLICY, ClockModel, PrefetchSettings, next_layer_recall, replay
+from engine.trace.format import RequestTrace, read_traces, split_decode_steps
+from engine.trace.replay import (
+    GATED_POLICY,
+    ORACLE_POLICY,
+    PREDICTIVE_POLICY,
+    ClockModel,
+    PrefetchSettings,
+    next_layer_recall,
+    replay,
+)
 
 logger = logging.getLogger("benchmarks.replay_policies")
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 RESULTS = Path(__file__).parent / "results" / "replay_policies.json"
 TRACES = {"h39s": DATA / "mixtral-h39s-prompt1.jsonl", "mario": DATA / "mixtral-mario-2req.jsonl"}
+SHORT_REQUEST_STEPS = 80
+CUTS = {"h39s_80": ("h39s", SHORT_REQUEST_STEPS)}
+"""Traces made of another's decode steps cut into requests of so many steps (engine.trace.format.split_decode_steps)."""
 TUNED_ON = "h39s"
 WARM_UP = {"mario": "h39s", "h39s": "mario"}
 """Each trace scored after the other one's requests: what a server that has served them achieves."""
@@ -61,11 +75,19 @@ CLOCKS = {
 }
 
 
+def load(name: str) -> list[RequestTrace]:
+    """The requests of trace ``name``: a file of TRACES, or a cut of one (CUTS)."""
+    if name in CUTS:
+        source, steps = CUTS[name]
+        return split_decode_steps(read_traces(TRACES[source]), steps)
+    return read_traces(TRACES[name])
+
+
 def recall_figures(name: str, warm_up: str | None = None) -> dict[str, float]:
     """Next-layer recall at M = 2 * top_k for each source on trace ``name`` (after trace ``warm_up``'s requests,
     uncounted, if given), and random's."""
-    requests = read_traces(TRACES[name])
-    warm = read_traces(TRACES[warm_up]) if warm_up else []
+    requests = load(name)
+    warm = load(warm_up) if warm_up else []
     header = requests[0].header
     figures = {source: next_layer_recall(requests, sources, warm_up=warm) for source, sources in RECALL_SOURCES.items()}
     figures["random"] = 2 * (header.top_k or 2) / header.num_experts
@@ -77,17 +99,18 @@ def recall_figures(name: str, warm_up: str | None = None) -> dict[str, float]:
 def policy_figures(name: str, warm_up: str | None = None) -> dict[str, dict[str, dict]]:
     """{clock: {policy: replay JSON}} on trace ``name`` (after trace ``warm_up``'s requests, uncounted, if
     given; demand policies' hit rates do not depend on the clock, their stall does)."""
-    requests = read_traces(TRACES[name])
-    warm = read_traces(TRACES[warm_up]) if warm_up else []
+    requests = load(name)
+    warm = load(warm_up) if warm_up else []
     figures = {}
     for clock_name, clock in CLOCKS.items():
         figures[clock_name] = {policy: replay(requests, policy, SLOTS_PER_LAYER, clock=clock, warm_up=warm).to_json()
-                               for policy in (*DEMAND_POLICIES, PREDICTIVE_POLICY, GATED_POLICY)}
-        result, lru = figures[clock_name][PREDICTIVE_POLICY], figures[clock_name]["lru"]
-        logger.info("%s%s @%s: %s hit rate %.3f (%.3f of global Belady), %d blobs, stall %.0f s (LRU %d, %.0f s)",
-                    name, f" after {warm_up}" if warm_up else "", clock_name, PREDICTIVE_POLICY, result["hit_rate"],
-                    result["hit_rate"] / result["global_belady_hit_rate"], result["bytes_loaded"],
-                    result["stall_seconds"], lru["bytes_loaded"], lru["stall_seconds"])
+                               for policy in (*DEMAND_POLICIES, PREDICTIVE_POLICY, GATED_POLICY, ORACLE_POLICY)}
+        result, lru, oracle = (figures[clock_name][policy] for policy in (PREDICTIVE_POLICY, "lru", ORACLE_POLICY))
+        logger.info("%s%s @%s: %s hit rate %.3f (%.3f of global Belady), %d blobs, stall %.0f s (LRU %d, %.0f s; "
+                    "oracle %.3f, %d, %.0f s)", name, f" after {warm_up}" if warm_up else "", clock_name,
+                    PREDICTIVE_POLICY, result["hit_rate"], result["hit_rate"] / result["global_belady_hit_rate"],
+                    result["bytes_loaded"], result["stall_seconds"], lru["bytes_loaded"], lru["stall_seconds"],
+                    oracle["hit_rate"], oracle["bytes_loaded"], oracle["stall_seconds"])
     return figures
 
 
@@ -98,14 +121,15 @@ def main() -> None:
     configure_logging("info")
     results = {
         "traces": {name: str(path.relative_to(DATA.parents[1])) for name, path in TRACES.items()},
+        "cuts": {name: {"trace": source, "steps_per_request": steps} for name, (source, steps) in CUTS.items()},
         "tuned_on": TUNED_ON,
         "held_out": [name for name in TRACES if name != TUNED_ON],
         "slots_per_layer": SLOTS_PER_LAYER,
         "settings": {name: dataclasses.asdict(PrefetchSettings.for_read_time(
             clock.expert_load_seconds / clock.layer_compute_seconds)) for name, clock in CLOCKS.items()},
         "clocks": {name: dataclasses.asdict(clock) for name, clock in CLOCKS.items()},
-        "recall": {name: recall_figures(name) for name in TRACES},
-        "policies": {name: policy_figures(name) for name in TRACES},
+        "recall": {name: recall_figures(name) for name in (*TRACES, *CUTS)},
+        "policies": {name: policy_figures(name) for name in (*TRACES, *CUTS)},
         "warm_up": WARM_UP,
         "recall_warm": {name: recall_figures(name, WARM_UP[name]) for name in TRACES},
         "policies_warm": {name: policy_figures(name, WARM_UP[name]) for name in TRACES},

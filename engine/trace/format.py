@@ -92,6 +92,17 @@ def read_traces(path: str | Path) -> list[RequestTrace]:
         return parse_trace_lines(lines, source=str(path))
 
 
+def split_decode_steps(requests: Sequence[RequestTrace], steps: int) -> list[RequestTrace]:
+    """The decode steps of ``requests``, in order, as requests of ``steps`` steps each (the last may be shorter),
+    under the first request's header; prefill steps are left out. Short requests made of a long recorded one: the
+    cold start of every request, measured on routing that was not recorded that way. ValueError if ``steps`` < 1."""
+    if steps < 1:
+        raise ValueError(f"steps per request must be at least 1, got {steps}")
+    decode = [step for request in requests for step in request.steps if step.phase == "decode"]
+    header = requests[0].header
+    return [RequestTrace(header, tuple(decode[begin:begin + steps])) for begin in range(0, len(decode), steps)]
+
+
 def parse_trace_lines(lines: Iterable[str], source: str = "<trace>") -> list[RequestTrace]:
     """Parse JSONL trace lines into requests; ``source`` names the input in error messages.
 

@@ -4,8 +4,10 @@ Two kinds of policy: the demand-paging ones of engine.offload.cache (POLICY_NAME
 layer needs it), and `PREDICTIVE_POLICY` (``"default"``, the engine's): a global cache whose priorities come
 from engine.trace.predictor, with prefetches through engine.offload.prefetch and a modelled clock
 (`ClockModel`, `_PredictiveReplay`), also behind the engine's prefetch gate (`GATED_POLICY`, ``"gated"``: the
-policy as served). Both kinds follow the access sequence and counting conventions below — those
-that reproduce the reference hit rates of tests/data/README.md exactly:
+policy as served) and, as an offline bound, fed the trace's own next visits instead of predictions
+(`ORACLE_POLICY`, ``"oracle"``: the ceiling of prediction under that planner). Both kinds follow the access
+sequence and counting conventions below — those that reproduce the reference hit rates of tests/data/README.md
+exactly:
 
 - Requests are replayed in the order given, through ONE cache (nothing is reset between them).
 - Within a request, steps in order; within a step, layers 0..L-1; within a layer, the expert ids in the order
@@ -55,7 +57,11 @@ GATED_POLICY = "gated"
 """The engine's policy as served: `PREDICTIVE_POLICY` behind the prefetch gate (engine.offload.gate), which lets
 priorities and prefetch act only while they beat demand paging under LRU, the reader's busy share taken from the
 modelled device."""
-REPLAY_POLICY_NAMES: tuple[str, ...] = (*POLICY_NAMES, PREDICTIVE_POLICY, GATED_POLICY)
+ORACLE_POLICY = "oracle"
+"""`PREDICTIVE_POLICY` with the trace's own future for its predictor (`NextVisitOracle`): the same planner, cache,
+prefetch queue and clock, fed 1 for every key the trace uses at its layer's next visit and 0 for the others. An
+offline bound, like Belady: the most that a perfect prediction of the next visit gives under this planner."""
+REPLAY_POLICY_NAMES: tuple[str, ...] = (*POLICY_NAMES, PREDICTIVE_POLICY, GATED_POLICY, ORACLE_POLICY)
 DEFAULT_SLOTS_PER_LAYER = 4
 TRACE_PRECISION = "native"
 """Routing traces record no precision; replay keys every expert with this one."""
@@ -194,8 +200,10 @@ def replay(
     num_layers = _shared_num_layers([*warm_up, *requests])
     total = resolve_capacity(num_layers, slots_per_layer, capacity)
     accesses = _access_sequence(requests, warm_up)
-    if policy in (PREDICTIVE_POLICY, GATED_POLICY):
-        tally = _PredictiveReplay(requests, total, clock, settings, gate=policy == GATED_POLICY).run(requests, warm_up)
+    if policy in (PREDICTIVE_POLICY, GATED_POLICY, ORACLE_POLICY):
+        future = [*warm_up, *requests] if policy == ORACLE_POLICY else None
+        tally = _PredictiveReplay(requests, total, clock, settings, gate=policy == GATED_POLICY,
+                                  future=future).run(requests, warm_up)
         stall, modelled = tally.stall_seconds, tally.modelled_seconds
     else:
         tally = _simulate(policy, _partition_capacity(policy, total, num_layers), accesses, num_layers)
@@ -364,8 +372,11 @@ class _PredictiveReplay:
     modelled device; with ``gate``, the engine's `PrefetchGate` over them (fed the modelled step and busy times)."""
 
     def __init__(self, requests: Sequence[RequestTrace], capacity: int, clock: ClockModel,
-                 settings: PrefetchSettings | None = None, gate: bool = False) -> None:
-        """``settings`` None: `PrefetchSettings.for_read_time` of ``clock``'s read, in layers of compute."""
+                 settings: PrefetchSettings | None = None, gate: bool = False,
+                 future: Sequence[RequestTrace] | None = None) -> None:
+        """``settings`` None: `PrefetchSettings.for_read_time` of ``clock``'s read, in layers of compute.
+        ``future``: every request the replay will run, in order (warm-up ones first): a `NextVisitOracle` over
+        them predicts instead of the `Predictor` (`ORACLE_POLICY`)."""
         header = requests[0].header
         if settings is None:
             settings = PrefetchSettings.for_read_time(clock.expert_load_seconds / clock.layer_compute_seconds
@@ -381,8 +392,11 @@ class _PredictiveReplay:
         top_k = header.top_k or 2
         transitions = TransitionStatistics(header.num_layers, header.num_experts, max_offset=settings.max_offset,
                                            top_k=top_k)
-        self.predictor = Predictor(header.num_layers, header.num_experts, top_k, settings.sources,
-                                   transitions=transitions)
+        if future is None:
+            self.predictor = Predictor(header.num_layers, header.num_experts, top_k, settings.sources,
+                                       transitions=transitions)
+        else:
+            self.predictor = NextVisitOracle(future)
         self.device = _ModelledDevice(clock.expert_load_seconds)
         self.now = 0.0
         self.step_index = 0
@@ -509,6 +523,53 @@ class _PredictiveReplay:
             self.queue.complete(key)
 
 
+class NextVisitOracle(Predictor):
+    """A `Predictor` that knows the future: the requests the replay will run, in order. `predict` answers 1.0 for
+    every key used at its layer's next visit — this step's for the layers the frontier has not passed, the next
+    step's (the next request's first, after a request's last) for the others — and 0.0 for the rest.
+
+    It learns nothing and uses no source; its steps must be begun in the order of ``requests`` (ValueError past
+    their end). `ORACLE_POLICY` replays the default planner with it: the ceiling of prediction under that planner.
+    """
+
+    def __init__(self, requests: Sequence[RequestTrace]) -> None:
+        header = requests[0].header
+        super().__init__(header.num_layers, header.num_experts, header.top_k or 2, sources=())
+        self._steps = [tuple(frozenset(experts) for experts in step.experts)
+                       for request in requests for step in request.steps]
+        self._begun = 0
+        self._rows: list[list[float]] = []
+
+    def begin_step(self, state: RequestState, decode: bool, predict: bool = True) -> None:
+        """``state`` starts the next step of the known future: every layer's row is this step's use."""
+        if self._begun >= len(self._steps):
+            raise ValueError(f"step {self._begun} begun, but the known future has {len(self._steps)} steps")
+        state.decode, state.layers_seen, state.predicting = decode, 0, predict
+        self._rows = [self._row(self._begun, layer) for layer in range(self.num_layers)]
+        self._begun += 1
+
+    def observe_layer(self, state: RequestState, layer: int, experts: Sequence[int]) -> None:
+        """``layer`` ran: its row turns to the next step's use."""
+        if layer != state.layers_seen:
+            raise ValueError(f"layer {layer} observed at frontier {state.layers_seen}: layers run in order")
+        state.layers_seen = layer + 1
+        self._rows[layer] = self._row(self._begun, layer)
+
+    def end_step(self, state: RequestState) -> None:
+        """Nothing to learn."""
+
+    def finish(self, state: RequestState) -> None:
+        """Nothing to store."""
+
+    def predict(self, state: RequestState) -> list[list[float]]:
+        """1.0 where the key is used at its layer's next visit, else 0.0, [L][E]."""
+        return self._rows
+
+    def _row(self, step: int, layer: int) -> list[float]:
+        used = self._steps[step][layer] if step < len(self._steps) else frozenset()
+        return [1.0 if expert in used else 0.0 for expert in range(self.num_experts)]
+
+
 def next_layer_recall(
     requests: Sequence[RequestTrace], sources: Sequence[str], predicted: int | None = None,
     max_offset: int = DEFAULT_MAX_OFFSET, warm_up: Sequence[RequestTrace] = (),
@@ -603,7 +664,8 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", choices=REPLAY_POLICY_NAMES, default=DEFAULT_POLICY,
                         help=f"eviction policy (default {DEFAULT_POLICY}); {PREDICTIVE_POLICY!r} is the engine's: "
                         f"predicted priorities and prefetch over a global cache; {GATED_POLICY!r} the same behind "
-                        "the prefetch gate, as served")
+                        f"the prefetch gate, as served; {ORACLE_POLICY!r} the same fed the trace's own next visits "
+                        "(an offline bound, like belady)")
     capacity = parser.add_mutually_exclusive_group()
     capacity.add_argument("--slots-per-layer", type=int, metavar="K",
                           help=f"cache slots per layer (default {DEFAULT_SLOTS_PER_LAYER}); global policies "

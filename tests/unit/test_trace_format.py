@@ -14,6 +14,7 @@ from engine.trace.format import (
     TraceStep,
     parse_trace_lines,
     read_traces,
+    split_decode_steps,
     trace_lines,
     write_traces,
 )
@@ -117,3 +118,16 @@ def test_the_writer_refuses_a_step_the_reader_would_refuse() -> None:
     request = RequestTrace(TraceHeader(trace="t", num_layers=2, num_experts=4), (TraceStep(0, "decode", ((5,), ())),))
     with pytest.raises(TraceFormatError, match=r"^<writer>:2: step 0, layer 0: expert id 5 out of range"):
         list(trace_lines(request))
+
+
+def test_decode_steps_split_into_short_requests() -> None:
+    (h39s,) = read_traces(H39S)
+    short = split_decode_steps([h39s], 80)
+    assert [request.num_decode_steps for request in short] == [80] * 9 + [53]
+    assert all(step.phase == "decode" for request in short for step in request.steps)
+    assert [step for request in short for step in request.steps] == list(h39s.steps[1:])
+    assert {request.header for request in short} == {h39s.header}
+    mario = read_traces(MARIO)
+    assert [r.num_decode_steps for r in split_decode_steps(mario, 100)] == [100, 59]  # across the two requests
+    with pytest.raises(ValueError, match="at least 1"):
+        split_decode_steps(mario, 0)
