@@ -4,6 +4,7 @@ faults reach the waiting requests, the waiting limit holds, shutdown aborts what
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -29,6 +30,16 @@ class FaultyEngine(LLMEngine):
         self.steps += 1
         if self.steps == 3:
             raise RuntimeError("injected fault")
+        return super().step()
+
+
+class SlowEngine(LLMEngine):
+    """An engine whose every step takes at least 20 ms, so that a request of 100 tokens surely outlasts what a test
+    does meanwhile (a short shutdown timeout, an abort, a queue filling up): the tiny demo model decodes 100 tokens
+    in ~0.15 s on a quiet machine, and a test that needs one to still be running must not race it."""
+
+    def step(self):
+        time.sleep(0.02)
         return super().step()
 
 
@@ -79,7 +90,7 @@ def test_abandoned_and_aborted_requests_free_every_kv_block(demo_model) -> None:
     params = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
 
     async def run():
-        engine = AsyncLLMEngine(_engine(demo_model()))
+        engine = AsyncLLMEngine(_engine(demo_model(), SlowEngine))  # "aborted" still runs when it is aborted
         engine.start()
         left = await engine.add_request("left", PROMPT, params)
         aborted = await engine.add_request("aborted", PROMPT + [3], params)
@@ -122,7 +133,7 @@ def test_step_fault_fails_requests_in_flight_and_engine_keeps_serving(demo_model
 
 def test_invalid_request_raises_value_error_and_full_queue_overloads(demo_model) -> None:
     async def run():
-        engine = AsyncLLMEngine(_engine(demo_model(), max_num_seqs=1), max_waiting=1)
+        engine = AsyncLLMEngine(_engine(demo_model(), SlowEngine, max_num_seqs=1), max_waiting=1)  # "running" runs on
         engine.start()
         with pytest.raises(ValueError, match="prompt token ids"):
             await engine.add_request("bad", [10**9], SamplingParams())
@@ -143,7 +154,7 @@ def test_invalid_request_raises_value_error_and_full_queue_overloads(demo_model)
 
 def test_shutdown_aborts_what_does_not_finish_in_time_and_refuses_new_requests(demo_model) -> None:
     async def run():
-        engine = AsyncLLMEngine(_engine(demo_model()))
+        engine = AsyncLLMEngine(_engine(demo_model(), SlowEngine))
         engine.start()
         stream = await engine.add_request("long", PROMPT, SamplingParams(max_tokens=100, ignore_eos=True))
         await engine.shutdown(timeout=0.2)
