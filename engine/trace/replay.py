@@ -389,10 +389,10 @@ class _PredictiveReplay:
         self.gate = PrefetchGate(capacity, served=self.cache, flip_log_level=logging.DEBUG) if gate else None
         self.planner = PrefetchPlanner(self.cache, self.queue, header.num_layers, settings, TRACE_PRECISION,
                                        gate=self.gate)
-        top_k = header.top_k or 2
-        transitions = TransitionStatistics(header.num_layers, header.num_experts, max_offset=settings.max_offset,
-                                           top_k=top_k)
         if future is None:
+            top_k = header.top_k or 2
+            transitions = TransitionStatistics(header.num_layers, header.num_experts, max_offset=settings.max_offset,
+                                               top_k=top_k)
             self.predictor = Predictor(header.num_layers, header.num_experts, top_k, settings.sources,
                                        transitions=transitions)
         else:

@@ -31,6 +31,11 @@ SLOW = ClockModel(expert_bytes=10, load_bandwidth=10.0, layer_compute_seconds=0.
 CLOCKS = {"unbounded": ClockModel(load_bandwidth=1e18), "nvme": ClockModel(load_bandwidth=7e9), "disk": ClockModel()}
 
 
+def figures(result) -> tuple[float, int, int]:
+    """A replay's pinned figures: (hit rate to 3 places, expert blobs loaded, whole stall seconds)."""
+    return round(result.hit_rate, 3), result.bytes_loaded, round(result.stall_seconds)
+
+
 def cycle(tokens: int = 60, layers: int = 4) -> RequestTrace:
     """Token t uses expert (t + l) % 4 at layer l: each layer's expert follows from the layer before."""
     header = TraceHeader(trace="cycle", num_layers=layers, num_experts=4, top_k=1)
@@ -159,16 +164,14 @@ DEFAULT_FIGURES = {
 @pytest.mark.parametrize("clock", sorted(CLOCKS))
 def test_default_policy_figures_on_the_held_out_traces(clock: str) -> None:
     result = replay(read_traces(MARIO), PREDICTIVE_POLICY, slots_per_layer=4, clock=CLOCKS[clock])
-    hit_rate, blobs, stall = DEFAULT_FIGURES["mario"][clock]
-    assert (round(result.hit_rate, 3), result.bytes_loaded, round(result.stall_seconds)) == (hit_rate, blobs, stall)
+    assert figures(result) == DEFAULT_FIGURES["mario"][clock]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("clock", sorted(CLOCKS))
 def test_default_policy_figures_on_the_tuning_trace(clock: str) -> None:
     result = replay(read_traces(H39S), PREDICTIVE_POLICY, slots_per_layer=4, clock=CLOCKS[clock])
-    hit_rate, blobs, stall = DEFAULT_FIGURES["h39s"][clock]
-    assert (round(result.hit_rate, 3), result.bytes_loaded, round(result.stall_seconds)) == (hit_rate, blobs, stall)
+    assert figures(result) == DEFAULT_FIGURES["h39s"][clock]
 
 
 # Warm (README "Replay and prediction"): each trace scored after the other one's requests ran, uncounted, through
@@ -212,8 +215,7 @@ def test_demand_baselines_after_the_other_trace(trace: str) -> None:
 def test_default_policy_figures_after_the_other_trace(trace: str, clock: str) -> None:
     result = replay(read_traces(TRACE_FILES[trace]), PREDICTIVE_POLICY, slots_per_layer=4, clock=CLOCKS[clock],
                     warm_up=read_traces(WARM_UP[trace]))
-    hit_rate, blobs, stall = WARM_DEFAULT_FIGURES[trace][clock]
-    assert (round(result.hit_rate, 3), result.bytes_loaded, round(result.stall_seconds)) == (hit_rate, blobs, stall)
+    assert figures(result) == WARM_DEFAULT_FIGURES[trace][clock]
     assert round(result.global_belady_hit_rate, 3) == WARM_BASELINES[trace][2]
 
 
@@ -236,8 +238,7 @@ GATED_FIGURES = {"unbounded": (0.684, 4738, 0), "nvme": (0.626, 4596, 197), "dis
 @pytest.mark.parametrize("clock", sorted(CLOCKS))
 def test_gated_policy_figures_on_the_held_out_traces(clock: str) -> None:
     result = replay(read_traces(MARIO), GATED_POLICY, slots_per_layer=4, clock=CLOCKS[clock])
-    hit_rate, blobs, stall = GATED_FIGURES[clock]
-    assert (round(result.hit_rate, 3), result.bytes_loaded, round(result.stall_seconds)) == (hit_rate, blobs, stall)
+    assert figures(result) == GATED_FIGURES[clock]
 
 
 def test_the_oracle_predicts_each_layers_next_visit_across_requests() -> None:
@@ -291,8 +292,7 @@ ORACLE_FIGURES = {"unbounded": (1.0, 3472, 0), "nvme": (0.820, 3497, 44), "disk"
 @pytest.mark.parametrize("clock", sorted(CLOCKS))
 def test_oracle_figures_on_the_held_out_traces(clock: str) -> None:
     result = replay(read_traces(MARIO), ORACLE_POLICY, slots_per_layer=4, clock=CLOCKS[clock])
-    hit_rate, blobs, stall = ORACLE_FIGURES[clock]
-    assert (round(result.hit_rate, 3), result.bytes_loaded, round(result.stall_seconds)) == (hit_rate, blobs, stall)
+    assert figures(result) == ORACLE_FIGURES[clock]
 
 
 # h39s cut into 80-token requests (benchmarks/replay_policies.py's h39s_80, tuning data): every request starts cold
@@ -318,8 +318,10 @@ def test_next_layer_recall_on_short_requests(source: str) -> None:
 @pytest.mark.parametrize("clock", sorted(CLOCKS))
 def test_default_policy_figures_on_short_requests(clock: str) -> None:
     result = replay(short_requests(), PREDICTIVE_POLICY, slots_per_layer=4, clock=CLOCKS[clock])
-    hit_rate, blobs, stall = SHORT_DEFAULT_FIGURES[clock]
-    assert (round(result.hit_rate, 3), result.bytes_loaded, round(result.stall_seconds)) == (hit_rate, blobs, stall)
+    assert figures(result) == SHORT_DEFAULT_FIGURES[clock]
+
+
+def test_demand_baselines_on_short_requests() -> None:
     lru = replay(short_requests(), "lru", slots_per_layer=4)
     assert (round(lru.hit_rate, 3), lru.bytes_loaded, round(lru.global_belady_hit_rate, 3)) == SHORT_BASELINES
 
@@ -328,5 +330,4 @@ def test_default_policy_figures_on_short_requests(clock: str) -> None:
 @pytest.mark.parametrize("clock", sorted(SHORT_ORACLE_FIGURES))
 def test_oracle_figures_on_short_requests(clock: str) -> None:
     result = replay(short_requests(), ORACLE_POLICY, slots_per_layer=4, clock=CLOCKS[clock])
-    hit_rate, blobs, stall = SHORT_ORACLE_FIGURES[clock]
-    assert (round(result.hit_rate, 3), result.bytes_loaded, round(result.stall_seconds)) == (hit_rate, blobs, stall)
+    assert figures(result) == SHORT_ORACLE_FIGURES[clock]
