@@ -74,8 +74,10 @@ class EvictionPolicy(ABC):
         if not eligible:
             raise NoVictimError("no eviction candidate: every candidate is pinned, or none was given")
         if self._priorities:
-            lowest = min(self._priorities.get(key, 0.0) for key in eligible)
-            eligible = [key for key in eligible if self._priorities.get(key, 0.0) == lowest]
+            get = self._priorities.get
+            priorities = [get(key, 0.0) for key in eligible]
+            lowest = min(priorities)
+            eligible = [key for key, priority in zip(eligible, priorities) if priority == lowest]
         return self._choose(eligible)
 
     def pin(self, key: Key) -> None:

@@ -10,9 +10,9 @@ layers before a target say much the same thing, and counting each in full makes 
 overconfident (on h39s 0.5 kept recall and raised prefetch precision).
 
 Frequency and transitions are counted twice, from every finished decode step: into the shared
-`TransitionStatistics` (all requests; persisted with the store) and into the request's own `TransitionCounts`,
+`TransitionStatistics` (all requests; persisted with the store) and into the request's own `RequestStatistics`,
 which are the ones it predicts from. A request's own begin as the shared ones when it starts, scaled to
-``request_prior_tokens`` pseudo-tokens (`TransitionCounts.scaled`), and add its own tokens at full weight: a new
+``request_prior_tokens`` pseudo-tokens (`TransitionStatistics.scaled`), and add its own tokens at full weight: a new
 request starts from what all past requests taught and soon follows its own kind, where another kind of
 request's many tokens would otherwise outweigh its own few.
 
@@ -39,12 +39,14 @@ Scores become a distribution per layer (softmax) and the probability of use is `
 layers) into one keep/prefetch priority per key from the probability that at least one request uses it at its
 next visit and how soon that visit comes: Belady's "farthest next use goes first", with expectations.
 
-Pure Python on purpose: the tables are tiny (layers x experts x experts) and the hot path updates only the rows
-a layer changes; per-call tensor overhead would dominate. Each request keeps every layer's scores: `begin_step`
-computes them all (frequency, temporal evidence, store), `observe_layer` adds the new layer's evidence to the
-``max_offset`` rows after it, replaces the token match's terms of the ``reach`` rows after it and rebuilds the
-observed layer's own row for the next step; only those rows go through the softmax again. The statistics
-change only in `end_step`, so within a step the incremental scores equal a recomputation.
+The hot path is pure Python on purpose: it reads and updates only the rows a layer changes (``E`` values each),
+where per-call tensor overhead would dominate; the shared tables are tensors and a request copies only the rows it
+reads (`RequestStatistics`), so start-up and memory do not grow with ``E x E`` per request. The per-token work
+still grows with ``max_offset x top_k x E`` (benchmarks/predictor_cost.py). Each request keeps every layer's
+scores: `begin_step` computes them all (frequency, temporal evidence, store), `observe_layer` adds the new
+layer's evidence to the ``max_offset`` rows after it, replaces the token match's terms of the ``reach`` rows after
+it and rebuilds the observed layer's own row for the next step; only those rows go through the softmax again. The
+statistics change only in `end_step`, so within a step the incremental scores equal a recomputation.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+import weakref
 from collections import deque
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -71,7 +74,7 @@ DEFAULT_SMOOTHING = 4.0
 DEFAULT_TOP_K = 2
 """Experts per token assumed by a `TransitionStatistics` built without ``top_k`` (its prior's rate)."""
 DEFAULT_REQUEST_PRIOR_TOKENS = 8.0
-"""Pseudo-tokens the shared statistics weigh in a request's own (`TransitionCounts.scaled`)."""
+"""Pseudo-tokens the shared statistics weigh in a request's own (`TransitionStatistics.scaled`)."""
 DEFAULT_STORE_WEIGHT = 1.0
 DEFAULT_EVIDENCE_WEIGHT = 0.5
 DEFAULT_MISS_STEPS = 3.0
@@ -83,64 +86,20 @@ _SHARE_FLOOR = 1e-3
 impossible)."""
 
 
-class TransitionCounts:
-    """Co-activation counts of decode tokens and their logs: the tables the transition evidence reads.
-
-    ``log_counts[d][l][a][b]``: log of the (pseudo-)tokens with expert ``a`` at layer ``l - d`` and ``b`` at
-    layer ``l`` (``d >= 1``), or ``a`` at layer ``l`` of the previous token and ``b`` at layer ``l`` (``d = 0``).
-    ``log_frequency[l][b]``: log of the (pseudo-)tokens using ``b`` at ``l``. So ``exp(log_counts[d][l][a][b] -
-    log_frequency[l][b])`` estimates P(a | b). The tables hold ``tokens`` observed tokens on top of a prior worth
-    ``prior_tokens``. `TransitionStatistics` are the shared, persisted ones; `scaled` gives one request's own.
-    """
-
-    def __init__(self, max_offset: int, counts: list, frequency: list[list[float]], prior_tokens: float) -> None:
-        """``counts`` [max_offset + 1][L][E][E] and ``frequency`` [L][E]: the prior's (pseudo-)counts (owned)."""
-        self.num_layers = len(frequency)
-        self.num_experts = len(frequency[0])
-        self.max_offset = max_offset
-        self.prior_tokens = prior_tokens
-        self.tokens = 0
-        self._counts = counts
-        self._frequency = frequency
-        log = math.log
-        self.log_counts = [[[[log(count) for count in row] for row in layer] for layer in offset]
-                           for offset in counts]
-        self.log_frequency = [[log(count) for count in row] for row in frequency]
-
-    def scaled(self, prior_tokens: float) -> TransitionCounts:
-        """New counts whose prior is these (observed tokens and prior together) scaled to ``prior_tokens``
-        tokens: a request's own statistics start from what all past requests taught, and its own tokens, which
-        `observe` adds at full weight, soon dominate."""
-        scale = prior_tokens / (self.tokens + self.prior_tokens)
-        counts = [[[[count * scale for count in row] for row in layer] for layer in offset] for offset in self._counts]
-        frequency = [[count * scale for count in row] for row in self._frequency]
-        return TransitionCounts(self.max_offset, counts, frequency, prior_tokens)
-
-    def observe(self, token: Sequence[Sequence[int]], previous: Sequence[Sequence[int]] | None) -> None:
-        """Learn from one decode token's expert ids per layer ``token``, after ``previous`` (or None)."""
-        self.tokens += 1
-        log = math.log
-        for layer, experts in enumerate(token):
-            if not experts:
-                continue
-            frequency, log_frequency = self._frequency[layer], self.log_frequency[layer]
-            for expert in experts:
-                frequency[expert] += 1.0
-                log_frequency[expert] = log(frequency[expert])
-            for offset in range(0 if previous is not None else 1, min(self.max_offset, layer) + 1):
-                counts, logs = self._counts[offset][layer], self.log_counts[offset][layer]
-                for source in previous[layer] if offset == 0 else token[layer - offset]:
-                    source_counts, source_logs = counts[source], logs[source]
-                    for target in experts:
-                        source_counts[target] += 1.0
-                        source_logs[target] = log(source_counts[target])
-
-
-class TransitionStatistics(TransitionCounts):
-    """Source (c), shared by all requests: `TransitionCounts` over every finished decode token, on a prior of
+class TransitionStatistics:
+    """Source (c), shared by all requests: co-activation counts over every finished decode token, on a prior of
     ``smoothing`` pseudo-tokens in which every source expert is active at the average rate ``top_k /
     num_experts`` whatever the target (each pair count starts at ``smoothing * top_k / num_experts``, each
     frequency at ``smoothing``).
+
+    ``counts[d, l, a, b]`` (float64 [max_offset + 1, L, E, E]): the (pseudo-)tokens with expert ``a`` at layer
+    ``l - d`` and ``b`` at layer ``l`` (``d >= 1``), or ``a`` at layer ``l`` of the previous token and ``b`` at
+    layer ``l`` (``d = 0``); ``frequency[l, b]`` (float64 [L, E]): the (pseudo-)tokens using ``b`` at ``l``. So
+    ``counts[d, l, a, b] / frequency[l, b]`` estimates P(a | b). One tensor each, not Python lists: at
+    DeepSeek-V3's 61 layers x 256 experts the tables hold 36 M counts (288 MB; benchmarks/predictor_cost.py).
+
+    Requests predict from their own `RequestStatistics` (`scaled`), which read these rows as they were when the
+    request started: before `observe` changes a row, every live request that has not yet read it takes its copy.
 
     What was learned persists with the trace store (engine.trace.store): `state_tensors` gives the observed
     counts without the prior, `restore` puts them back into statistics of the same shape (layers, experts,
@@ -151,31 +110,69 @@ class TransitionStatistics(TransitionCounts):
                  smoothing: float = DEFAULT_SMOOTHING, top_k: int = DEFAULT_TOP_K) -> None:
         if max_offset < 0 or smoothing <= 0 or not 0 < top_k <= num_experts:
             raise ValueError("max_offset must be >= 0, smoothing > 0 and top_k in 1..num_experts")
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.max_offset = max_offset
         self.smoothing = smoothing
+        self.prior_tokens = smoothing
         self.prior = smoothing * top_k / num_experts
-        counts = [[[[self.prior] * num_experts for _ in range(num_experts)] for _ in range(num_layers)]
-                  for _ in range(max_offset + 1)]
-        super().__init__(max_offset, counts, [[smoothing] * num_experts for _ in range(num_layers)], smoothing)
+        self.tokens = 0
+        self.counts = torch.full((max_offset + 1, num_layers, num_experts, num_experts), self.prior,
+                                 dtype=torch.float64)
+        self.frequency = torch.full((num_layers, num_experts), smoothing, dtype=torch.float64)
+        self._rows = self.counts.numpy().reshape(-1, num_experts)  # the same memory, by row
+        self._views: weakref.WeakSet[RequestStatistics] = weakref.WeakSet()
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(num_layers, num_experts, max_offset)``: statistics of another shape cannot be restored here."""
         return self.num_layers, self.num_experts, self.max_offset
 
+    def scaled(self, prior_tokens: float) -> RequestStatistics:
+        """A request's own statistics: these (observed tokens and prior together) scaled to ``prior_tokens``
+        tokens, as they are now; its own tokens, which `RequestStatistics.observe` adds at full weight, soon
+        dominate."""
+        return RequestStatistics(self, prior_tokens)
+
+    def row(self, index: int, scale: float = 1.0) -> list[float]:
+        """The counts of row ``index`` = ``(d * L + l) * E + a`` (all targets ``b``) as they are now, times
+        ``scale``."""
+        return (self._rows[index] * scale).tolist()  # numpy: a tensor's indexing costs more than the row here
+
+    def observe(self, token: Sequence[Sequence[int]], previous: Sequence[Sequence[int]] | None) -> None:
+        """Learn from one decode token's expert ids per layer ``token``, after ``previous`` (or None)."""
+        rows, cells, used = [], [], []
+        num_layers, num_experts = self.num_layers, self.num_experts
+        for layer, experts in enumerate(token):
+            if not experts:
+                continue
+            used.extend(layer * num_experts + expert for expert in experts)
+            for offset in range(0 if previous is not None else 1, min(self.max_offset, layer) + 1):
+                base = (offset * num_layers + layer) * num_experts
+                for source in previous[layer] if offset == 0 else token[layer - offset]:
+                    rows.append(base + source)
+                    cells.extend((base + source) * num_experts + target for target in experts)
+        for view in self._views:
+            view.keep(rows)
+        self.tokens += 1
+        self.counts.view(-1).index_put_((torch.tensor(cells, dtype=torch.int64),),
+                                        torch.ones(len(cells), dtype=torch.float64), accumulate=True)
+        self.frequency.view(-1).index_put_((torch.tensor(used, dtype=torch.int64),),
+                                           torch.ones(len(used), dtype=torch.float64), accumulate=True)
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The observed counts, prior left out (int64): ``transition_counts`` [max_offset + 1, L, E, E] (index
-        ``[d][l][a][b]`` as ``log_counts``), ``frequency_counts`` [L, E] and ``transition_tokens`` [] (decode
+        ``[d][l][a][b]`` as ``counts``), ``frequency_counts`` [L, E] and ``transition_tokens`` [] (decode
         tokens observed)."""
-        counts = torch.tensor(self._counts, dtype=torch.float64) - self.prior
-        frequency = torch.tensor(self._frequency, dtype=torch.float64) - self.smoothing
-        return {"transition_counts": counts.round().long(), "frequency_counts": frequency.round().long(),
+        return {"transition_counts": (self.counts - self.prior).round().long(),
+                "frequency_counts": (self.frequency - self.smoothing).round().long(),
                 "transition_tokens": torch.tensor(self.tokens, dtype=torch.int64)}
 
     def restore(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Replace what was learned with the `state_tensors` of statistics of this shape (plus this prior).
 
         KeyError for a missing tensor, ValueError for another shape or dtype or a negative count; either way
-        nothing changes.
+        nothing changes. Requests already running keep the rows they started with.
         """
         counts, frequency, tokens = (tensors["transition_counts"], tensors["frequency_counts"],
                                      tensors["transition_tokens"])
@@ -188,9 +185,83 @@ class TransitionStatistics(TransitionCounts):
             raise ValueError("transition statistics must be int64 counts")
         if (counts < 0).any() or (frequency < 0).any() or tokens < 0:
             raise ValueError("transition statistics hold negative counts")
-        TransitionCounts.__init__(self, self.max_offset, (counts.double() + self.prior).tolist(),
-                                  (frequency.double() + self.smoothing).tolist(), self.smoothing)
+        every_row = range(offsets * layers * experts)
+        for view in self._views:
+            view.keep(every_row)
+        self.counts = counts.double() + self.prior
+        self._rows = self.counts.numpy().reshape(-1, self.num_experts)
+        self.frequency = frequency.double() + self.smoothing
         self.tokens = int(tokens)
+
+
+class RequestStatistics:
+    """One request's own transition statistics: the shared `TransitionStatistics` as they were when it started,
+    scaled to ``prior_tokens`` pseudo-tokens, plus its own decode tokens at full weight (`observe`).
+
+    The request's rows are read lazily: a row (``offset``, ``layer``, source expert) is copied from the shared
+    counts, scaled, the first time the request reads it or the shared statistics are about to change it
+    (`TransitionStatistics.observe` calls `keep`), whichever comes first. So a request starts in O(L x E) and
+    holds only the rows it touched, where a full copy would cost O(max_offset x L x E x E) per request (33 s and
+    4.8 GB at DeepSeek-V3's shape; benchmarks/predictor_cost.py), with the same values.
+
+    ``log_row(d, l, a)[b]``: log of the (pseudo-)tokens with ``a`` at layer ``l - d`` (``d >= 1``; ``d = 0``: at
+    ``l`` one token earlier) and ``b`` at ``l``; ``log_frequency[l][b]``: log of those using ``b`` at ``l``. So
+    ``exp(log_row(d, l, a)[b] - log_frequency[l][b])`` estimates P(a | b).
+    """
+
+    def __init__(self, shared: TransitionStatistics, prior_tokens: float) -> None:
+        self.shared = shared
+        self.num_layers = shared.num_layers
+        self.num_experts = shared.num_experts
+        self.max_offset = shared.max_offset
+        self.prior_tokens = prior_tokens
+        self.tokens = 0
+        self.scale = prior_tokens / (shared.tokens + shared.prior_tokens)
+        scale, log = self.scale, math.log
+        self._frequency = [[count * scale for count in row] for row in shared.frequency.tolist()]
+        self.log_frequency = [[log(count) for count in row] for row in self._frequency]
+        self._rows: dict[int, tuple[list[float], list[float]]] = {}  # row index -> (counts, their logs)
+        shared._views.add(self)
+
+    def log_row(self, offset: int, layer: int, source: int) -> list[float]:
+        """The logs of row (``offset``, ``layer``, ``source``) over every target expert (read, do not change)."""
+        index = (offset * self.num_layers + layer) * self.num_experts + source
+        row = self._rows.get(index)
+        return (row if row is not None else self._copy(index))[1]
+
+    def keep(self, rows: Iterable[int]) -> None:
+        """Copy the shared rows ``rows`` (indices as `TransitionStatistics.row`) not yet copied: they are about
+        to change."""
+        copied = self._rows
+        for index in rows:
+            if index not in copied:
+                self._copy(index)
+
+    def observe(self, token: Sequence[Sequence[int]], previous: Sequence[Sequence[int]] | None) -> None:
+        """Learn from one decode token's expert ids per layer ``token``, after ``previous`` (or None)."""
+        self.tokens += 1
+        log = math.log
+        num_layers, num_experts, copied = self.num_layers, self.num_experts, self._rows
+        for layer, experts in enumerate(token):
+            if not experts:
+                continue
+            frequency, log_frequency = self._frequency[layer], self.log_frequency[layer]
+            for expert in experts:
+                frequency[expert] += 1.0
+                log_frequency[expert] = log(frequency[expert])
+            for offset in range(0 if previous is not None else 1, min(self.max_offset, layer) + 1):
+                base = (offset * num_layers + layer) * num_experts
+                for source in previous[layer] if offset == 0 else token[layer - offset]:
+                    counts, logs = copied.get(base + source) or self._copy(base + source)
+                    for target in experts:
+                        counts[target] += 1.0
+                        logs[target] = log(counts[target])
+
+    def _copy(self, index: int) -> tuple[list[float], list[float]]:
+        log = math.log
+        counts = self.shared.row(index, self.scale)
+        row = self._rows[index] = (counts, [log(count) for count in counts])
+        return row
 
 
 @dataclass(frozen=True)
@@ -235,7 +306,7 @@ class HistorySettings:
 class RequestState:
     """One running request as the predictor sees it (create with `Predictor.new_request`)."""
 
-    statistics: TransitionCounts  # the request's own: the shared statistics as prior, then its tokens
+    statistics: RequestStatistics  # the request's own: the shared statistics as prior, then its tokens
     current: list[tuple[int, ...]]  # expert ids of this step's layers run so far (others empty)
     history: list[list[float]]  # [L][E] decode activation counts of the finished steps
     layers_seen: int = 0
@@ -330,8 +401,9 @@ class Predictor:
         stats = state.statistics
         if "transitions" in self.sources and experts:
             for target in range(layer + 1, min(self.num_layers, layer + stats.max_offset + 1)):
-                state.scores[target] = _with_evidence(state.scores[target], stats.log_counts[target - layer][target],
-                                                      experts, stats.log_frequency[target], self.evidence_weight)
+                rows = [stats.log_row(target - layer, target, expert) for expert in experts]
+                state.scores[target] = _with_evidence(state.scores[target], rows, stats.log_frequency[target],
+                                                      self.evidence_weight)
                 changed.add(target)
         history = self._history_terms(state, layer, experts) if "history" in self.sources else {}
         changed.update(history)
@@ -440,8 +512,8 @@ class Predictor:
         stats = state.statistics
         scores = list(stats.log_frequency[layer])
         if "transitions" in self.sources and temporal:
-            scores = _with_evidence(scores, stats.log_counts[0][layer], temporal, stats.log_frequency[layer],
-                                    self.evidence_weight)
+            scores = _with_evidence(scores, [stats.log_row(0, layer, expert) for expert in temporal],
+                                    stats.log_frequency[layer], self.evidence_weight)
         if "recent" in self.sources:
             scores = _with_recent_use(scores, state.recent_use[layer], stats.log_frequency[layer],
                                       self.history_settings.recent_weight)
@@ -463,20 +535,21 @@ class Predictor:
         return match.tolist() if match is not None else None
 
 
-def _with_evidence(scores: list[float], log_counts: list[list[float]], sources: Sequence[int],
-                   log_frequency: list[float], weight: float) -> list[float]:
-    """``scores`` plus, for each active source expert, ``weight`` * (log P(b | source) - log P(b)) up to a per-row
-    constant (a new list). One or two sources (a decode token at top-2) take a fast path."""
-    if len(sources) == 1:
-        counts = log_counts[sources[0]]
+def _with_evidence(scores: list[float], rows: Sequence[list[float]], log_frequency: list[float],
+                   weight: float) -> list[float]:
+    """``scores`` plus, for each active source expert's row of log counts in ``rows``, ``weight`` * (log P(b |
+    source) - log P(b)) up to a per-row constant (a new list, or ``scores`` itself without rows). One or two
+    sources (a decode token at top-2) take a path of their own; more are summed per target in one pass."""
+    if len(rows) == 1:
+        counts = rows[0]
         return [score + weight * (count - frequency) for score, count, frequency in zip(scores, counts, log_frequency)]
-    if len(sources) == 2:
-        first, second = log_counts[sources[0]], log_counts[sources[1]]
+    if len(rows) == 2:
+        first, second = rows
         return [score + weight * (one + two - frequency - frequency)
                 for score, one, two, frequency in zip(scores, first, second, log_frequency)]
-    for source in sources:
-        scores = _with_evidence(scores, log_counts, (source,), log_frequency, weight)
-    return scores
+    count = len(rows)
+    return [score + weight * (sum(counts) - count * frequency)
+            for score, frequency, counts in zip(scores, log_frequency, zip(*rows))]
 
 
 def _with_recent_use(scores: list[float], use: list[float], log_frequency: list[float],
@@ -502,6 +575,8 @@ def _use_probabilities(scores: list[float], top_k: int) -> list[float]:
 
 def any_request(predictions: Sequence[Sequence[Sequence[float]]]) -> list[list[float]]:
     """[L][E] probability that at least one of the running requests uses each key: ``1 - prod(1 - p)``."""
+    if len(predictions) == 1:  # the same values, faster
+        return [[1.0 - (1.0 - p) for p in row] for row in predictions[0]]
     combined = [[0.0] * len(row) for row in predictions[0]] if predictions else []
     for layer, row in enumerate(combined):
         for expert in range(len(row)):

@@ -9,7 +9,7 @@ from collections import deque
 import pytest
 import torch
 
-from engine.trace.predictor import Predictor, HistorySettings, TransitionStatistics, any_request, batch_priorities
+from engine.trace.predictor import HistorySettings, Predictor, TransitionStatistics, any_request, batch_priorities
 from engine.trace.store import TraceStore
 
 LAYERS, EXPERTS = 4, 8
@@ -99,7 +99,7 @@ def test_incremental_rows_equal_the_naive_bayes_formula() -> None:
                 evidence = [(0, previous[layer])] + [(layer - source, current[source])
                                                      for source in range(max(0, layer - 3), seen + 1)]
             scores = [stats.log_frequency[layer][b] + weight * sum(
-                stats.log_counts[offset][layer][a][b] - stats.log_frequency[layer][b]
+                stats.log_row(offset, layer, a)[b] - stats.log_frequency[layer][b]
                 for offset, experts in evidence for a in experts) for b in range(EXPERTS)]
             total = sum(math.exp(score) for score in scores)
             assert row == pytest.approx([min(1.0, 2 * math.exp(score) / total) for score in scores], abs=1e-12)
@@ -107,11 +107,11 @@ def test_incremental_rows_equal_the_naive_bayes_formula() -> None:
 
 def test_the_smoothing_prior_starts_at_the_average_rate_and_yields_to_the_counts() -> None:
     stats = TransitionStatistics(2, 4, max_offset=1, smoothing=4.0, top_k=1)
-    share = math.exp(stats.log_counts[1][1][0][2] - stats.log_frequency[1][2])
+    share = float(stats.counts[1, 1, 0, 2] / stats.frequency[1, 2])
     assert share == pytest.approx(1 / 4), "no data: P(a | b) is the average rate top_k / num_experts"
     for _ in range(400):
         stats.observe([[0], [2]], None)
-    share = math.exp(stats.log_counts[1][1][0][2] - stats.log_frequency[1][2])
+    share = float(stats.counts[1, 1, 0, 2] / stats.frequency[1, 2])
     assert share == pytest.approx((400 + 1) / (400 + 4)), "400 tokens of 0 -> 2 outweigh the 4-token prior"
     with pytest.raises(ValueError):
         TransitionStatistics(2, 4, top_k=5)
@@ -195,10 +195,30 @@ def test_scaled_counts_are_a_prior_of_the_given_weight() -> None:
     own = stats.scaled(8.0)
     assert (own.tokens, own.prior_tokens) == (0, 8.0)
     assert math.exp(own.log_frequency[1][2]) == pytest.approx((36 + 4) * 8 / 40)
-    assert math.exp(own.log_counts[1][1][0][2] - own.log_frequency[1][2]) == pytest.approx(
-        math.exp(stats.log_counts[1][1][0][2] - stats.log_frequency[1][2])), "the same estimates, less weight"
+    assert math.exp(own.log_row(1, 1, 0)[2] - own.log_frequency[1][2]) == pytest.approx(
+        float(stats.counts[1, 1, 0, 2] / stats.frequency[1, 2])), "the same estimates, less weight"
     own.observe([[1], [2]], None)
     assert own.tokens == 1 and stats.tokens == 36, "a request's own counts leave the shared ones alone"
+
+
+def test_a_request_reads_the_shared_rows_as_they_were_when_it_started_and_copies_only_those_it_needs() -> None:
+    stats = TransitionStatistics(3, 4, max_offset=2, top_k=2)
+    rng = random.Random(5)
+    tokens = [[sorted(rng.sample(range(4), 2)) for _ in range(3)] for _ in range(40)]
+    for previous, token in zip(tokens[:9], tokens[1:10]):
+        stats.observe(token, previous)
+    early, spare = stats.scaled(8.0), stats.scaled(8.0)
+    assert not early._rows, "nothing is copied when a request starts"
+    expected = {(d, l, a): [math.log(count * early.scale) for count in stats.counts[d, l, a].tolist()]
+                for d in range(3) for l in range(3) for a in range(4)}
+    assert early.log_row(1, 2, 3) == expected[1, 2, 3] and len(early._rows) == 1, "a read copies one row"
+    for previous, token in zip(tokens[9:-1], tokens[10:]):  # other requests teach the shared statistics
+        stats.observe(token, previous)
+    assert 1 < len(early._rows) < 3 * 3 * 4, "the rows the shared statistics changed were copied first"
+    assert {key: early.log_row(*key) for key in expected} == expected, "every row as it was at the start"
+    assert stats.scaled(8.0).log_row(1, 2, 3) != expected[1, 2, 3], "a later request reads them as they are now"
+    del spare
+    assert set(stats._views) == {early}, "requests that are gone (spare, the later one) are no longer kept up to date"
 
 
 def xor_token(first: int, second: int) -> list[list[int]]:
@@ -276,7 +296,7 @@ def test_a_step_that_only_records_teaches_what_a_predicting_step_does() -> None:
                 with pytest.raises(RuntimeError, match="predict=False"):
                     predictor.predict(state)
             predictor.end_step(state)
-    assert light.transitions.log_counts == full.transitions.log_counts
+    assert torch.equal(light.transitions.counts, full.transitions.counts)
     assert light_state.history == full_state.history and light_state.recent == full_state.recent
     for predictor, state in ((full, full_state), (light, light_state)):  # a predicting step after: the same answer
         predictor.begin_step(state, decode=True)
