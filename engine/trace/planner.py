@@ -41,13 +41,14 @@ measured only at 1.4 (NVMe) and 6.7 (disk) layers per read on h39s, so the bound
 COMPUTE_BOUND_MIN_PROBABILITY = 0.7
 """Shorter reads, chosen on h39s with free reads, 4 slots per layer, against per-layer LRU's 22,702 blobs: 0.66 is
 the lowest within them (22,663 blobs, hit rate 0.745; 0.65: 22,734), 0.7 keeps a margin of 1.4 % (22,384 blobs,
-0.740). The former 0.57, chosen so before the predictor gained its own request's statistics and the token
-match, would now load more than LRU."""
+0.740; with the token match's successor votes, added since, 0.741 at 21,711). The former 0.57, chosen so before
+the predictor gained its own request's statistics and the token match, would now load more than LRU."""
 IO_BOUND_MIN_PROBABILITY = 0.9
 """Longer reads: on h39s at 1.5 GB/s, the lowest of 0.7, 0.8 and 0.9 whose blobs stay within per-layer LRU's
 22,702: 24,451, 23,346 and 22,522 blobs, stall 5,199 s, 5,017 s and 4,894 s, hit rate 0.715, 0.706 and 0.695 (0.95:
 4,849 s, 0.690). (Without the token match, 0.8 stalled 4,776 s at 21,389 blobs, hit rate 0.656: when reads are
-the bottleneck, the prefetches it adds delay demand reads more than they save.)"""
+the bottleneck, the prefetches it adds delay demand reads more than they save. With the successor votes, added
+since, 0.9 gives 21,845 blobs, stall 4,739 s, hit rate 0.697.)"""
 
 
 @dataclass(frozen=True)

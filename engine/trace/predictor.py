@@ -27,7 +27,8 @@ request's many tokens would otherwise outweigh its own few.
 - ``"history"``: the token match over the request's own recent decode tokens (`HistorySettings`): tokens repeat
   routing patterns within a request, so the recent tokens whose routing over the layers run so far is most
   like this token's predict the layers ahead (a nearest-neighbour vote; unlike the transitions, it sees
-  patterns of several layers together). Its log-ratio is added to the rows ``reach`` layers ahead.
+  patterns of several layers together). Its log-ratio is added to the rows ``reach`` layers ahead, and their
+  next tokens' vote to the row of the layer just run (its next visit is the next token's).
 - ``"recent"``: the request's recent use of each layer's experts (decaying over its last tokens,
   `HistorySettings`), its log-ratio added to every row. It raises recall but not the cache: the default policy
   leaves it out (engine.trace.planner.POLICY_SOURCES).
@@ -288,7 +289,17 @@ class HistorySettings:
     0.844 at 0.8 / 0.6, 0.841 at 0.8 / 1; all with transitions and history); on h39s cut into 80-token requests
     0.794 -> 0.797. The default policy with free reads, at 4 slots per layer on h39s, hits less with it at the same
     blobs (0.738 at 22,487 blobs with it applied to this step's rows only, threshold 0.6; 0.711 at 22,721 with it on
-    every row, threshold 0.7; 0.740 at 22,384 without, threshold 0.7).
+    every row, threshold 0.7; 0.740 at 22,384 without, threshold 0.7; all before the successor votes below).
+
+    Successors (part of ``"history"``): when a layer has run, its row turns to the next token's visit, and the same
+    neighbours but the latest (whose successor is the running token) vote, at ``successor_weight``, for the experts
+    their own next tokens used at that layer. Recall (this token's layers ahead) does not change; the default
+    policy at 4 slots per layer on h39s, ``successor_weight`` 0.5 against none: free reads 0.741 at 21,711 blobs
+    against 0.740 at 22,384 (1.0: 0.738 at 21,871; 1.5: 0.739 at 22,136), nvme 0.719 at 22,200 against 0.716 at
+    22,903, disk 0.697 at 21,845 against 0.695 at 22,522 (stall 4,739 s against 4,894); cut into 80-token
+    requests, free reads 0.706 at 23,277 against 0.702 at 23,698 (1.0: 0.707 at 23,401). Every row behind the
+    frontier voted again after each layer instead of the one row: +0.002-0.006 hit rate for ~L rows more work
+    per layer, not taken.
     """
 
     tokens: int = 256
@@ -300,6 +311,7 @@ class HistorySettings:
     reach: int = 8
     recent_decay: float = 0.6
     recent_weight: float = 0.5
+    successor_weight: float = 0.5
 
 
 @dataclass
@@ -464,8 +476,9 @@ class Predictor:
         ** j``. The ``neighbours`` most similar (ties: the latest) vote for the experts they used at the target,
         each ``exp(-sharpness * x)`` if ``x`` less similar than the most similar one; the votes, with ``prior``
         pseudo-votes spread as the request's per-layer frequency, estimate P(expert used), and ``weight`` times
-        its log-ratio over the frequency's is the term. No terms in a prefill step or before a similar token
-        exists."""
+        its log-ratio over the frequency's is the term. The same neighbours but the latest vote, at
+        ``successor_weight``, for the experts their next tokens used at ``layer`` itself: its row is now the next
+        token's visit. No terms in a prefill step or before a similar token exists."""
         if not state.decode or not state.recent:
             return {}
         match = self.history_settings
@@ -480,19 +493,29 @@ class Predictor:
             return {}
         top = state.similarity[neighbours[0]]
         weights = {index: math.exp(match.sharpness * (state.similarity[index] - top)) for index in neighbours}
-        votes = sum(weights.values()) + match.prior
-        log = math.log
         terms = {}
         for target in range(layer + 1, min(self.num_layers, layer + match.reach + 1)):
-            log_frequency = state.statistics.log_frequency[target]
-            prior_votes, log_rate = self._history_prior(state, target)
-            used = list(prior_votes)
-            for index in neighbours:
-                for expert in state.recent[index][target]:
-                    used[expert] += weights[index]
-            terms[target] = [match.weight * (log(count / votes) - value - log_rate)
-                             for count, value in zip(used, log_frequency)]
+            terms[target] = self._votes(state, target, neighbours, weights, 0, match.weight)
+        latest = len(state.recent) - 1
+        with_successor = [index for index in neighbours if index != latest]
+        if match.successor_weight and with_successor:
+            terms[layer] = self._votes(state, layer, with_successor, weights, 1, match.successor_weight)
         return terms
+
+    def _votes(self, state: RequestState, target: int, voters: Sequence[int], weights: Mapping[int, float],
+               ahead: int, weight: float) -> list[float]:
+        """``weight`` times the log-ratio over the frequency of the ``voters``' use of layer ``target`` (recent
+        token ``index + ahead`` for each voter ``index``), with the ``prior`` pseudo-votes: one row of
+        `_history_terms`."""
+        log = math.log
+        prior_votes, log_rate = self._history_prior(state, target)
+        used = list(prior_votes)
+        for index in voters:
+            for expert in state.recent[index + ahead][target]:
+                used[expert] += weights[index]
+        votes = sum(weights[index] for index in voters) + self.history_settings.prior
+        return [weight * (log(count / votes) - value - log_rate)
+                for count, value in zip(used, state.statistics.log_frequency[target])]
 
     def _history_prior(self, state: RequestState, target: int) -> tuple[list[float], float]:
         """The token match's ``prior`` pseudo-votes at ``target``, spread as the request's per-layer frequency,

@@ -221,6 +221,27 @@ def test_a_request_reads_the_shared_rows_as_they_were_when_it_started_and_copies
     assert set(stats._views) == {early}, "requests that are gone (spare, the later one) are no longer kept up to date"
 
 
+def test_the_neighbours_next_tokens_predict_the_next_visit_of_the_layer_just_run() -> None:
+    """Tokens cycle through three routings; once layer 0 of a token has run, its row is the next token's visit,
+    which the tokens like this one were followed by: with successor votes that routing's expert leads the row."""
+    def token(t: int) -> list[list[int]]:
+        return [[(3 * (t % 3) + layer) % EXPERTS] for layer in range(LAYERS)]
+
+    rows = {}
+    for weight in (0.0, 0.5):
+        predictor = Predictor(LAYERS, EXPERTS, top_k=1, sources=["history"],
+                              history_settings=HistorySettings(successor_weight=weight))
+        state = predictor.new_request()
+        for t in range(30):
+            run_token(predictor, state, token(t))
+        predictor.begin_step(state, decode=True)  # token 30 routes as token 0, token 31 will as token 1
+        predictor.observe_layer(state, 0, token(30)[0])
+        rows[weight] = predictor.predict(state)[0]
+    successor = token(31)[0][0]
+    assert top(rows[0.5]) == [successor] and rows[0.5][successor] > 0.7
+    assert rows[0.0][successor] < 0.5, "without them the row is the layer's frequency: three experts alike"
+
+
 def xor_token(first: int, second: int) -> list[list[int]]:
     """Layers 0 and 1 use expert 0 or 1; layer 2 uses 2 + (first xor second), layer 3 expert 4."""
     return [[first], [second], [2 + (first ^ second)], [4]]
