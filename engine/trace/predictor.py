@@ -202,8 +202,8 @@ class RequestStatistics:
     The request's rows are read lazily: a row (``offset``, ``layer``, source expert) is copied from the shared
     counts, scaled, the first time the request reads it or the shared statistics are about to change it
     (`TransitionStatistics.observe` calls `keep`), whichever comes first. So a request starts in O(L x E) and
-    holds only the rows it touched, where a full copy would cost O(max_offset x L x E x E) per request (33 s and
-    4.8 GB at DeepSeek-V3's shape; benchmarks/predictor_cost.py), with the same values.
+    holds only the rows it touched, where a full copy would cost O(max_offset x L x E x E) per request (23 s and
+    2.4 GB at DeepSeek-V3's shape; benchmarks/predictor_cost.py), with the same values.
 
     ``log_row(d, l, a)[b]``: log of the (pseudo-)tokens with ``a`` at layer ``l - d`` (``d >= 1``; ``d = 0``: at
     ``l`` one token earlier) and ``b`` at ``l``; ``log_frequency[l][b]``: log of those using ``b`` at ``l``. So
@@ -298,8 +298,8 @@ class HistorySettings:
     against 0.740 at 22,384 (1.0: 0.738 at 21,871; 1.5: 0.739 at 22,136), nvme 0.719 at 22,200 against 0.716 at
     22,903, disk 0.697 at 21,845 against 0.695 at 22,522 (stall 4,739 s against 4,894); cut into 80-token
     requests, free reads 0.706 at 23,277 against 0.702 at 23,698 (1.0: 0.707 at 23,401). Every row behind the
-    frontier voted again after each layer instead of the one row: +0.002-0.006 hit rate for ~L rows more work
-    per layer, not taken.
+    frontier voted again after each layer instead of the one row (weight 1): +0.002-0.008 hit rate for ~L rows
+    more work per layer, not taken.
     """
 
     tokens: int = 256
