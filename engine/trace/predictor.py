@@ -57,7 +57,7 @@ import logging
 import math
 import weakref
 from collections import deque
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -142,17 +142,12 @@ class TransitionStatistics:
 
     def observe(self, token: Sequence[Sequence[int]], previous: Sequence[Sequence[int]] | None) -> None:
         """Learn from one decode token's expert ids per layer ``token``, after ``previous`` (or None)."""
-        rows, cells, used = [], [], []
-        num_layers, num_experts = self.num_layers, self.num_experts
-        for layer, experts in enumerate(token):
-            if not experts:
-                continue
-            used.extend(layer * num_experts + expert for expert in experts)
-            for offset in range(0 if previous is not None else 1, min(self.max_offset, layer) + 1):
-                base = (offset * num_layers + layer) * num_experts
-                for source in previous[layer] if offset == 0 else token[layer - offset]:
-                    rows.append(base + source)
-                    cells.extend((base + source) * num_experts + target for target in experts)
+        num_experts = self.num_experts
+        used = [layer * num_experts + expert for layer, experts in enumerate(token) for expert in experts]
+        rows, cells = [], []
+        for index, targets in _transition_rows(token, previous, self.max_offset, self.num_layers, num_experts):
+            rows.append(index)
+            cells.extend(index * num_experts + target for target in targets)
         for view in self._views:
             view.keep(rows)
         self.tokens += 1
@@ -193,6 +188,20 @@ class TransitionStatistics:
         self._rows = self.counts.numpy().reshape(-1, self.num_experts)
         self.frequency = frequency.double() + self.smoothing
         self.tokens = int(tokens)
+
+
+def _transition_rows(token: Sequence[Sequence[int]], previous: Sequence[Sequence[int]] | None, max_offset: int,
+                     num_layers: int, num_experts: int) -> Iterator[tuple[int, Sequence[int]]]:
+    """The rows one decode token adds to, each with its targets: ``(index, experts)`` for every source expert ``a``
+    at layer ``l - d`` (``d = 1..max_offset``) or at layer ``l`` of ``previous`` (``d = 0``, when given), row
+    ``index = (d * L + l) * E + a`` (`TransitionStatistics.row`), and the token's ``experts`` at ``l``."""
+    for layer, experts in enumerate(token):
+        if not experts:
+            continue
+        for offset in range(0 if previous is not None else 1, min(max_offset, layer) + 1):
+            base = (offset * num_layers + layer) * num_experts
+            for source in previous[layer] if offset == 0 else token[layer - offset]:
+                yield base + source, experts
 
 
 class RequestStatistics:
@@ -242,21 +251,17 @@ class RequestStatistics:
         """Learn from one decode token's expert ids per layer ``token``, after ``previous`` (or None)."""
         self.tokens += 1
         log = math.log
-        num_layers, num_experts, copied = self.num_layers, self.num_experts, self._rows
         for layer, experts in enumerate(token):
-            if not experts:
-                continue
             frequency, log_frequency = self._frequency[layer], self.log_frequency[layer]
             for expert in experts:
                 frequency[expert] += 1.0
                 log_frequency[expert] = log(frequency[expert])
-            for offset in range(0 if previous is not None else 1, min(self.max_offset, layer) + 1):
-                base = (offset * num_layers + layer) * num_experts
-                for source in previous[layer] if offset == 0 else token[layer - offset]:
-                    counts, logs = copied.get(base + source) or self._copy(base + source)
-                    for target in experts:
-                        counts[target] += 1.0
-                        logs[target] = log(counts[target])
+        copied = self._rows
+        for index, targets in _transition_rows(token, previous, self.max_offset, self.num_layers, self.num_experts):
+            counts, logs = copied.get(index) or self._copy(index)
+            for target in targets:
+                counts[target] += 1.0
+                logs[target] = log(counts[target])
 
     def _copy(self, index: int) -> tuple[list[float], list[float]]:
         log = math.log
@@ -563,6 +568,8 @@ def _with_evidence(scores: list[float], rows: Sequence[list[float]], log_frequen
     """``scores`` plus, for each active source expert's row of log counts in ``rows``, ``weight`` * (log P(b |
     source) - log P(b)) up to a per-row constant (a new list, or ``scores`` itself without rows). One or two
     sources (a decode token at top-2) take a path of their own; more are summed per target in one pass."""
+    if not rows:
+        return scores
     if len(rows) == 1:
         counts = rows[0]
         return [score + weight * (count - frequency) for score, count, frequency in zip(scores, counts, log_frequency)]
