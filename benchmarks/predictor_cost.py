@@ -54,6 +54,7 @@ SHAPES = {  # (layers, routed experts, top_k) of each family's config
     "olmoe-1b-7b": (16, 64, 8),
     "deepseek-v2-lite": (27, 64, 6),
     "gpt-oss-120b": (36, 128, 4),
+    "qwen3-30b-a3b": (48, 128, 8),
     "deepseek-v2": (60, 160, 6),
     "deepseek-v3": (61, 256, 8),
 }

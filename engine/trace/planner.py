@@ -25,6 +25,8 @@ import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from engine.offload.cache import ExpertCache, Key
 from engine.offload.gate import PrefetchGate
 from engine.offload.prefetch import PrefetchQueue
@@ -108,8 +110,8 @@ class PrefetchPlanner:
         if gate is not None:
             gate.track_priorities()
 
-    def plan(self, predictions: Sequence[Sequence[Sequence[float]]], layers_seen: int, position: int) -> int:
-        """Act on the running requests' ``predictions`` ([L][E] each) at frontier ``layers_seen``; ``position``
+    def plan(self, predictions: Sequence[np.ndarray], layers_seen: int, position: int) -> int:
+        """Act on the running requests' ``predictions`` ([L, E] each) at frontier ``layers_seen``; ``position``
         is that of the layer just run (``layers_seen - 1``). Returns how many prefetches were queued.
 
         No predictions (no request to predict for): nothing changes.
@@ -130,9 +132,9 @@ class PrefetchPlanner:
             target = (layers_seen - 1 + ahead) % self.num_layers
             if target not in self.layers:
                 continue
-            for expert, probability in enumerate(next_visit[target]):
+            for expert in np.flatnonzero(next_visit[target] >= self.settings.min_probability).tolist():
                 key: Key = (target, expert, self.precision)
-                if probability >= self.settings.min_probability and key not in self.cache:
+                if key not in self.cache:
                     self.queue.push_prefetch(key, priorities[key], position + ahead)
                     queued += 1
         return queued

@@ -40,11 +40,13 @@ Scores become a distribution per layer (softmax) and the probability of use is `
 layers) into one keep/prefetch priority per key from the probability that at least one request uses it at its
 next visit and how soon that visit comes: Belady's "farthest next use goes first", with expectations.
 
-The hot path is pure Python on purpose: it reads and updates only the rows a layer changes (``E`` values each),
-where per-call tensor overhead would dominate; the shared tables are tensors and a request copies only the rows it
-reads (`RequestStatistics`), so start-up and memory do not grow with ``E x E`` per request. The per-token work
-still grows with ``max_offset x top_k x E`` (benchmarks/predictor_cost.py). Each request keeps every layer's
-scores: `begin_step` computes them all (frequency, temporal evidence, store), `observe_layer` adds the new
+The hot path is numpy over float64 arrays, a few calls per layer whatever the expert count: scores and
+probabilities are [L, E] arrays, a layer's evidence is one gather of its ``max_offset x top_k`` log rows, the token
+match one product of the neighbours' weights with their one-hot routing, the softmax one call over the rows that
+changed. The shared tables are tensors with their logs kept beside them, and a request copies only the rows it reads
+or that are about to change (`RequestStatistics`, into one growing array), so start-up and memory do not grow with
+``E x E`` per request (benchmarks/predictor_cost.py measures all of it per shape). Each request keeps every
+layer's scores: `begin_step` computes them all (frequency, temporal evidence, store), `observe_layer` adds the new
 layer's evidence to the ``max_offset`` rows after it, replaces the token match's terms of the ``reach`` rows after
 it and rebuilds the observed layer's own row for the next step; only those rows go through the softmax again. The
 statistics change only in `end_step`, so within a step the incremental scores equal a recomputation.
@@ -52,7 +54,7 @@ statistics change only in `end_step`, so within a step the incremental scores eq
 
 from __future__ import annotations
 
-import heapq
+import functools
 import logging
 import math
 import weakref
@@ -60,6 +62,7 @@ from collections import deque
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from engine.offload.cache import Key
@@ -82,6 +85,8 @@ DEFAULT_MISS_STEPS = 3.0
 """`batch_priorities`: steps until a key's next use when its next visit does not use it (tuned on h39s: with free
 reads, hit rate 0.7289 at 2 and 0.7316 at 3 for ~40 more blobs in 22,700; 1 / p instead, the geometric wait,
 loads ~3,000 blobs more)."""
+_FIRST_ROW_SLOTS = 64
+"""Rows a request's own statistics make room for at first (then twice as many each time they are full)."""
 _SHARE_FLOOR = 1e-3
 """Shares below this count as this in the store's log-ratio (an expert the store never saw is unlikely, not
 impossible)."""
@@ -96,8 +101,10 @@ class TransitionStatistics:
     ``counts[d, l, a, b]`` (float64 [max_offset + 1, L, E, E]): the (pseudo-)tokens with expert ``a`` at layer
     ``l - d`` and ``b`` at layer ``l`` (``d >= 1``), or ``a`` at layer ``l`` of the previous token and ``b`` at
     layer ``l`` (``d = 0``); ``frequency[l, b]`` (float64 [L, E]): the (pseudo-)tokens using ``b`` at ``l``. So
-    ``counts[d, l, a, b] / frequency[l, b]`` estimates P(a | b). One tensor each, not Python lists: at
-    DeepSeek-V3's 61 layers x 256 experts the tables hold 36 M counts (288 MB; benchmarks/predictor_cost.py).
+    ``counts[d, l, a, b] / frequency[l, b]`` estimates P(a | b). One tensor each, not Python lists, and the counts'
+    logs beside them (a request's copy of a row is the row's logs plus the log of its scale, no log computed): at
+    DeepSeek-V3's 61 layers x 256 experts the tables hold 36 M counts (288 MB, as much again for the logs;
+    benchmarks/predictor_cost.py).
 
     Requests predict from their own `RequestStatistics` (`scaled`), which read these rows as they were when the
     request started: before `observe` changes a row, every live request that has not yet read it takes its copy.
@@ -122,6 +129,7 @@ class TransitionStatistics:
                                  dtype=torch.float64)
         self.frequency = torch.full((num_layers, num_experts), smoothing, dtype=torch.float64)
         self._rows = self.counts.numpy().reshape(-1, num_experts)  # the same memory, by row
+        self._log_rows = np.full_like(self._rows, math.log(self.prior))  # [rows, E] their logs, kept up to date
         self._views: weakref.WeakSet[RequestStatistics] = weakref.WeakSet()
 
     @property
@@ -135,26 +143,23 @@ class TransitionStatistics:
         dominate."""
         return RequestStatistics(self, prior_tokens)
 
-    def row(self, index: int, scale: float = 1.0) -> list[float]:
-        """The counts of row ``index`` = ``(d * L + l) * E + a`` (all targets ``b``) as they are now, times
-        ``scale``."""
-        return (self._rows[index] * scale).tolist()  # numpy: a tensor's indexing costs more than the row here
+    def rows(self, indices: Sequence[int], scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """The counts of rows ``indices``, each ``(d * L + l) * E + a`` (all targets ``b``), as they are now, times
+        ``scale``, and their logs (new float64 [len(indices), E] each)."""
+        return self._rows[indices] * scale, self._log_rows[indices] + math.log(scale)
 
-    def observe(self, token: Sequence[Sequence[int]], previous: Sequence[Sequence[int]] | None) -> None:
-        """Learn from one decode token's expert ids per layer ``token``, after ``previous`` (or None)."""
-        num_experts = self.num_experts
-        used = [layer * num_experts + expert for layer, experts in enumerate(token) for expert in experts]
-        rows, cells = [], []
-        for index, targets in _transition_rows(token, previous, self.max_offset, self.num_layers, num_experts):
-            rows.append(index)
-            cells.extend(index * num_experts + target for target in targets)
+    def observe(self, token: Sequence[Sequence[int]], previous: Sequence[Sequence[int]] | None,
+                cells: TokenCells | None = None) -> None:
+        """Learn from one decode token's expert ids per layer ``token``, after ``previous`` (or None); ``cells``:
+        their `TokenCells`, if already built."""
+        if cells is None:
+            cells = TokenCells(token, previous, self.max_offset, self.num_layers, self.num_experts)
         for view in self._views:
-            view.keep(rows)
+            view.keep(cells.rows)
         self.tokens += 1
-        self.counts.view(-1).index_put_((torch.tensor(cells, dtype=torch.int64),),
-                                        torch.ones(len(cells), dtype=torch.float64), accumulate=True)
-        self.frequency.view(-1).index_put_((torch.tensor(used, dtype=torch.int64),),
-                                           torch.ones(len(used), dtype=torch.float64), accumulate=True)
+        self._rows[cells.cell_rows, cells.targets] += 1.0  # each (row, target) at most once per token
+        self._log_rows[cells.cell_rows, cells.targets] = np.log(self._rows[cells.cell_rows, cells.targets])
+        self.frequency.numpy()[cells.layers, cells.experts] += 1.0
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The observed counts, prior left out (int64): ``transition_counts`` [max_offset + 1, L, E, E] (index
@@ -186,22 +191,38 @@ class TransitionStatistics:
             view.keep(every_row)
         self.counts = counts.double() + self.prior
         self._rows = self.counts.numpy().reshape(-1, self.num_experts)
+        self._log_rows = np.log(self._rows)
         self.frequency = frequency.double() + self.smoothing
         self.tokens = int(tokens)
 
 
-def _transition_rows(token: Sequence[Sequence[int]], previous: Sequence[Sequence[int]] | None, max_offset: int,
-                     num_layers: int, num_experts: int) -> Iterator[tuple[int, Sequence[int]]]:
-    """The rows one decode token adds to, each with its targets: ``(index, experts)`` for every source expert ``a``
-    at layer ``l - d`` (``d = 1..max_offset``) or at layer ``l`` of ``previous`` (``d = 0``, when given), row
-    ``index = (d * L + l) * E + a`` (`TransitionStatistics.row`), and the token's ``experts`` at ``l``."""
-    for layer, experts in enumerate(token):
-        if not experts:
-            continue
-        for offset in range(0 if previous is not None else 1, min(max_offset, layer) + 1):
-            base = (offset * num_layers + layer) * num_experts
-            for source in previous[layer] if offset == 0 else token[layer - offset]:
-                yield base + source, experts
+class TokenCells:
+    """The cells one decode token adds 1 to, as index lists: every row (``offset``, layer ``l``, source ``a``) —
+    ``a`` at layer ``l - d`` (``d = 1..max_offset``), or at layer ``l`` of ``previous`` (``d = 0``, when given) —
+    and in it every expert the token used at ``l``. ``rows``: the row indices ``(d * L + l) * E + a``
+    (`TransitionStatistics.rows`), each once; ``cell_rows`` / ``targets``: one entry per cell (no cell twice);
+    ``layers`` / ``experts``: the token's own (layer, expert) pairs, for the frequency."""
+
+    __slots__ = ("rows", "cell_rows", "targets", "layers", "experts")
+
+    def __init__(self, token: Sequence[Sequence[int]], previous: Sequence[Sequence[int]] | None, max_offset: int,
+                 num_layers: int, num_experts: int) -> None:
+        self.rows: list[int] = []
+        self.cell_rows: list[int] = []
+        self.targets: list[int] = []
+        self.layers: list[int] = []
+        self.experts: list[int] = []
+        for layer, experts in enumerate(token):
+            if not experts:
+                continue
+            self.layers.extend([layer] * len(experts))
+            self.experts.extend(experts)
+            for offset in range(0 if previous is not None else 1, min(max_offset, layer) + 1):
+                base = (offset * num_layers + layer) * num_experts
+                for source in previous[layer] if offset == 0 else token[layer - offset]:
+                    self.rows.append(base + source)
+                    self.cell_rows.extend([base + source] * len(experts))
+                    self.targets.extend(experts)
 
 
 class RequestStatistics:
@@ -212,11 +233,13 @@ class RequestStatistics:
     counts, scaled, the first time the request reads it or the shared statistics are about to change it
     (`TransitionStatistics.observe` calls `keep`), whichever comes first. So a request starts in O(L x E) and
     holds only the rows it touched, where a full copy would cost O(max_offset x L x E x E) per request (23 s and
-    2.4 GB at DeepSeek-V3's shape; benchmarks/predictor_cost.py), with the same values.
+    2.4 GB at DeepSeek-V3's shape; benchmarks/predictor_cost.py), with the same values. The copies go into one
+    [slots, E] array of counts and one of their logs (twice as many slots each time they are full), so a token's
+    updates and a layer's reads are one numpy call each.
 
     ``log_row(d, l, a)[b]``: log of the (pseudo-)tokens with ``a`` at layer ``l - d`` (``d >= 1``; ``d = 0``: at
-    ``l`` one token earlier) and ``b`` at ``l``; ``log_frequency[l][b]``: log of those using ``b`` at ``l``. So
-    ``exp(log_row(d, l, a)[b] - log_frequency[l][b])`` estimates P(a | b).
+    ``l`` one token earlier) and ``b`` at ``l``; ``log_frequency[l, b]``: log of those using ``b`` at ``l``. So
+    ``exp(log_row(d, l, a)[b] - log_frequency[l, b])`` estimates P(a | b).
     """
 
     def __init__(self, shared: TransitionStatistics, prior_tokens: float) -> None:
@@ -227,56 +250,76 @@ class RequestStatistics:
         self.prior_tokens = prior_tokens
         self.tokens = 0
         self.scale = prior_tokens / (shared.tokens + shared.prior_tokens)
-        scale, log = self.scale, math.log
-        self._frequency = [[count * scale for count in row] for row in shared.frequency.tolist()]
-        self.log_frequency = [[log(count) for count in row] for row in self._frequency]
-        self._rows: dict[int, tuple[list[float], list[float]]] = {}  # row index -> (counts, their logs)
+        self._frequency = shared.frequency.numpy() * self.scale  # [L, E]
+        self.log_frequency = np.log(self._frequency)  # [L, E]
+        self._slots: dict[int, int] = {}  # row index -> its slot in _counts / _logs
+        self._counts = np.empty((_FIRST_ROW_SLOTS, shared.num_experts))  # [slots, E] the rows copied so far
+        self._logs = np.empty_like(self._counts)  # [slots, E] their logs
         shared._views.add(self)
 
-    def log_row(self, offset: int, layer: int, source: int) -> list[float]:
-        """The logs of row (``offset``, ``layer``, ``source``) over every target expert (read, do not change)."""
+    @property
+    def copied_rows(self) -> int:
+        """How many rows this request has copied from the shared statistics."""
+        return len(self._slots)
+
+    def log_row(self, offset: int, layer: int, source: int) -> np.ndarray:
+        """The logs of row (``offset``, ``layer``, ``source``) over every target expert, [E] (read, do not
+        change)."""
         index = (offset * self.num_layers + layer) * self.num_experts + source
-        row = self._rows.get(index)
-        return (row if row is not None else self._copy(index))[1]
+        slot = self._slots.get(index)
+        return self._logs[slot if slot is not None else self._copy([index])[0]]
+
+    def log_rows(self, indices: Sequence[int]) -> np.ndarray:
+        """The logs of the rows ``indices`` (as `TransitionStatistics.rows`), [len(indices), E] (a copy)."""
+        slots = self._slots
+        missing = [index for index in indices if index not in slots]
+        if missing:
+            self._copy(missing)
+        return self._logs[[slots[index] for index in indices]]
 
     def keep(self, rows: Iterable[int]) -> None:
-        """Copy the shared rows ``rows`` (indices as `TransitionStatistics.row`) not yet copied: they are about
+        """Copy the shared rows ``rows`` (indices as `TransitionStatistics.rows`) not yet copied: they are about
         to change."""
-        copied = self._rows
-        for index in rows:
-            if index not in copied:
-                self._copy(index)
+        slots = self._slots
+        missing = [index for index in rows if index not in slots]
+        if missing:
+            self._copy(missing)
 
-    def observe(self, token: Sequence[Sequence[int]], previous: Sequence[Sequence[int]] | None) -> None:
-        """Learn from one decode token's expert ids per layer ``token``, after ``previous`` (or None)."""
+    def observe(self, token: Sequence[Sequence[int]], previous: Sequence[Sequence[int]] | None,
+                cells: TokenCells | None = None) -> None:
+        """Learn from one decode token's expert ids per layer ``token``, after ``previous`` (or None); ``cells``:
+        their `TokenCells`, if already built."""
         self.tokens += 1
-        log = math.log
-        for layer, experts in enumerate(token):
-            frequency, log_frequency = self._frequency[layer], self.log_frequency[layer]
-            for expert in experts:
-                frequency[expert] += 1.0
-                log_frequency[expert] = log(frequency[expert])
-        copied = self._rows
-        for index, targets in _transition_rows(token, previous, self.max_offset, self.num_layers, self.num_experts):
-            counts, logs = copied.get(index) or self._copy(index)
-            for target in targets:
-                counts[target] += 1.0
-                logs[target] = log(counts[target])
+        if cells is None:
+            cells = TokenCells(token, previous, self.max_offset, self.num_layers, self.num_experts)
+        self._frequency[cells.layers, cells.experts] += 1.0
+        self.log_frequency[cells.layers, cells.experts] = np.log(self._frequency[cells.layers, cells.experts])
+        self.keep(cells.rows)
+        slots = [self._slots[index] for index in cells.cell_rows]
+        self._counts[slots, cells.targets] += 1.0  # each (row, target) at most once per token
+        self._logs[slots, cells.targets] = np.log(self._counts[slots, cells.targets])
 
-    def _copy(self, index: int) -> tuple[list[float], list[float]]:
-        log = math.log
-        counts = self.shared.row(index, self.scale)
-        row = self._rows[index] = (counts, [log(count) for count in counts])
-        return row
+    def _copy(self, indices: list[int]) -> list[int]:
+        """Copy the shared rows ``indices`` (none copied yet, each once), scaled, into new slots; their slots."""
+        first = len(self._slots)
+        end = first + len(indices)
+        if end > len(self._counts):
+            size = max(end, 2 * len(self._counts))
+            self._counts = np.concatenate([self._counts[:first], np.empty((size - first, self.num_experts))])
+            self._logs = np.concatenate([self._logs[:first], np.empty((size - first, self.num_experts))])
+        self._counts[first:end], self._logs[first:end] = self.shared.rows(indices, self.scale)
+        new = list(range(first, end))
+        self._slots.update(zip(indices, new))
+        return new
 
 
 @dataclass(frozen=True)
 class HistorySettings:
     """Settings of the sources from the request's own recent decode tokens: ``"history"`` and ``"recent"``.
 
-    The token match (``"history"``; with store and transitions, 14.8 ms of Python per decode token on h39s on a
-    loaded development machine, 5.6 ms without it; 4.4 ms on a quiet Zen 4 machine with its prior votes computed
-    once per step, 5.5 before). ``tokens``: how many of the request's last decode tokens are
+    The token match (``"history"``; in the pure-Python predictor before the numpy hot path, with store and
+    transitions, 14.8 ms per decode token on h39s on a loaded development machine, 5.6 ms without it; 4.4 ms on a
+    quiet Zen 4 machine with its prior votes computed once per step, 5.5 before). ``tokens``: how many of the request's last decode tokens are
     matched (bounds the hot path's work: on h39s recall 0.833 at 128, 0.840 at 256, 0.843 at 512, 0.845 at 1024);
     ``neighbours``: how many of them, the most similar, vote (0.832 at 8, 0.840 at 16, 0.839 at 32); ``decay``: a
     layer ``j`` layers behind the frontier counts ``decay ** j`` in the similarity (0.838 at 0.8, 0.840 at 0.9 and
@@ -325,20 +368,22 @@ class RequestState:
 
     statistics: RequestStatistics  # the request's own: the shared statistics as prior, then its tokens
     current: list[tuple[int, ...]]  # expert ids of this step's layers run so far (others empty)
-    history: list[list[float]]  # [L][E] decode activation counts of the finished steps
+    history: np.ndarray  # [L, E] decode activation counts of the finished steps
     layers_seen: int = 0
     previous: list[tuple[int, ...]] | None = None  # the last decode step's ids, None after a prefill
     decode: bool = True
     predicting: bool = True  # this step computes predictions (False: `begin_step(predict=False)`, only recorded)
-    probabilities: list[list[float]] = field(default_factory=list)  # cached [L][E] answer of `predict`
-    store_match: list[list[float]] | None = None  # this step's store prediction [L][E]
-    scores: list[list[float]] = field(default_factory=list)  # [L][E] log scores behind ``probabilities``
-    store_terms: list[list[float]] | None = None  # [L][E] this step's store log-ratios (weighted)
+    probabilities: np.ndarray | list = field(default_factory=list)  # cached [L, E] answer of `predict`
+    store_match: np.ndarray | None = None  # this step's store prediction [L, E]
+    scores: np.ndarray | list = field(default_factory=list)  # [L, E] log scores behind ``probabilities``
+    store_terms: np.ndarray | None = None  # [L, E] this step's store log-ratios (weighted)
     recent: deque[list[tuple[int, ...]]] = field(default_factory=deque)  # last decode tokens' ids per layer
-    recent_masks: deque[list[int]] = field(default_factory=deque)  # the same as bit masks per layer
-    similarity: list[float] = field(default_factory=list)  # this step's token's similarity to each recent one
-    history_prior: dict[int, tuple[list[float], float]] = field(default_factory=dict)  # this step's, per layer
-    recent_use: list[list[float]] = field(default_factory=list)  # [L][E] decayed use over the recent tokens
+    recent_used: np.ndarray | None = None  # [tokens, L, E] bool: the same, one-hot, in a ring (`recent_slots`)
+    remembered: int = 0  # decode tokens ever added to ``recent``
+    recent_slots: np.ndarray | None = None  # [len(recent)] this step's ring slot of each recent token
+    similarity: np.ndarray | None = None  # [len(recent)] this step's token's similarity to each recent one
+    history_prior: tuple[np.ndarray, np.ndarray] | None = None  # this step's `_history_prior`
+    recent_use: np.ndarray | None = None  # [L, E] decayed use over the recent tokens
 
 
 class Predictor:
@@ -381,10 +426,9 @@ class Predictor:
 
     def new_request(self) -> RequestState:
         """Tracking state for a request about to run its first step."""
+        shape = (self.num_layers, self.num_experts)
         return RequestState(statistics=self.transitions.scaled(self.request_prior_tokens),
-                            current=[()] * self.num_layers,
-                            recent_use=[[0.0] * self.num_experts for _ in range(self.num_layers)],
-                            history=[[0.0] * self.num_experts for _ in range(self.num_layers)])
+                            current=[()] * self.num_layers, recent_use=np.zeros(shape), history=np.zeros(shape))
 
     def begin_step(self, state: RequestState, decode: bool, predict: bool = True) -> None:
         """``state`` starts a step (a decode token, or a prefill whose experts are not one token's); with
@@ -394,13 +438,15 @@ class Predictor:
         state.predicting = predict
         if not predict:
             return
-        state.similarity = [0.0] * len(state.recent)
-        state.history_prior = {}
+        count = len(state.recent)
+        state.similarity = np.zeros(count)
+        state.recent_slots = (state.remembered - count + np.arange(count)) % self.history_settings.tokens
+        state.history_prior = None
         state.store_match = self._match(state) if "store" in self.sources else None
         state.store_terms = self._store_terms(state.store_match, state.statistics.log_frequency)
         previous = state.previous or [()] * self.num_layers
-        state.scores = [self._base_scores(state, layer, previous[layer]) for layer in range(self.num_layers)]
-        state.probabilities = [_use_probabilities(scores, self.top_k) for scores in state.scores]
+        state.scores = self._base_scores(state, list(range(self.num_layers)), previous)
+        state.probabilities = _use_probabilities(state.scores, self.top_k)
 
     def observe_layer(self, state: RequestState, layer: int, experts: Sequence[int]) -> None:
         """``state`` ran ``layer`` (the frontier) with ``experts``; the rows this changes are recomputed: the
@@ -413,32 +459,36 @@ class Predictor:
         state.layers_seen = layer + 1
         if not state.predicting:
             return
-        state.scores[layer] = self._base_scores(state, layer, experts)
+        state.scores[layer] = self._base_scores(state, [layer], [experts])[0]
         changed = {layer}
         stats = state.statistics
-        if "transitions" in self.sources and experts:
-            for target in range(layer + 1, min(self.num_layers, layer + stats.max_offset + 1)):
-                rows = [stats.log_row(target - layer, target, expert) for expert in experts]
-                state.scores[target] = _with_evidence(state.scores[target], rows, stats.log_frequency[target],
-                                                      self.evidence_weight)
-                changed.add(target)
+        targets = range(layer + 1, min(self.num_layers, layer + stats.max_offset + 1))
+        if "transitions" in self.sources and experts and targets:
+            num_layers, num_experts = self.num_layers, self.num_experts
+            rows = stats.log_rows([((target - layer) * num_layers + target) * num_experts + expert
+                                   for target in targets for expert in experts])
+            evidence = rows.reshape(len(targets), len(experts), num_experts).sum(axis=1)  # [targets, E]
+            frequency = stats.log_frequency[targets.start:targets.stop]
+            state.scores[targets.start:targets.stop] += self.evidence_weight * (evidence - len(experts) * frequency)
+            changed.update(targets)
         history = self._history_terms(state, layer, experts) if "history" in self.sources else {}
         changed.update(history)
-        for row in changed:
-            scores = state.scores[row]
+        rows = sorted(changed)
+        scores = state.scores[rows]  # [changed, E], a copy
+        for index, row in enumerate(rows):
             if row in history:
-                scores = [score + term for score, term in zip(scores, history[row])]
-            state.probabilities[row] = _use_probabilities(scores, self.top_k)
+                scores[index] += history[row]
+        state.probabilities[rows] = _use_probabilities(scores, self.top_k)
 
     def end_step(self, state: RequestState) -> None:
         """Close ``state``'s step: a decode step teaches the transition statistics and joins the history."""
         if state.decode:
-            self.transitions.observe(state.current, state.previous)
-            state.statistics.observe(state.current, state.previous)
-            self._remember(state)
-            for layer, experts in enumerate(state.current):
-                for expert in experts:
-                    state.history[layer][expert] += 1.0
+            cells = TokenCells(state.current, state.previous, self.transitions.max_offset, self.num_layers,
+                               self.num_experts)
+            self.transitions.observe(state.current, state.previous, cells)
+            state.statistics.observe(state.current, state.previous, cells)
+            self._remember(state, cells)
+            state.history[cells.layers, cells.experts] += 1.0
             state.previous = state.current
         else:
             state.previous = None
@@ -446,33 +496,35 @@ class Predictor:
 
     def finish(self, state: RequestState) -> None:
         """The request ended: its decode activation matrix enters the store."""
-        self.store.add(torch.tensor(state.history))
+        self.store.add(torch.tensor(state.history))  # a copy
 
-    def predict(self, state: RequestState) -> list[list[float]]:
-        """Probability of use of every expert at every layer's next visit, [L][E] (module docstring).
+    def predict(self, state: RequestState) -> np.ndarray:
+        """Probability of use of every expert at every layer's next visit, float64 [L, E] (module docstring).
 
-        The returned rows are the state's cache: read them, do not change them. Empty before the first
+        The returned array is the state's cache: read it, do not change it. Empty before the first
         `begin_step`. RuntimeError in a step begun with ``predict=False``.
         """
         if not state.predicting:
             raise RuntimeError("predict in a step begun with predict=False")
         return state.probabilities
 
-    def _remember(self, state: RequestState) -> None:
-        """Keep the finished decode token among the request's ``history_settings.tokens`` most recent ones, and add it
-        to the recent use."""
+    def _remember(self, state: RequestState, cells: TokenCells) -> None:
+        """Keep the finished decode token (``cells``: its `TokenCells`) among the request's
+        ``history_settings.tokens`` most recent ones, and add it to the recent use."""
+        capacity = self.history_settings.tokens
+        if state.recent_used is None:
+            state.recent_used = np.zeros((capacity, self.num_layers, self.num_experts), dtype=bool)
+        used = state.recent_used[state.remembered % capacity]
+        used[:] = False
+        used[cells.layers, cells.experts] = True
+        state.remembered += 1
         state.recent.append(state.current)
-        state.recent_masks.append([sum(1 << expert for expert in experts) for experts in state.current])
-        if len(state.recent) > self.history_settings.tokens:
+        if len(state.recent) > capacity:
             state.recent.popleft()
-            state.recent_masks.popleft()
-        decay = self.history_settings.recent_decay
-        for use, experts in zip(state.recent_use, state.current):
-            use[:] = [count * decay for count in use]
-            for expert in experts:
-                use[expert] += 1.0
+        state.recent_use *= self.history_settings.recent_decay
+        state.recent_use[cells.layers, cells.experts] += 1.0
 
-    def _history_terms(self, state: RequestState, layer: int, experts: Sequence[int]) -> dict[int, list[float]]:
+    def _history_terms(self, state: RequestState, layer: int, experts: Sequence[int]) -> dict[int, np.ndarray]:
         """Source ``"history"``: after ``layer`` ran with ``experts``, the log-ratios of the recent tokens most
         like this one for the ``history_settings.reach`` layers ahead, {target layer: [E] weighted terms}.
 
@@ -487,153 +539,130 @@ class Predictor:
         if not state.decode or not state.recent:
             return {}
         match = self.history_settings
-        mask = sum(1 << expert for expert in experts)
-        state.similarity = [similarity * match.decay + (masks[layer] & mask).bit_count()
-                            for similarity, masks in zip(state.similarity, state.recent_masks)]
-        latest_first = range(len(state.similarity) - 1, -1, -1)
-        neighbours = [index for index in heapq.nlargest(match.neighbours, latest_first,
-                                                        key=state.similarity.__getitem__)
-                      if state.similarity[index] > 0]
-        if not neighbours:
+        shared = state.recent_used[state.recent_slots, layer][:, list(experts)].sum(axis=1)  # [recent]
+        state.similarity = state.similarity * match.decay + shared
+        similarity = state.similarity
+        latest_first = -np.arange(len(similarity))
+        order = np.lexsort((latest_first, -similarity))[:match.neighbours]  # most similar first; ties: the latest
+        neighbours = order[similarity[order] > 0]
+        if not len(neighbours):
             return {}
-        top = state.similarity[neighbours[0]]
-        weights = {index: math.exp(match.sharpness * (state.similarity[index] - top)) for index in neighbours}
+        weights = np.exp(match.sharpness * (similarity[neighbours] - similarity[neighbours[0]]))
         terms = {}
-        for target in range(layer + 1, min(self.num_layers, layer + match.reach + 1)):
-            terms[target] = self._votes(state, target, neighbours, weights, 0, match.weight)
-        latest = len(state.recent) - 1
-        with_successor = [index for index in neighbours if index != latest]
-        if match.successor_weight and with_successor:
-            terms[layer] = self._votes(state, layer, with_successor, weights, 1, match.successor_weight)
+        targets = range(layer + 1, min(self.num_layers, layer + match.reach + 1))
+        if targets:
+            votes = self._votes(state, targets, neighbours, weights, 0, match.weight)
+            terms.update(zip(targets, votes))
+        successors = neighbours != len(state.recent) - 1  # the latest's successor is the running token
+        if match.successor_weight and successors.any():
+            terms[layer] = self._votes(state, range(layer, layer + 1), neighbours[successors], weights[successors], 1,
+                                       match.successor_weight)[0]
         return terms
 
-    def _votes(self, state: RequestState, target: int, voters: Sequence[int], weights: Mapping[int, float],
-               ahead: int, weight: float) -> list[float]:
-        """``weight`` times the log-ratio over the frequency of the ``voters``' use of layer ``target`` (recent
-        token ``index + ahead`` for each voter ``index``), with the ``prior`` pseudo-votes: one row of
-        `_history_terms`."""
-        log = math.log
-        prior_votes, log_rate = self._history_prior(state, target)
-        used = list(prior_votes)
-        for index in voters:
-            for expert in state.recent[index + ahead][target]:
-                used[expert] += weights[index]
-        votes = sum(weights[index] for index in voters) + self.history_settings.prior
-        return [weight * (log(count / votes) - value - log_rate)
-                for count, value in zip(used, state.statistics.log_frequency[target])]
+    def _votes(self, state: RequestState, targets: range, voters: np.ndarray, weights: np.ndarray, ahead: int,
+               weight: float) -> np.ndarray:
+        """``weight`` times the log-ratio over the frequency of the ``voters``' use (recent token ``index +
+        ahead`` for each voter ``index``, voting ``weights``) of the layers ``targets``, with the ``prior``
+        pseudo-votes: [len(targets), E] rows of `_history_terms`."""
+        if state.history_prior is None:
+            state.history_prior = self._history_prior(state)
+        prior_votes, log_rate = (values[targets.start:targets.stop] for values in state.history_prior)
+        used = state.recent_used[state.recent_slots[voters + ahead], targets.start:targets.stop]  # [voters, T, E]
+        cast = np.tensordot(weights, used, axes=1)  # [T, E]
+        votes = weights.sum() + self.history_settings.prior
+        frequency = state.statistics.log_frequency[targets.start:targets.stop]
+        return weight * (np.log((prior_votes + cast) / votes) - frequency - log_rate[:, None])
 
-    def _history_prior(self, state: RequestState, target: int) -> tuple[list[float], float]:
-        """The token match's ``prior`` pseudo-votes at ``target``, spread as the request's per-layer frequency,
-        and the log of the rate they are spread at: fixed within a step (the statistics change only in
-        `end_step`), so computed once per step and layer."""
-        cached = state.history_prior.get(target)
-        if cached is None:
-            frequency = [math.exp(value) for value in state.statistics.log_frequency[target]]
-            rate = self.top_k / sum(frequency)
-            cached = state.history_prior[target] = ([self.history_settings.prior * count * rate
-                                                     for count in frequency], math.log(rate))
-        return cached
+    def _history_prior(self, state: RequestState) -> tuple[np.ndarray, np.ndarray]:
+        """The token match's ``prior`` pseudo-votes [L, E], spread as the request's per-layer frequency, and the
+        log of the rate they are spread at [L]: fixed within a step (the statistics change only in `end_step`),
+        so computed once per step."""
+        frequency = np.exp(state.statistics.log_frequency)  # [L, E]
+        rate = self.top_k / frequency.sum(axis=1)  # [L]
+        return self.history_settings.prior * frequency * rate[:, None], np.log(rate)
 
-    def _base_scores(self, state: RequestState, layer: int, temporal: Sequence[int]) -> list[float]:
-        """``layer``'s log scores before this step's evidence: frequency, the temporal transition from the
-        ``temporal`` experts (those of ``layer`` one token before its next visit), the store."""
+    def _base_scores(self, state: RequestState, layers: list[int], temporal: Sequence[Sequence[int]]) -> np.ndarray:
+        """The log scores [len(layers), E] of ``layers`` before this step's evidence: frequency, the temporal
+        transition from each layer's ``temporal`` experts (those of the layer one token before its next visit),
+        the request's recent use (source ``"recent"``), the store."""
         stats = state.statistics
-        scores = list(stats.log_frequency[layer])
-        if "transitions" in self.sources and temporal:
-            scores = _with_evidence(scores, [stats.log_row(0, layer, expert) for expert in temporal],
-                                    stats.log_frequency[layer], self.evidence_weight)
+        scores = stats.log_frequency[layers]  # a copy
+        if "transitions" in self.sources:
+            indices, owners = [], []  # offset-0 rows (0 * L + layer) * E + expert, and the position they add to
+            for position, (layer, experts) in enumerate(zip(layers, temporal)):
+                indices.extend(layer * self.num_experts + expert for expert in experts)
+                owners.extend([position] * len(experts))
+            if indices:
+                evidence = np.zeros_like(scores)
+                np.add.at(evidence, owners, stats.log_rows(indices))
+                sources = np.bincount(owners, minlength=len(layers))[:, None]
+                scores += self.evidence_weight * (evidence - sources * stats.log_frequency[layers])
         if "recent" in self.sources:
-            scores = _with_recent_use(scores, state.recent_use[layer], stats.log_frequency[layer],
+            scores = _with_recent_use(scores, state.recent_use[layers], stats.log_frequency[layers],
                                       self.history_settings.recent_weight)
         if state.store_terms is not None:
-            scores = [score + term for score, term in zip(scores, state.store_terms[layer])]
+            scores += state.store_terms[layers]
         return scores
 
-    def _store_terms(self, match: list[list[float]] | None,
-                     frequencies: list[list[float]]) -> list[list[float]] | None:
-        """``store_weight`` * (log share - log frequency) per layer and expert, or None without a match."""
+    def _store_terms(self, match: np.ndarray | None, frequencies: np.ndarray) -> np.ndarray | None:
+        """``store_weight`` * (log share - log frequency) [L, E], or None without a match."""
         if match is None:
             return None
-        weight = self.store_weight
-        return [[weight * (math.log(max(share, _SHARE_FLOOR)) - frequency)
-                 for share, frequency in zip(row, log_row)] for row, log_row in zip(match, frequencies)]
+        return self.store_weight * (np.log(np.maximum(match, _SHARE_FLOOR)) - frequencies)
 
-    def _match(self, state: RequestState) -> list[list[float]] | None:
-        match = self.store.match(torch.tensor(state.history), 0)
-        return match.tolist() if match is not None else None
+    def _match(self, state: RequestState) -> np.ndarray | None:
+        match = self.store.match(torch.from_numpy(state.history), 0)
+        return match.numpy() if match is not None else None
 
 
-def _with_evidence(scores: list[float], rows: Sequence[list[float]], log_frequency: list[float],
-                   weight: float) -> list[float]:
-    """``scores`` plus, for each active source expert's row of log counts in ``rows``, ``weight`` * (log P(b |
-    source) - log P(b)) up to a per-row constant (a new list, or ``scores`` itself without rows). One or two
-    sources (a decode token at top-2) take a path of their own; more are summed per target in one pass."""
-    if not rows:
-        return scores
-    if len(rows) == 1:
-        counts = rows[0]
-        return [score + weight * (count - frequency) for score, count, frequency in zip(scores, counts, log_frequency)]
-    if len(rows) == 2:
-        first, second = rows
-        return [score + weight * (one + two - frequency - frequency)
-                for score, one, two, frequency in zip(scores, first, second, log_frequency)]
-    count = len(rows)
-    return [score + weight * (sum(counts) - count * frequency)
-            for score, frequency, counts in zip(scores, log_frequency, zip(*rows))]
+def _with_recent_use(scores: np.ndarray, use: np.ndarray, log_frequency: np.ndarray, weight: float) -> np.ndarray:
+    """``scores`` [..., E] plus ``weight`` * (log recent share - log frequency share): the recent ``use`` counts with
+    one pseudo-token spread as the frequency (a new array)."""
+    frequency = np.exp(log_frequency)
+    total = frequency.sum(axis=-1, keepdims=True)
+    scale = 1.0 / (use.sum(axis=-1, keepdims=True) + 1.0)
+    return scores + weight * np.log((use + frequency / total) * scale * total / frequency)
 
 
-def _with_recent_use(scores: list[float], use: list[float], log_frequency: list[float],
-                     weight: float) -> list[float]:
-    """``scores`` plus ``weight`` * (log recent share - log frequency share): the recent ``use`` counts with one
-    pseudo-token spread as the frequency (a new list)."""
-    frequency = [math.exp(value) for value in log_frequency]
-    total = sum(frequency)
-    scale = 1.0 / (sum(use) + 1.0)
-    log = math.log
-    return [score + weight * log((count + share / total) * scale * total / share)
-            for score, count, share in zip(scores, use, frequency)]
+def _use_probabilities(scores: np.ndarray, top_k: int) -> np.ndarray:
+    """``min(1, top_k * softmax(scores))`` over the last axis ([E] or [rows, E])."""
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return np.minimum(1.0, weights * (top_k / weights.sum(axis=-1, keepdims=True)))
 
 
-def _use_probabilities(scores: list[float], top_k: int) -> list[float]:
-    """``min(1, top_k * softmax(scores))``."""
-    top = max(scores)
-    exp = math.exp
-    weights = [exp(score - top) for score in scores]
-    scale = top_k / sum(weights)
-    return [min(1.0, weight * scale) for weight in weights]
-
-
-def any_request(predictions: Sequence[Sequence[Sequence[float]]]) -> list[list[float]]:
-    """[L][E] probability that at least one of the running requests uses each key: ``1 - prod(1 - p)``."""
-    if len(predictions) == 1:  # the same values, faster
-        return [[1.0 - (1.0 - p) for p in row] for row in predictions[0]]
-    combined = [[0.0] * len(row) for row in predictions[0]] if predictions else []
-    for layer, row in enumerate(combined):
-        for expert in range(len(row)):
-            unused = 1.0
-            for prediction in predictions:
-                unused *= 1.0 - prediction[layer][expert]
-            row[expert] = 1.0 - unused
-    return combined
+def any_request(predictions: Sequence[np.ndarray | Sequence[Sequence[float]]]) -> np.ndarray:
+    """[L, E] probability that at least one of the running requests uses each key: ``1 - prod(1 - p)`` (an empty
+    array for no request)."""
+    if not predictions:
+        return np.zeros((0, 0))
+    unused = 1.0 - np.asarray(predictions[0], dtype=np.float64)
+    for prediction in predictions[1:]:
+        unused *= 1.0 - np.asarray(prediction, dtype=np.float64)
+    return 1.0 - unused
 
 
 def batch_priorities(
-    next_visit: Sequence[Sequence[float]], layers_seen: int, miss_steps: float = DEFAULT_MISS_STEPS,
+    next_visit: np.ndarray | Sequence[Sequence[float]], layers_seen: int, miss_steps: float = DEFAULT_MISS_STEPS,
     precision: str = "native",
 ) -> dict[Key, float]:
     """One keep-priority per ``(layer, expert, precision)`` key for the batch: ``1 / (1 + expected distance)``.
 
-    ``next_visit`` [L][E]: probability that some running request uses the key at its layer's next visit
+    ``next_visit`` [L, E]: probability that some running request uses the key at its layer's next visit
     (`any_request` of the `Predictor.predict` answers). The expected distance in layers to the key's next use —
     Belady's eviction criterion, made online — is ``distance + (1 - p) * miss_steps * L``: ``distance`` from the
     frontier ``layers_seen`` to the layer's next visit (0 = the next layer to run), and, if the key is not used
     then, ``miss_steps`` more steps. An empty batch gives an empty map (the policy's own rule decides alone).
     """
-    num_layers = len(next_visit)
-    priorities = {}
-    for layer, row in enumerate(next_visit):
-        distance = (layer - layers_seen) % num_layers
-        for expert, probability in enumerate(row):
-            expected = distance + (1.0 - probability) * miss_steps * num_layers
-            priorities[(layer, expert, precision)] = 1.0 / (1.0 + expected)
-    return priorities
+    next_visit = np.asarray(next_visit, dtype=np.float64)
+    if not next_visit.size:
+        return {}
+    num_layers, num_experts = next_visit.shape
+    distance = ((np.arange(num_layers) - layers_seen) % num_layers)[:, None]  # [L, 1]
+    priorities = 1.0 / (1.0 + (distance + (1.0 - next_visit) * miss_steps * num_layers))  # [L, E]
+    return dict(zip(_keys(num_layers, num_experts, precision), priorities.ravel().tolist()))
+
+
+@functools.lru_cache(maxsize=16)
+def _keys(num_layers: int, num_experts: int, precision: str) -> tuple[Key, ...]:
+    """Every ``(layer, expert, precision)`` key in row-major order (built once per shape)."""
+    return tuple((layer, expert, precision) for layer in range(num_layers) for expert in range(num_experts))

@@ -597,7 +597,7 @@ def next_layer_recall(
             predictor.begin_step(state, decode)
             for layer, experts in enumerate(step.experts):
                 if scored and decode and layer:
-                    row = predictor.predict(state)[layer]
+                    row = predictor.predict(state)[layer].tolist()
                     best = sorted(range(len(row)), key=lambda expert: (-row[expert], expert))[:count]
                     found += len(set(best) & set(experts))
                     total += len(experts)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections import deque
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,7 +44,7 @@ def test_transition_statistics_learn_a_layer_chain_that_frequency_cannot_see() -
         state = predictor.new_request()
         predictor.begin_step(state, decode=True)
         predictor.observe_layer(state, 0, [4])
-        row = predictor.predict(state)[1]
+        row = predictor.predict(state)[1].tolist()
         if expected is None:  # every expert equally frequent at layer 1: no preference
             assert max(row) == pytest.approx(min(row))
         else:
@@ -153,7 +155,7 @@ def test_any_request_combines_the_batch() -> None:
     second = [[0.5, 0.1], [0.0, 0.5]]
     combined = any_request([first, second])
     assert [value for row in combined for value in row] == pytest.approx([0.75, 0.1, 1.0, 0.6])
-    assert any_request([]) == []
+    assert any_request([]).size == 0
 
 
 def test_priorities_order_by_probability_then_by_how_soon_the_layer_comes() -> None:
@@ -208,20 +210,22 @@ def test_a_request_reads_the_shared_rows_as_they_were_when_it_started_and_copies
     for previous, token in zip(tokens[:9], tokens[1:10]):
         stats.observe(token, previous)
     early, spare = stats.scaled(8.0), stats.scaled(8.0)
-    assert not early._rows, "nothing is copied when a request starts"
-    expected = {(d, l, a): [math.log(count * early.scale) for count in stats.counts[d, l, a].tolist()]
+    assert not early.copied_rows, "nothing is copied when a request starts"
+    expected = {(d, l, a): np.log(stats.counts[d, l, a].numpy() * early.scale)
                 for d in range(3) for l in range(3) for a in range(4)}
-    assert early.log_row(1, 2, 3) == expected[1, 2, 3] and len(early._rows) == 1, "a read copies one row"
+    same = functools.partial(np.allclose, rtol=1e-12, atol=0.0)
+    assert same(early.log_row(1, 2, 3), expected[1, 2, 3]) and early.copied_rows == 1, "a read copies one row"
     for previous, token in zip(tokens[9:-1], tokens[10:]):  # other requests teach the shared statistics
         stats.observe(token, previous)
-    assert 1 < len(early._rows) < 3 * 3 * 4, "the rows the shared statistics changed were copied first"
-    assert {key: early.log_row(*key) for key in expected} == expected, "every row as it was at the start"
-    assert stats.scaled(8.0).log_row(1, 2, 3) != expected[1, 2, 3], "a later request reads them as they are now"
+    assert 1 < early.copied_rows < 3 * 3 * 4, "the rows the shared statistics changed were copied first"
+    assert all(same(early.log_row(*key), row) for key, row in expected.items()), "every row as it was at the start"
+    assert not same(stats.scaled(8.0).log_row(1, 2, 3), expected[1, 2, 3]), "a later request reads them as they are now"
     del spare
     assert set(stats._views) == {early}, "requests that are gone (spare, the later one) are no longer kept up to date"
 
 
-def test_the_neighbours_next_tokens_predict_the_next_visit_of_the_layer_just_run() -> None:
+@pytest.mark.parametrize("window", [256, 8])  # 8: the 30 tokens wrap the window's ring of recent tokens
+def test_the_neighbours_next_tokens_predict_the_next_visit_of_the_layer_just_run(window: int) -> None:
     """Tokens cycle through three routings; once layer 0 of a token has run, its row is the next token's visit,
     which the tokens like this one were followed by: with successor votes that routing's expert leads the row."""
     def token(t: int) -> list[list[int]]:
@@ -230,7 +234,7 @@ def test_the_neighbours_next_tokens_predict_the_next_visit_of_the_layer_just_run
     rows = {}
     for weight in (0.0, 0.5):
         predictor = Predictor(LAYERS, EXPERTS, top_k=1, sources=["history"],
-                              history_settings=HistorySettings(successor_weight=weight))
+                              history_settings=HistorySettings(tokens=window, successor_weight=weight))
         state = predictor.new_request()
         for t in range(30):
             run_token(predictor, state, token(t))
@@ -238,7 +242,7 @@ def test_the_neighbours_next_tokens_predict_the_next_visit_of_the_layer_just_run
         predictor.observe_layer(state, 0, token(30)[0])
         rows[weight] = predictor.predict(state)[0]
     successor = token(31)[0][0]
-    assert top(rows[0.5]) == [successor] and rows[0.5][successor] > 0.7
+    assert top(rows[0.5]) == [successor] and rows[0.5][successor] > (0.7 if window == 256 else 0.55)  # 2 voters
     assert rows[0.0][successor] < 0.5, "without them the row is the layer's frequency: three experts alike"
 
 
@@ -318,11 +322,11 @@ def test_a_step_that_only_records_teaches_what_a_predicting_step_does() -> None:
                     predictor.predict(state)
             predictor.end_step(state)
     assert torch.equal(light.transitions.counts, full.transitions.counts)
-    assert light_state.history == full_state.history and light_state.recent == full_state.recent
+    assert np.array_equal(light_state.history, full_state.history) and light_state.recent == full_state.recent
     for predictor, state in ((full, full_state), (light, light_state)):  # a predicting step after: the same answer
         predictor.begin_step(state, decode=True)
         predictor.observe_layer(state, 0, tokens[0][0])
-    assert light.predict(light_state) == full.predict(full_state)
+    assert np.array_equal(light.predict(light_state), full.predict(full_state))
     with pytest.raises(ValueError, match="in order"):
         light.begin_step(light_state, decode=True, predict=False)
         light.observe_layer(light_state, 1, [0])

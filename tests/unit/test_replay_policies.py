@@ -231,8 +231,9 @@ def test_the_gate_keeps_a_prefetch_that_pays_in_stall() -> None:
 # The gated default policy (as served) on the held-out traces at 4 slots per layer: (hit rate, blobs loaded, stall
 # seconds) per clock. Against the ungated DEFAULT_FIGURES: equal with free reads; at NVMe speed the gate spends
 # windows off (stall 190 against 171, LRU's 224); on the disk it stalls less than either (935 against 997 and
-# LRU's 1,047) with fewer blobs than LRU.
-GATED_FIGURES = {"unbounded": (0.701, 4407, 0), "nvme": (0.635, 4188, 190), "disk": (0.622, 4016, 935)}
+# LRU's 1,047) with fewer blobs than LRU. (NVMe's 4,187 blobs were 4,188 before the predictor's numpy hot path, whose
+# float64 sums and logs round in another order: one near-tie the other way; no other pinned figure moved.)
+GATED_FIGURES = {"unbounded": (0.701, 4407, 0), "nvme": (0.635, 4187, 190), "disk": (0.622, 4016, 935)}
 
 
 @pytest.mark.parametrize("clock", sorted(CLOCKS))
