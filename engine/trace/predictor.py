@@ -101,9 +101,10 @@ class TransitionStatistics:
     ``counts[d, l, a, b]`` (float64 [max_offset + 1, L, E, E]): the (pseudo-)tokens with expert ``a`` at layer
     ``l - d`` and ``b`` at layer ``l`` (``d >= 1``), or ``a`` at layer ``l`` of the previous token and ``b`` at
     layer ``l`` (``d = 0``); ``frequency[l, b]`` (float64 [L, E]): the (pseudo-)tokens using ``b`` at ``l``. So
-    ``counts[d, l, a, b] / frequency[l, b]`` estimates P(a | b). One tensor each, not Python lists, and the counts'
-    logs beside them (a request's copy of a row is the row's logs plus the log of its scale, no log computed): at
-    DeepSeek-V3's 61 layers x 256 experts the tables hold 36 M counts (288 MB, as much again for the logs;
+    ``counts[d, l, a, b] / frequency[l, b]`` estimates P(a | b). One tensor each, not Python lists, and beside
+    the counts their logs, each row's computed the first time a request copies it and kept up to date from then
+    on (a request's copy of a row is the row's logs plus the log of its scale): at DeepSeek-V3's 61 layers x 256
+    experts the tables hold 36 M counts (288 MB, and up to as much again for the logs of the rows requests read;
     benchmarks/predictor_cost.py).
 
     Requests predict from their own `RequestStatistics` (`scaled`), which read these rows as they were when the
@@ -129,7 +130,8 @@ class TransitionStatistics:
                                  dtype=torch.float64)
         self.frequency = torch.full((num_layers, num_experts), smoothing, dtype=torch.float64)
         self._rows = self.counts.numpy().reshape(-1, num_experts)  # the same memory, by row
-        self._log_rows = np.full_like(self._rows, math.log(self.prior))  # [rows, E] their logs, kept up to date
+        self._log_rows = np.empty_like(self._rows)  # [rows, E] their logs, where _log_valid (computed when asked)
+        self._log_valid = np.zeros(len(self._rows), dtype=bool)  # [rows] which rows of _log_rows are up to date
         self._views: weakref.WeakSet[RequestStatistics] = weakref.WeakSet()
 
     @property
@@ -146,6 +148,10 @@ class TransitionStatistics:
     def rows(self, indices: Sequence[int], scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """The counts of rows ``indices``, each ``(d * L + l) * E + a`` (all targets ``b``), as they are now, times
         ``scale``, and their logs (new float64 [len(indices), E] each)."""
+        stale = [index for index, valid in zip(indices, self._log_valid[indices].tolist()) if not valid]
+        if stale:
+            self._log_rows[stale] = np.log(self._rows[stale])
+            self._log_valid[stale] = True
         return self._rows[indices] * scale, self._log_rows[indices] + math.log(scale)
 
     def observe(self, token: Sequence[Sequence[int]], previous: Sequence[Sequence[int]] | None,
@@ -158,7 +164,10 @@ class TransitionStatistics:
             view.keep(cells.rows)
         self.tokens += 1
         self._rows[cells.cell_rows, cells.targets] += 1.0  # each (row, target) at most once per token
-        self._log_rows[cells.cell_rows, cells.targets] = np.log(self._rows[cells.cell_rows, cells.targets])
+        rows, targets = np.asarray(cells.cell_rows, dtype=np.int64), np.asarray(cells.targets, dtype=np.int64)
+        valid = self._log_valid[rows]  # keep the logs computed so far up to date
+        rows, targets = rows[valid], targets[valid]
+        self._log_rows[rows, targets] = np.log(self._rows[rows, targets])
         self.frequency.numpy()[cells.layers, cells.experts] += 1.0
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -191,7 +200,8 @@ class TransitionStatistics:
             view.keep(every_row)
         self.counts = counts.double() + self.prior
         self._rows = self.counts.numpy().reshape(-1, self.num_experts)
-        self._log_rows = np.log(self._rows)
+        self._log_rows = np.empty_like(self._rows)
+        self._log_valid = np.zeros(len(self._rows), dtype=bool)
         self.frequency = frequency.double() + self.smoothing
         self.tokens = int(tokens)
 
@@ -234,8 +244,8 @@ class RequestStatistics:
     (`TransitionStatistics.observe` calls `keep`), whichever comes first. So a request starts in O(L x E) and
     holds only the rows it touched, where a full copy would cost O(max_offset x L x E x E) per request (23 s and
     2.4 GB at DeepSeek-V3's shape; benchmarks/predictor_cost.py), with the same values. The copies go into one
-    [slots, E] array of counts and one of their logs (twice as many slots each time they are full), so a token's
-    updates and a layer's reads are one numpy call each.
+    [slots, E] array of counts and one of their logs (twice as many slots, in place, each time they are full; no
+    view of them leaves this object), so a token's updates and a layer's reads are one numpy call each.
 
     ``log_row(d, l, a)[b]``: log of the (pseudo-)tokens with ``a`` at layer ``l - d`` (``d >= 1``; ``d = 0``: at
     ``l`` one token earlier) and ``b`` at ``l``; ``log_frequency[l, b]``: log of those using ``b`` at ``l``. So
@@ -263,11 +273,8 @@ class RequestStatistics:
         return len(self._slots)
 
     def log_row(self, offset: int, layer: int, source: int) -> np.ndarray:
-        """The logs of row (``offset``, ``layer``, ``source``) over every target expert, [E] (read, do not
-        change)."""
-        index = (offset * self.num_layers + layer) * self.num_experts + source
-        slot = self._slots.get(index)
-        return self._logs[slot if slot is not None else self._copy([index])[0]]
+        """The logs of row (``offset``, ``layer``, ``source``) over every target expert, [E] (a copy)."""
+        return self.log_rows([(offset * self.num_layers + layer) * self.num_experts + source])[0]
 
     def log_rows(self, indices: Sequence[int]) -> np.ndarray:
         """The logs of the rows ``indices`` (as `TransitionStatistics.rows`), [len(indices), E] (a copy)."""
@@ -303,10 +310,10 @@ class RequestStatistics:
         """Copy the shared rows ``indices`` (none copied yet, each once), scaled, into new slots; their slots."""
         first = len(self._slots)
         end = first + len(indices)
-        if end > len(self._counts):
+        if end > len(self._counts):  # grow in place (realloc: no copy of large arrays), nothing views them
             size = max(end, 2 * len(self._counts))
-            self._counts = np.concatenate([self._counts[:first], np.empty((size - first, self.num_experts))])
-            self._logs = np.concatenate([self._logs[:first], np.empty((size - first, self.num_experts))])
+            self._counts.resize((size, self.num_experts), refcheck=False)
+            self._logs.resize((size, self.num_experts), refcheck=False)
         self._counts[first:end], self._logs[first:end] = self.shared.rows(indices, self.scale)
         new = list(range(first, end))
         self._slots.update(zip(indices, new))
@@ -319,8 +326,9 @@ class HistorySettings:
 
     The token match (``"history"``; in the pure-Python predictor before the numpy hot path, with store and
     transitions, 14.8 ms per decode token on h39s on a loaded development machine, 5.6 ms without it; 4.4 ms on a
-    quiet Zen 4 machine with its prior votes computed once per step, 5.5 before). ``tokens``: how many of the request's last decode tokens are
-    matched (bounds the hot path's work: on h39s recall 0.833 at 128, 0.840 at 256, 0.843 at 512, 0.845 at 1024);
+    quiet Zen 4 machine with its prior votes computed once per step, 5.5 before). ``tokens``: how many of the
+    request's last decode tokens are matched (bounds the hot path's work: on h39s recall 0.833 at 128, 0.840 at
+    256, 0.843 at 512, 0.845 at 1024);
     ``neighbours``: how many of them, the most similar, vote (0.832 at 8, 0.840 at 16, 0.839 at 32); ``decay``: a
     layer ``j`` layers behind the frontier counts ``decay ** j`` in the similarity (0.838 at 0.8, 0.840 at 0.9 and
     0.95); ``sharpness``: a neighbour ``x`` less similar than the most similar one votes ``exp(-sharpness * x)``
