@@ -9,6 +9,11 @@ tests drive these very objects, so a policy measured in replay is the policy tha
 Rules every policy shares (in `EvictionPolicy.victim`): pinned keys are never victims; among the remaining
 candidates, only those with the lowest priority (`EvictionPolicy.set_priorities`, default 0.0) are
 considered; the policy's own rule then picks one, with the tie-breaks documented on each class.
+
+Priorities for every key of a model come as a `PriorityTable` (the trace planner's, one float64 [L, E] array per
+plan), and a global cache's victim is then found by `EvictionPolicy.victim_of_all` in a few numpy calls over the
+policy's resident keys, which it keeps in index arrays as well as in a set; a dict of priorities or a per-layer
+cache takes the plain scan over the candidates. The rules, and the victim, are the same either way.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Literal, NamedTuple
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -37,17 +44,56 @@ class NoVictimError(RuntimeError):
     """Every candidate for eviction is pinned."""
 
 
+class PriorityTable(Mapping[Key, float]):
+    """Keep-priorities of every ``(layer, expert, precision)`` key of one ``precision``, read-only, from a float64
+    [L, E] array ``values``; keys of another precision or outside the array are absent (a policy counts them 0.0).
+
+    What `engine.trace.predictor.batch_priorities` hands the policies: no dict of ``L x E`` entries is built per
+    plan, and `EvictionPolicy.victim_of_all` reads the priorities of every resident key in one call.
+    """
+
+    def __init__(self, values: np.ndarray, precision: str) -> None:
+        self.values = values
+        self.precision = precision
+
+    def __getitem__(self, key: Key) -> float:
+        layer, expert, precision = key
+        num_layers, num_experts = self.values.shape
+        if precision != self.precision or not (0 <= layer < num_layers and 0 <= expert < num_experts):
+            raise KeyError(key)
+        return float(self.values[layer, expert])
+
+    def __iter__(self) -> Iterator[Key]:
+        num_layers, num_experts = self.values.shape
+        return ((layer, expert, self.precision) for layer in range(num_layers) for expert in range(num_experts))
+
+    def __len__(self) -> int:
+        return self.values.size
+
+
 class EvictionPolicy(ABC):
     """Base policy: tracks resident keys, pins and priorities; subclasses supply the eviction rule.
 
     Contract: `admit` a key when it becomes resident and `evict` it when it leaves; call `on_access` for every
     use of a key, resident or not, in execution order. Subclasses implement `on_access` and `_choose`.
+
+    Resident keys are also kept in slots of index arrays (layer, expert, precision id, resident, pinned), for
+    `victim_of_all`.
     """
 
     def __init__(self) -> None:
         self._resident: set[Key] = set()
         self._pins: Counter[Key] = Counter()
-        self._priorities: dict[Key, float] = {}
+        self._priorities: Mapping[Key, float] = {}
+        self._slot_of: dict[Key, int] = {}
+        self._key_at: list[Key | None] = []  # [slots] the key in each slot, None where free
+        self._free_slots: list[int] = []
+        self._precision_ids: dict[str, int] = {}
+        self._slot_layer = np.zeros(0, dtype=np.int64)  # [capacity of the arrays] per slot
+        self._slot_expert = np.zeros(0, dtype=np.int64)
+        self._slot_precision = np.zeros(0, dtype=np.int64)
+        self._slot_live = np.zeros(0, dtype=bool)  # a resident key holds the slot
+        self._slot_pinned = np.zeros(0, dtype=bool)
 
     def lookup(self, key: Key) -> bool:
         """Whether ``key`` is resident."""
@@ -60,10 +106,34 @@ class EvictionPolicy(ABC):
     def admit(self, key: Key) -> None:
         """``key`` became resident."""
         self._resident.add(key)
+        if self._free_slots:
+            slot = self._free_slots.pop()
+            self._key_at[slot] = key
+        else:
+            slot = len(self._key_at)
+            self._key_at.append(key)
+            if slot == len(self._slot_live):
+                self._grow_slots(max(16, 2 * slot))
+        self._slot_of[key] = slot
+        self._slot_layer[slot], self._slot_expert[slot] = key[0], key[1]
+        self._slot_precision[slot] = self._precision_ids.setdefault(key[2], len(self._precision_ids))
+        self._slot_live[slot] = True
+        self._slot_pinned[slot] = key in self._pins
 
     def evict(self, key: Key) -> None:
         """``key`` left the cache; KeyError if it was not resident."""
         self._resident.remove(key)
+        slot = self._slot_of.pop(key)
+        self._key_at[slot] = None
+        self._slot_live[slot] = False
+        self._free_slots.append(slot)
+
+    def _grow_slots(self, size: int) -> None:
+        for name in ("_slot_layer", "_slot_expert", "_slot_precision", "_slot_live", "_slot_pinned"):
+            old = getattr(self, name)
+            new = np.zeros(size, dtype=old.dtype)
+            new[:len(old)] = old
+            setattr(self, name, new)
 
     def victim(self, candidates: Iterable[Key]) -> Key:
         """The candidate to evict: never a pinned one, one of the lowest priority, then the policy's rule.
@@ -80,9 +150,33 @@ class EvictionPolicy(ABC):
             eligible = [key for key, priority in zip(eligible, priorities) if priority == lowest]
         return self._choose(eligible)
 
+    def victim_of_all(self) -> Key:
+        """`victim` with every resident key a candidate (a global cache's choice). Under a `PriorityTable`, the
+        lowest priority among the unpinned resident keys is found in a few numpy calls over their slots and the
+        policy's rule picks among the keys that have it; otherwise `victim` scans them."""
+        table = self._priorities
+        if not isinstance(table, PriorityTable):
+            return self.victim(self._resident)
+        used = len(self._key_at)
+        eligible = self._slot_live[:used] & ~self._slot_pinned[:used]
+        if not eligible.any():
+            raise NoVictimError("no eviction candidate: every candidate is pinned, or none was given")
+        layers, experts = self._slot_layer[:used], self._slot_expert[:used]
+        num_layers, num_experts = table.values.shape
+        listed = (eligible & (self._slot_precision[:used] == self._precision_ids.get(table.precision, -1))
+                  & (layers < num_layers) & (experts < num_experts))
+        priorities = np.zeros(used)  # absent keys count 0.0
+        priorities[listed] = table.values[layers[listed], experts[listed]]
+        priorities[~eligible] = np.inf
+        lowest = np.flatnonzero(priorities == priorities.min())
+        return self._choose([self._key_at[slot] for slot in lowest.tolist()])
+
     def pin(self, key: Key) -> None:
         """Protect ``key`` from eviction until a matching `unpin` (pins nest: two pins need two unpins)."""
         self._pins[key] += 1
+        slot = self._slot_of.get(key)
+        if slot is not None:
+            self._slot_pinned[slot] = True
 
     def unpin(self, key: Key) -> None:
         """Undo one `pin` of ``key``; ValueError if it is not pinned."""
@@ -91,10 +185,19 @@ class EvictionPolicy(ABC):
         self._pins[key] -= 1
         if not self._pins[key]:
             del self._pins[key]
+            slot = self._slot_of.get(key)
+            if slot is not None:
+                self._slot_pinned[slot] = False
 
     def set_priorities(self, priorities: Mapping[Key, float]) -> None:
-        """Replace the keep-priorities (higher = keep longer; absent keys count 0.0). An empty map clears them."""
-        self._priorities = dict(priorities)
+        """Replace the keep-priorities (higher = keep longer; absent keys count 0.0). An empty map clears them. A
+        `PriorityTable` is kept as it is (it is read-only); any other map is copied."""
+        if not priorities:
+            self._priorities = {}
+        elif isinstance(priorities, PriorityTable):
+            self._priorities = priorities
+        else:
+            self._priorities = dict(priorities)
 
     def priority(self, key: Key) -> float:
         """The keep-priority of ``key`` set by `set_priorities` (0.0 if it has none)."""
@@ -237,7 +340,7 @@ class ExpertCache:
         hit = policy.lookup(key)
         evicted = None
         if not hit and len(members) >= self.capacity:
-            evicted = policy.victim(members)
+            evicted = policy.victim(members) if self._per_layer else policy.victim_of_all()
         policy.on_access(key, step, key[0])
         if evicted is not None:
             policy.evict(evicted)
@@ -256,7 +359,7 @@ class ExpertCache:
         members = self._members[key[0] if self._per_layer else None]
         if self.policy.lookup(key) or len(members) < self.capacity:
             return None
-        return self.policy.victim(members)
+        return self.policy.victim(members) if self._per_layer else self.policy.victim_of_all()
 
     def admit(self, key: Key) -> Key | None:
         """Make a non-resident ``key`` resident without an access (a prefetch); returns the key it evicted.

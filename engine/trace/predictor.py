@@ -54,7 +54,6 @@ statistics change only in `end_step`, so within a step the incremental scores eq
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import weakref
@@ -65,7 +64,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engine.offload.cache import Key
+from engine.offload.cache import PriorityTable
 from engine.trace.store import TraceStore
 
 logger = logging.getLogger(__name__)
@@ -652,25 +651,18 @@ def any_request(predictions: Sequence[np.ndarray | Sequence[Sequence[float]]]) -
 def batch_priorities(
     next_visit: np.ndarray | Sequence[Sequence[float]], layers_seen: int, miss_steps: float = DEFAULT_MISS_STEPS,
     precision: str = "native",
-) -> dict[Key, float]:
+) -> PriorityTable:
     """One keep-priority per ``(layer, expert, precision)`` key for the batch: ``1 / (1 + expected distance)``.
 
     ``next_visit`` [L, E]: probability that some running request uses the key at its layer's next visit
     (`any_request` of the `Predictor.predict` answers). The expected distance in layers to the key's next use —
     Belady's eviction criterion, made online — is ``distance + (1 - p) * miss_steps * L``: ``distance`` from the
     frontier ``layers_seen`` to the layer's next visit (0 = the next layer to run), and, if the key is not used
-    then, ``miss_steps`` more steps. An empty batch gives an empty map (the policy's own rule decides alone).
+    then, ``miss_steps`` more steps. An empty batch gives an empty table (the policy's own rule decides alone).
     """
     next_visit = np.asarray(next_visit, dtype=np.float64)
     if not next_visit.size:
-        return {}
-    num_layers, num_experts = next_visit.shape
+        return PriorityTable(np.zeros((0, 0)), precision)
+    num_layers = next_visit.shape[0]
     distance = ((np.arange(num_layers) - layers_seen) % num_layers)[:, None]  # [L, 1]
-    priorities = 1.0 / (1.0 + (distance + (1.0 - next_visit) * miss_steps * num_layers))  # [L, E]
-    return dict(zip(_keys(num_layers, num_experts, precision), priorities.ravel().tolist()))
-
-
-@functools.lru_cache(maxsize=16)
-def _keys(num_layers: int, num_experts: int, precision: str) -> tuple[Key, ...]:
-    """Every ``(layer, expert, precision)`` key in row-major order (built once per shape)."""
-    return tuple((layer, expert, precision) for layer in range(num_layers) for expert in range(num_experts))
+    return PriorityTable(1.0 / (1.0 + (distance + (1.0 - next_visit) * miss_steps * num_layers)), precision)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 
 from engine.offload.cache import (
@@ -14,6 +15,7 @@ from engine.offload.cache import (
     LFUPolicy,
     LRUPolicy,
     NoVictimError,
+    PriorityTable,
     build_cache,
 )
 
@@ -132,6 +134,43 @@ def test_priorities_come_before_the_policy_rule_and_can_be_cleared() -> None:
     assert cache.access(k(3), 2).evicted == k(2)
     cache.policy.set_priorities({})
     assert cache.access(k(4), 3).evicted == k(1)
+
+
+@pytest.mark.parametrize("make", [LRUPolicy, LFUPolicy])
+def test_victim_of_all_under_a_priority_table_is_the_scans_victim(make) -> None:
+    """A global cache's victim under a `PriorityTable` (numpy over the policy's slots) is the one the plain scan
+    over the resident keys picks: through admissions, evictions, nested pins, tied priorities, keys of another
+    precision (absent from the table: 0.0) and cleared priorities."""
+    rng = random.Random(7)
+    compared = 0
+    for _ in range(60):
+        layers, experts = rng.randint(1, 5), rng.randint(1, 8)
+        policy = make()
+        cache = ExpertCache(policy, capacity=rng.randint(1, layers * experts), scope="global")
+        for step in range(200):
+            key = (rng.randrange(layers), rng.randrange(experts), rng.choice(["bf16", "bf16", "int8"]))
+            if rng.random() < 0.1:
+                values = [[rng.choice([0.1, 0.2, rng.random()]) for _ in range(experts)] for _ in range(layers)]
+                policy.set_priorities(PriorityTable(np.array(values), "bf16") if rng.random() < 0.8 else {})
+            if rng.random() < 0.1:
+                policy.pin(key)
+            elif key in policy._pins and rng.random() < 0.3:
+                policy.unpin(key)
+            if len(cache) >= cache.capacity and key not in cache:
+                try:
+                    fast = policy.victim_of_all()
+                except NoVictimError:
+                    fast = None
+                try:
+                    scanned = policy.victim(set(policy._resident))
+                except NoVictimError:
+                    scanned = None
+                assert fast == scanned
+                compared += 1
+                if fast is None:
+                    continue
+            cache.access(key, step)
+    assert compared > 1000
 
 
 def test_per_layer_scope_evicts_within_the_layer_global_scope_across_layers() -> None:
