@@ -40,6 +40,11 @@ _GLOBAL_PREFIX = "global-"
 INFINITY = float("inf")
 
 
+VECTOR_VICTIM_KEYS = 128
+"""`EvictionPolicy.victim_of_all` takes its numpy path from this many resident keys: on an AMD EPYC Zen 4 its ~12
+us per call matched the scan's at 128 keys (4 us at 32, 46 us at 512, ~1.2 ms at 4,000)."""
+
+
 class NoVictimError(RuntimeError):
     """Every candidate for eviction is pinned."""
 
@@ -55,13 +60,27 @@ class PriorityTable(Mapping[Key, float]):
     def __init__(self, values: np.ndarray, precision: str) -> None:
         self.values = values
         self.precision = precision
+        self._num_layers, self._num_experts = values.shape
+        self._rows: list[list[float]] | None = None  # values as lists, made on the first key read
 
     def __getitem__(self, key: Key) -> float:
-        layer, expert, precision = key
-        num_layers, num_experts = self.values.shape
-        if precision != self.precision or not (0 <= layer < num_layers and 0 <= expert < num_experts):
+        value = self.get(key)
+        if value is None:
             raise KeyError(key)
-        return float(self.values[layer, expert])
+        return value
+
+    def get(self, key: Key, default: float | None = None) -> float | None:
+        """The priority of ``key``, or ``default`` if it is absent (a scan's per-key read: no numpy call)."""
+        layer, expert, precision = key
+        if precision != self.precision or not (0 <= layer < self._num_layers and 0 <= expert < self._num_experts):
+            return default
+        return self.lists()[layer][expert]
+
+    def lists(self) -> list[list[float]]:
+        """``values`` as nested lists (made once), for reads key by key."""
+        if self._rows is None:
+            self._rows = self.values.tolist()
+        return self._rows
 
     def __iter__(self) -> Iterator[Key]:
         num_layers, num_experts = self.values.shape
@@ -144,18 +163,29 @@ class EvictionPolicy(ABC):
         if not eligible:
             raise NoVictimError("no eviction candidate: every candidate is pinned, or none was given")
         if self._priorities:
-            get = self._priorities.get
-            priorities = [get(key, 0.0) for key in eligible]
+            priorities = self._priorities_of(eligible)
             lowest = min(priorities)
             eligible = [key for key, priority in zip(eligible, priorities) if priority == lowest]
         return self._choose(eligible)
 
-    def victim_of_all(self) -> Key:
-        """`victim` with every resident key a candidate (a global cache's choice). Under a `PriorityTable`, the
-        lowest priority among the unpinned resident keys is found in a few numpy calls over their slots and the
-        policy's rule picks among the keys that have it; otherwise `victim` scans them."""
+    def _priorities_of(self, keys: list[Key]) -> list[float]:
+        """The priorities of ``keys`` (0.0 where absent), read without a method call per key."""
         table = self._priorities
-        if not isinstance(table, PriorityTable):
+        if isinstance(table, PriorityTable):
+            rows, precision = table.lists(), table.precision
+            num_layers, num_experts = table.values.shape
+            return [rows[layer][expert] if key_precision == precision and layer < num_layers and expert < num_experts
+                    else 0.0 for layer, expert, key_precision in keys]
+        get = table.get
+        return [get(key, 0.0) for key in keys]
+
+    def victim_of_all(self) -> Key:
+        """`victim` with every resident key a candidate (a global cache's choice). Under a `PriorityTable` and at
+        least VECTOR_VICTIM_KEYS resident keys, the lowest priority among the unpinned ones is found in a few
+        numpy calls over their slots and the policy's rule picks among the keys that have it; otherwise `victim`
+        scans them."""
+        table = self._priorities
+        if not isinstance(table, PriorityTable) or len(self._resident) < VECTOR_VICTIM_KEYS:
             return self.victim(self._resident)
         used = len(self._key_at)
         eligible = self._slot_live[:used] & ~self._slot_pinned[:used]

@@ -389,7 +389,7 @@ class RequestState:
     remembered: int = 0  # decode tokens ever added to ``recent``
     recent_slots: np.ndarray | None = None  # [len(recent)] this step's ring slot of each recent token
     similarity: np.ndarray | None = None  # [len(recent)] this step's token's similarity to each recent one
-    history_prior: tuple[np.ndarray, np.ndarray] | None = None  # this step's `_history_prior`
+    history_prior: tuple[np.ndarray, np.ndarray] | None = None  # this step's `Predictor._history_prior`
     recent_use: np.ndarray | None = None  # [L, E] decayed use over the recent tokens
 
 
@@ -452,7 +452,7 @@ class Predictor:
         state.store_match = self._match(state) if "store" in self.sources else None
         state.store_terms = self._store_terms(state.store_match, state.statistics.log_frequency)
         previous = state.previous or [()] * self.num_layers
-        state.scores = self._base_scores(state, list(range(self.num_layers)), previous)
+        state.scores = np.stack([self._base_scores(state, layer, previous[layer]) for layer in range(self.num_layers)])
         state.probabilities = _use_probabilities(state.scores, self.top_k)
 
     def observe_layer(self, state: RequestState, layer: int, experts: Sequence[int]) -> None:
@@ -466,7 +466,7 @@ class Predictor:
         state.layers_seen = layer + 1
         if not state.predicting:
             return
-        state.scores[layer] = self._base_scores(state, [layer], [experts])[0]
+        state.scores[layer] = self._base_scores(state, layer, experts)
         changed = {layer}
         stats = state.statistics
         targets = range(layer + 1, min(self.num_layers, layer + stats.max_offset + 1))
@@ -573,42 +573,36 @@ class Predictor:
         pseudo-votes: [len(targets), E] rows of `_history_terms`."""
         if state.history_prior is None:
             state.history_prior = self._history_prior(state)
-        prior_votes, log_rate = (values[targets.start:targets.stop] for values in state.history_prior)
+        prior_votes, base = (values[targets.start:targets.stop] for values in state.history_prior)
         used = state.recent_used[state.recent_slots[voters + ahead], targets.start:targets.stop]  # [voters, T, E]
-        cast = np.tensordot(weights, used, axes=1)  # [T, E]
+        cast = (weights @ used.reshape(len(voters), -1)).reshape(len(targets), -1)  # [T, E]
         votes = weights.sum() + self.history_settings.prior
-        frequency = state.statistics.log_frequency[targets.start:targets.stop]
-        return weight * (np.log((prior_votes + cast) / votes) - frequency - log_rate[:, None])
+        return weight * (np.log((prior_votes + cast) / votes) - base)
 
     def _history_prior(self, state: RequestState) -> tuple[np.ndarray, np.ndarray]:
-        """The token match's ``prior`` pseudo-votes [L, E], spread as the request's per-layer frequency, and the
-        log of the rate they are spread at [L]: fixed within a step (the statistics change only in `end_step`),
-        so computed once per step."""
-        frequency = np.exp(state.statistics.log_frequency)  # [L, E]
-        rate = self.top_k / frequency.sum(axis=1)  # [L]
-        return self.history_settings.prior * frequency * rate[:, None], np.log(rate)
+        """The token match's ``prior`` pseudo-votes [L, E], spread as the request's per-layer frequency at the rate
+        ``top_k / sum(frequency)``, and the log of the frequency at that rate [L, E], which a vote's log-ratio is
+        over: fixed within a step (the statistics change only in `end_step`), so computed once per step."""
+        log_frequency = state.statistics.log_frequency
+        frequency = np.exp(log_frequency)  # [L, E]
+        rate = self.top_k / frequency.sum(axis=1, keepdims=True)  # [L, 1]
+        return self.history_settings.prior * frequency * rate, log_frequency + np.log(rate)
 
-    def _base_scores(self, state: RequestState, layers: list[int], temporal: Sequence[Sequence[int]]) -> np.ndarray:
-        """The log scores [len(layers), E] of ``layers`` before this step's evidence: frequency, the temporal
-        transition from each layer's ``temporal`` experts (those of the layer one token before its next visit),
-        the request's recent use (source ``"recent"``), the store."""
+    def _base_scores(self, state: RequestState, layer: int, temporal: Sequence[int]) -> np.ndarray:
+        """``layer``'s log scores [E] before this step's evidence: frequency, the temporal transition from the
+        ``temporal`` experts (those of ``layer`` one token before its next visit), the request's recent use
+        (source ``"recent"``), the store."""
         stats = state.statistics
-        scores = stats.log_frequency[layers]  # a copy
-        if "transitions" in self.sources:
-            indices, owners = [], []  # offset-0 rows (0 * L + layer) * E + expert, and the position they add to
-            for position, (layer, experts) in enumerate(zip(layers, temporal)):
-                indices.extend(layer * self.num_experts + expert for expert in experts)
-                owners.extend([position] * len(experts))
-            if indices:
-                evidence = np.zeros_like(scores)
-                np.add.at(evidence, owners, stats.log_rows(indices))
-                sources = np.bincount(owners, minlength=len(layers))[:, None]
-                scores += self.evidence_weight * (evidence - sources * stats.log_frequency[layers])
+        frequency = stats.log_frequency[layer]
+        if "transitions" in self.sources and temporal:
+            rows = stats.log_rows([layer * self.num_experts + expert for expert in temporal])  # offset-0 rows
+            scores = frequency + self.evidence_weight * (rows.sum(axis=0) - len(temporal) * frequency)
+        else:
+            scores = frequency.copy()
         if "recent" in self.sources:
-            scores = _with_recent_use(scores, state.recent_use[layers], stats.log_frequency[layers],
-                                      self.history_settings.recent_weight)
+            scores = _with_recent_use(scores, state.recent_use[layer], frequency, self.history_settings.recent_weight)
         if state.store_terms is not None:
-            scores += state.store_terms[layers]
+            scores += state.store_terms[layer]
         return scores
 
     def _store_terms(self, match: np.ndarray | None, frequencies: np.ndarray) -> np.ndarray | None:
