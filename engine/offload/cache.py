@@ -70,17 +70,17 @@ class PriorityTable(Mapping[Key, float]):
         return value
 
     def get(self, key: Key, default: float | None = None) -> float | None:
-        """The priority of ``key``, or ``default`` if it is absent (a scan's per-key read: no numpy call)."""
-        layer, expert, precision = key
-        if precision != self.precision or not (0 <= layer < self._num_layers and 0 <= expert < self._num_experts):
-            return default
-        return self.lists()[layer][expert]
+        """The priority of ``key``, or ``default`` if it is absent."""
+        return self.values_of((key,), default)[0]
 
-    def lists(self) -> list[list[float]]:
-        """``values`` as nested lists (made once), for reads key by key."""
+    def values_of(self, keys: Iterable[Key], default: float | None) -> list[float | None]:
+        """The priorities of ``keys``, ``default`` where absent: a scan's reads, through ``values`` as nested lists
+        (made once), with no numpy call or method call per key."""
         if self._rows is None:
             self._rows = self.values.tolist()
-        return self._rows
+        rows, precision, num_layers, num_experts = self._rows, self.precision, self._num_layers, self._num_experts
+        return [rows[layer][expert] if key_precision == precision and 0 <= layer < num_layers
+                and 0 <= expert < num_experts else default for layer, expert, key_precision in keys]
 
     def __iter__(self) -> Iterator[Key]:
         num_layers, num_experts = self.values.shape
@@ -172,10 +172,7 @@ class EvictionPolicy(ABC):
         """The priorities of ``keys`` (0.0 where absent), read without a method call per key."""
         table = self._priorities
         if isinstance(table, PriorityTable):
-            rows, precision = table.lists(), table.precision
-            num_layers, num_experts = table.values.shape
-            return [rows[layer][expert] if key_precision == precision and layer < num_layers and expert < num_experts
-                    else 0.0 for layer, expert, key_precision in keys]
+            return table.values_of(keys, 0.0)
         get = table.get
         return [get(key, 0.0) for key in keys]
 

@@ -125,12 +125,9 @@ class TransitionStatistics:
         self.prior_tokens = smoothing
         self.prior = smoothing * top_k / num_experts
         self.tokens = 0
-        self.counts = torch.full((max_offset + 1, num_layers, num_experts, num_experts), self.prior,
-                                 dtype=torch.float64)
+        self._set_counts(torch.full((max_offset + 1, num_layers, num_experts, num_experts), self.prior,
+                                    dtype=torch.float64))
         self.frequency = torch.full((num_layers, num_experts), smoothing, dtype=torch.float64)
-        self._rows = self.counts.numpy().reshape(-1, num_experts)  # the same memory, by row
-        self._log_rows = np.empty_like(self._rows)  # [rows, E] their logs, where _log_valid (computed when asked)
-        self._log_valid = np.zeros(len(self._rows), dtype=bool)  # [rows] which rows of _log_rows are up to date
         self._views: weakref.WeakSet[RequestStatistics] = weakref.WeakSet()
 
     @property
@@ -169,6 +166,13 @@ class TransitionStatistics:
         self._log_rows[rows, targets] = np.log(self._rows[rows, targets])
         self.frequency.numpy()[cells.layers, cells.experts] += 1.0
 
+    def _set_counts(self, counts: torch.Tensor) -> None:
+        """Take ``counts`` [max_offset + 1, L, E, E] (float64), their rows' logs to be computed when asked."""
+        self.counts = counts
+        self._rows = counts.numpy().reshape(-1, self.num_experts)  # the same memory, by row
+        self._log_rows = np.empty_like(self._rows)  # [rows, E] their logs, where _log_valid (computed when asked)
+        self._log_valid = np.zeros(len(self._rows), dtype=bool)  # [rows] which rows of _log_rows are up to date
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The observed counts, prior left out (int64): ``transition_counts`` [max_offset + 1, L, E, E] (index
         ``[d][l][a][b]`` as ``counts``), ``frequency_counts`` [L, E] and ``transition_tokens`` [] (decode
@@ -197,10 +201,7 @@ class TransitionStatistics:
         every_row = range(offsets * layers * experts)
         for view in self._views:
             view.keep(every_row)
-        self.counts = counts.double() + self.prior
-        self._rows = self.counts.numpy().reshape(-1, self.num_experts)
-        self._log_rows = np.empty_like(self._rows)
-        self._log_valid = np.zeros(len(self._rows), dtype=bool)
+        self._set_counts(counts.double() + self.prior)
         self.frequency = frequency.double() + self.smoothing
         self.tokens = int(tokens)
 
@@ -277,15 +278,12 @@ class RequestStatistics:
 
     def log_rows(self, indices: Sequence[int]) -> np.ndarray:
         """The logs of the rows ``indices`` (as `TransitionStatistics.rows`), [len(indices), E] (a copy)."""
-        slots = self._slots
-        missing = [index for index in indices if index not in slots]
-        if missing:
-            self._copy(missing)
-        return self._logs[[slots[index] for index in indices]]
+        self.keep(indices)
+        return self._logs[[self._slots[index] for index in indices]]
 
     def keep(self, rows: Iterable[int]) -> None:
-        """Copy the shared rows ``rows`` (indices as `TransitionStatistics.rows`) not yet copied: they are about
-        to change."""
+        """Copy the shared rows ``rows`` (indices as `TransitionStatistics.rows`) not yet copied: they are read, or
+        about to change."""
         slots = self._slots
         missing = [index for index in rows if index not in slots]
         if missing:
@@ -305,8 +303,8 @@ class RequestStatistics:
         self._counts[slots, cells.targets] += 1.0  # each (row, target) at most once per token
         self._logs[slots, cells.targets] = np.log(self._counts[slots, cells.targets])
 
-    def _copy(self, indices: list[int]) -> list[int]:
-        """Copy the shared rows ``indices`` (none copied yet, each once), scaled, into new slots; their slots."""
+    def _copy(self, indices: list[int]) -> None:
+        """Copy the shared rows ``indices`` (none copied yet, each once), scaled, into new slots."""
         first = len(self._slots)
         end = first + len(indices)
         if end > len(self._counts):  # grow in place (realloc: no copy of large arrays), nothing views them
@@ -314,9 +312,7 @@ class RequestStatistics:
             self._counts.resize((size, self.num_experts), refcheck=False)
             self._logs.resize((size, self.num_experts), refcheck=False)
         self._counts[first:end], self._logs[first:end] = self.shared.rows(indices, self.scale)
-        new = list(range(first, end))
-        self._slots.update(zip(indices, new))
-        return new
+        self._slots.update(zip(indices, range(first, end)))
 
 
 @dataclass(frozen=True)
