@@ -346,8 +346,8 @@ def drop_page_cache() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3")
 
 
-def write_model(out: Path, layers: int) -> dict[str, Any]:
-    """A random bf16 Mixtral of SHAPE (``layers`` layers) in Mixtral's own per-expert checkpoint layout.
+def write_model(out: Path, layers: int, shape: dict[str, int] = SHAPE) -> dict[str, Any]:
+    """A random bf16 Mixtral of ``shape`` (``layers`` layers) in Mixtral's own per-expert checkpoint layout.
 
     Written one layer per safetensors shard so that memory holds one layer at a time (common.write_mixtral
     builds the whole model in fp32 first: 11 GB at this size), in the layout of real Mixtral checkpoints
@@ -362,7 +362,7 @@ def write_model(out: Path, layers: int) -> dict[str, Any]:
     from engine.models.demo import ROUTER_GAIN, build_tokenizer
 
     tokenizer = build_tokenizer()
-    config = AutoConfig.for_model("mixtral", **{**SHAPE, "num_hidden_layers": layers}, vocab_size=len(tokenizer),
+    config = AutoConfig.for_model("mixtral", **{**shape, "num_hidden_layers": layers}, vocab_size=len(tokenizer),
                                   pad_token_id=0, tie_word_embeddings=False, architectures=["MixtralForCausalLM"],
                                   dtype="bfloat16")
     out.mkdir(parents=True)
