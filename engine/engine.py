@@ -165,7 +165,8 @@ class LLMEngine:
         if plan.is_empty:
             return []
         if self.prefetcher is not None:
-            self.prefetcher.begin_step([StepSequence(s.request_id, s.num_tokens, s.is_decode) for s in plan.scheduled])
+            self.prefetcher.begin_step([StepSequence(s.request_id, s.num_tokens, s.is_decode, s.start_position,
+                                                     s.request.num_prompt_tokens) for s in plan.scheduled])
         logits = self.runner.execute(plan.scheduled)
         if self.prefetcher is not None:
             self.prefetcher.end_step()

@@ -12,7 +12,9 @@ with its prefetch queue (`OffloadedExperts`). Per engine step:
 - `plan(layer)` — called by the experts forward once the layer's first group of experts is pinned, so nothing it
   computes with can be evicted — hands the decode sequences' predictions to the `PrefetchPlanner` (priorities
   on the cache's policy, prefetches into its queue) and starts the reads the queue allows;
-- `end_step()` teaches the transition statistics; `forget(sequence)` drops a finished or aborted sequence (its
+- `end_step()` teaches the transition statistics; a prompt's last PROMPT_TOKENS tokens, each with its own routing
+  (the [T, k] rows of every layer, kept by `observe`), teach the request's predictor (`Predictor.observe_prompt`),
+  so its first decode tokens are not predicted cold; `forget(sequence)` drops a finished or aborted sequence (its
   trace enters the store through the engine's tracer, not here).
 
 A step with no decode sequence changes neither priorities nor prefetches: prompt chunks route to many experts at
@@ -44,13 +46,30 @@ ADAPT_EVERY = 16
 """Steps between two updates of the plan's settings from the measured read and layer times."""
 
 
+PROMPT_TOKENS = 64
+"""How many of a prompt's last tokens teach the request's predictor their routing (`Predictor.observe_prompt`)."""
+
+
 @dataclass(frozen=True)
 class StepSequence:
-    """One scheduled sequence of a step: its id, its rows in the flattened batch, and whether it decodes."""
+    """One scheduled sequence of a step: its id, its rows in the flattened batch, whether it decodes, and where
+    its rows sit in the request (the position of the first, and the prompt's length)."""
 
     sequence_id: str
     num_tokens: int
     decode: bool
+    start_position: int = 0
+    prompt_tokens: int = 0
+
+    def learned_prompt_rows(self, learned: int) -> range:
+        """The rows (indices into this step's rows) that are among the prompt's last PROMPT_TOKENS tokens and at or
+        after position ``learned`` (the prompt's tokens already learned end there: a recompute after preemption
+        runs them again)."""
+        if self.decode:
+            return range(0)
+        first = max(self.start_position, self.prompt_tokens - PROMPT_TOKENS, learned)
+        end = min(self.start_position + self.num_tokens, self.prompt_tokens)
+        return range(first - self.start_position, max(first, end) - self.start_position)
 
 
 class BatchPrefetcher:
@@ -78,6 +97,8 @@ class BatchPrefetcher:
                                        layers=offload.store.moe_layers, gate=offload.gate)
         self._states: dict[str, RequestState] = {}
         self._step: list[tuple[StepSequence, RequestState]] = []
+        self._prompt_rows: dict[str, dict[int, list[list[int]]]] = {}  # this step's prompt rows: layer -> rows
+        self._prompt_learned: dict[str, int] = {}  # the prompt position up to which each sequence has learned
         self._predicting = True  # this step predicts and plans (the gate has something acting)
         self.prefetches_planned = 0
         self.read_layers: float | None = None  # the last measured read time in layers of compute
@@ -109,6 +130,10 @@ class BatchPrefetcher:
         begin = 0
         for sequence, state in self._step:
             experts = sorted({expert for row in rows[begin:begin + sequence.num_tokens] for expert in row})
+            learned = sequence.learned_prompt_rows(self._prompt_learned.get(sequence.sequence_id, 0))
+            if learned:
+                self._prompt_rows.setdefault(sequence.sequence_id, {})[layer] = rows[begin + learned.start:
+                                                                                      begin + learned.stop]
             begin += sequence.num_tokens
             for dense in range(state.layers_seen, layer):
                 self.predictor.observe_layer(state, dense, ())
@@ -126,15 +151,34 @@ class BatchPrefetcher:
 
     def end_step(self) -> None:
         """Close the step for every sequence that ran in it (teaches the statistics from decode tokens)."""
-        for _, state in self._step:
+        for sequence, state in self._step:
             for dense in range(state.layers_seen, self.predictor.num_layers):
                 self.predictor.observe_layer(state, dense, ())
+            previous = state.previous
             self.predictor.end_step(state)
+            by_layer = self._prompt_rows.pop(sequence.sequence_id, None)
+            if by_layer:
+                self._learn_prompt(sequence, state, by_layer, previous)
         self._step = []
         self._last_plan = None
         self._steps += 1
         if self._steps % ADAPT_EVERY == 0:
             self._adapt()
+
+    def _learn_prompt(self, sequence: StepSequence, state: RequestState, by_layer: dict[int, list[list[int]]],
+                      previous: list[tuple[int, ...]] | None) -> None:
+        """Teach ``state`` the prompt tokens of this step whose rows `observe` kept, each token's experts per layer
+        (dense layers empty); the token before them, when it was the last one learned, stays their previous."""
+        sequence_id = sequence.sequence_id
+        learned = sequence.learned_prompt_rows(self._prompt_learned.get(sequence_id, 0))
+        num_layers = self.predictor.num_layers
+        tokens = [[tuple(sorted(by_layer[layer][row])) if layer in by_layer else () for layer in range(num_layers)]
+                  for row in range(len(learned))]
+        first_position = sequence.start_position + learned.start
+        if self._prompt_learned.get(sequence_id) == first_position:
+            state.previous = previous  # the prompt's previous chunk ended right before this one
+        self.predictor.observe_prompt(state, tokens)
+        self._prompt_learned[sequence_id] = first_position + len(learned)
 
     def _time_layers(self, layer: int) -> None:
         """Add the compute since the previous plan of this step (stall excluded) to the layer timing."""
@@ -160,6 +204,8 @@ class BatchPrefetcher:
     def forget(self, sequence_id: str) -> None:
         """Drop a sequence that finished or was aborted."""
         self._states.pop(sequence_id, None)
+        self._prompt_learned.pop(sequence_id, None)
+        self._prompt_rows.pop(sequence_id, None)
 
     def __len__(self) -> int:
         """Sequences tracked."""

@@ -14,7 +14,8 @@ Frequency and transitions are counted twice, from every finished decode step: in
 which are the ones it predicts from. A request's own begin as the shared ones when it starts, scaled to
 ``request_prior_tokens`` pseudo-tokens (`TransitionStatistics.scaled`), and add its own tokens at full weight: a new
 request starts from what all past requests taught and soon follows its own kind, where another kind of
-request's many tokens would otherwise outweigh its own few.
+request's many tokens would otherwise outweigh its own few. Its prompt's tokens, each with its own routing, teach
+it too (`observe_prompt`, after the prompt has run), so its decode does not start cold.
 
 - (c) ``"transitions"`` (EdgeMoE): counts of expert ``b`` at layer ``l`` given expert ``a`` at layer ``l - d``
   of the same token, for ``d = 1..max_offset`` (used only where layer ``l - d`` has already run in this step),
@@ -495,6 +496,29 @@ class Predictor:
             state.previous = state.current
         else:
             state.previous = None
+        state.current = [()] * self.num_layers
+
+    def observe_prompt(self, state: RequestState, tokens: Sequence[Sequence[Sequence[int]]]) -> None:
+        """Learn from prompt tokens of ``state``'s request, in order: each token's expert ids per layer (all
+        layers, ``()`` for dense ones), as the forward computed them while it ran the prompt. Call between steps
+        (after the prefill step's `end_step`).
+
+        The request's own statistics learn them as decode tokens, and they join its token match and recent use;
+        the last one is the previous token of the next step (the first decode token's temporal evidence). The
+        shared statistics do not (they count decode tokens, and a prompt's routing may differ from a
+        generation's; on h39s in 80-token requests teaching them too changed recall by 0.0003), nor does the store
+        (its matrices are the decode ones). Without this a request's decode starts cold: its first tokens are
+        predicted from the shared statistics alone (benchmarks/prompt_learning.py)."""
+        for token in tokens:
+            token = [tuple(experts) for experts in token]
+            if len(token) != self.num_layers:
+                raise ValueError(f"a prompt token routes {len(token)} layers, expected {self.num_layers}")
+            cells = TokenCells(token, state.previous, self.transitions.max_offset, self.num_layers,
+                               self.num_experts)
+            state.statistics.observe(token, state.previous, cells)
+            state.current = token
+            self._remember(state, cells)
+            state.previous = token
         state.current = [()] * self.num_layers
 
     def finish(self, state: RequestState) -> None:

@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 from engine.offload.cache import POLICY_NAMES, ExpertCache, Key, LRUPolicy, NoVictimError, build_cache, policy_scope
 from engine.offload.gate import PrefetchGate
 from engine.offload.prefetch import Load, PrefetchQueue
-from engine.trace.format import RequestTrace, read_traces
+from engine.trace.format import RequestTrace, TraceStep, read_traces
 from engine.trace.planner import PrefetchPlanner, PrefetchSettings
 from engine.trace.predictor import DEFAULT_MAX_OFFSET, Predictor, RequestState, TransitionStatistics
 
@@ -572,12 +572,19 @@ class NextVisitOracle(Predictor):
 
 def next_layer_recall(
     requests: Sequence[RequestTrace], sources: Sequence[str], predicted: int | None = None,
-    max_offset: int = DEFAULT_MAX_OFFSET, warm_up: Sequence[RequestTrace] = (),
+    max_offset: int = DEFAULT_MAX_OFFSET, warm_up: Sequence[RequestTrace] = (), prompt_steps: int = 0,
+    learn_prompt: bool = True,
 ) -> float:
     """Share of decode experts at layers 1..L-1 found among the ``predicted`` (default 2 * top_k) most probable
     experts that `Predictor` with ``sources`` gave after the layer before ran (no source: the per-layer
     frequency baseline). The ``warm_up`` requests, then ``requests``, run in order through one predictor (one
     store, one set of statistics); only ``requests`` are counted.
+
+    ``prompt_steps``: the first that many decode steps of every request stand in for the end of its prompt (the
+    recorded traces hold a prompt's routing only as one merged prefill line): they run as one more prefill step
+    (the union of their experts, as the engine's forward observes a prompt chunk) and are not scored; with
+    ``learn_prompt`` they also teach the request their routing token by token (`Predictor.observe_prompt`, as
+    the engine's batch prefetcher does), without it they do not (the engine before it did).
 
     ValueError if ``requests`` hold no decode step, or the requests (warm-up ones included) differ in their
     layer/expert counts.
@@ -592,7 +599,17 @@ def next_layer_recall(
     found = total = 0
     for scored, request in _in_order(warm_up, requests):
         state = predictor.new_request()
-        for step in request.steps:
+        steps, prompt = _with_prompt_steps(request.steps, prompt_steps)
+        for step in steps:
+            if step is None:  # the decode steps standing in for the prompt's end
+                predictor.begin_step(state, False)
+                for layer in range(header.num_layers):
+                    union = sorted({expert for token in prompt for expert in token.experts[layer]})
+                    predictor.observe_layer(state, layer, union)
+                predictor.end_step(state)
+                if learn_prompt:
+                    predictor.observe_prompt(state, [token.experts for token in prompt])
+                continue
             decode = step.phase == "decode"
             predictor.begin_step(state, decode)
             for layer, experts in enumerate(step.experts):
@@ -607,6 +624,21 @@ def next_layer_recall(
     if not total:
         raise ValueError("the traces hold no decode step: there is no recall to measure")
     return found / total
+
+
+def _with_prompt_steps(steps: Sequence[TraceStep],
+                       prompt_steps: int) -> tuple[list[TraceStep | None], list[TraceStep]]:
+    """``steps`` with their first ``prompt_steps`` decode steps replaced by one ``None`` (a prompt step), and those."""
+    if prompt_steps <= 0:
+        return list(steps), []
+    decode = [index for index, step in enumerate(steps) if step.phase == "decode"][:prompt_steps]
+    if not decode:
+        return list(steps), []
+    prompt = [steps[index] for index in decode]
+    taken = set(decode)
+    rest = [step for index, step in enumerate(steps) if index not in taken]
+    at = decode[0]  # the prompt step goes where its first decode step was
+    return [*rest[:at], None, *rest[at:]], prompt
 
 
 def _access_sequence(requests: Sequence[RequestTrace], warm_up: Sequence[RequestTrace] = ()) -> list[_Access]:

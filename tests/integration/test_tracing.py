@@ -204,3 +204,43 @@ def test_a_routing_override_is_what_the_forward_computes_and_the_trace_records(
         activations = engine.tracer.get("r") or activations
     matrix = activations.matrix("decode", 8) + activations.matrix("prefill", 8)
     assert matrix[:, 2:].sum() == 0 and (matrix[:, :2] > 0).all()
+
+
+def test_the_predictor_learns_each_prompt_once_with_its_own_routing_through_chunks_and_preemption(
+    demo_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Offload mode's predictor learns each request's prompt token by token (engine.trace.batch.PROMPT_TOKENS, more
+    than these prompts): in a batch with chunked prefill and recompute after preemption, the prompt tokens a
+    request learned are its own prompt's routing, each once — their experts per layer are the trace's prefill
+    counts — and its decode tokens follow them."""
+    model_dir = demo_model("mixtral")
+    store = ensure_store(model_dir, tmp_path / "offload")
+    half = sum(store.num_experts.values()) // 2 * store.max_blob_bytes
+    engine = LLMEngine(load_config(overrides=dict(
+        model=str(model_dir), trace_dump_dir=str(tmp_path / "traces"), enable_prefix_caching=False, max_model_len=96,
+        offload_dir=str(tmp_path / "offload"), expert_cache_bytes=half, expert_prefetch_gate=False,
+        max_num_seqs=4, max_num_batched_tokens=16, num_kv_blocks=6)))
+    assert engine.prefetcher is not None
+    for i, (prompt, n) in enumerate(zip(PROMPTS, MAX_TOKENS)):
+        engine.add_request(f"req-{i}", prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    learned: dict[str, tuple[list, int]] = {}  # the last view of each request's learned tokens
+    while engine.has_unfinished_requests():
+        engine.step()
+        for sequence_id, state in engine.prefetcher._states.items():
+            learned[sequence_id] = (list(state.recent), state.statistics.tokens)
+    assert engine.scheduler.num_preemptions > 0, "the set-up must force recompute"
+    for i, prompt in enumerate(PROMPTS):
+        (trace,) = read_traces(tmp_path / "traces" / f"req-{i}.jsonl")
+        prompt_len = len(engine.tokenizer(prompt).input_ids)
+        tokens, counted = learned[f"req-{i}"]
+        decoded = [step.experts for step in trace.steps[1:]]
+        assert len(tokens) == counted > prompt_len
+        prefill = trace.steps[0]
+        for layer, (ids, counts) in enumerate(zip(prefill.experts, prefill.counts)):
+            from_prompt = Counter(expert for token in tokens[:prompt_len] for expert in token[layer])
+            assert from_prompt == Counter(dict(zip(ids, counts))), f"request {i}, layer {layer}"
+        # Then its decode tokens, in order; the one a recompute computes (a decode step in the trace) and the last
+        # one (learned as the request finishes) are not among them.
+        steps = iter([[set(ids) for ids in step] for step in decoded])
+        assert all(any(step == [set(ids) for ids in token] for step in steps) for token in tokens[prompt_len:])
+        assert counted - prompt_len >= len(decoded) - 3

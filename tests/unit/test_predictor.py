@@ -330,3 +330,35 @@ def test_a_step_that_only_records_teaches_what_a_predicting_step_does() -> None:
     with pytest.raises(ValueError, match="in order"):
         light.begin_step(light_state, decode=True, predict=False)
         light.observe_layer(light_state, 1, [0])
+
+
+def test_a_prompt_teaches_the_request_what_decode_tokens_would_and_leaves_the_shared_statistics_alone() -> None:
+    """`observe_prompt` after a prefill step: the request's own statistics, token match and recent use hold the
+    prompt's tokens as if they had been decoded, its last token is the next step's previous one; the shared
+    statistics and the store's matrix (the request's decode history) do not count them."""
+    rng = random.Random(11)
+    tokens = [[sorted(rng.sample(range(EXPERTS), 2)) for _ in range(LAYERS)] for _ in range(12)]
+    prompted, decoded = (Predictor(LAYERS, EXPERTS, top_k=2) for _ in range(2))
+    prompt_state, decode_state = prompted.new_request(), decoded.new_request()
+    prompted.begin_step(prompt_state, decode=False)  # the prefill step: the union of the prompt's experts
+    for layer in range(LAYERS):
+        prompted.observe_layer(prompt_state, layer, sorted({e for token in tokens for e in token[layer]}))
+    prompted.end_step(prompt_state)
+    assert prompt_state.previous is None
+    prompted.observe_prompt(prompt_state, tokens)
+    for token in tokens:
+        run_token(decoded, decode_state, token)
+    assert prompt_state.statistics.tokens == decode_state.statistics.tokens == len(tokens)
+    assert prompted.transitions.tokens == 0 and decoded.transitions.tokens == len(tokens)
+    assert not prompt_state.history.any(), "the store's matrix is the decode one"
+    assert prompt_state.previous == [tuple(experts) for experts in tokens[-1]]
+    assert list(prompt_state.recent) == list(decode_state.recent) and prompt_state.remembered == len(tokens)
+    assert np.array_equal(prompt_state.recent_use, decode_state.recent_use)
+    rows = range(prompted.transitions.max_offset * LAYERS * EXPERTS)
+    assert np.allclose(prompt_state.statistics.log_rows(rows), decode_state.statistics.log_rows(rows), rtol=1e-12)
+    for predictor, state in ((prompted, prompt_state), (decoded, decode_state)):  # the first decode step after
+        predictor.begin_step(state, decode=True)
+        predictor.observe_layer(state, 0, tokens[0][0])
+    assert np.allclose(prompted.predict(prompt_state), decoded.predict(decode_state), rtol=1e-12)
+    with pytest.raises(ValueError, match="routes 2 layers"):
+        prompted.observe_prompt(prompted.new_request(), [[[0], [1]]])

@@ -348,3 +348,16 @@ def test_demand_baselines_on_short_requests() -> None:
 def test_oracle_figures_on_short_requests(clock: str) -> None:
     result = replay(short_requests(), ORACLE_POLICY, slots_per_layer=4, clock=CLOCKS[clock])
     assert figures(result) == SHORT_ORACLE_FIGURES[clock]
+
+
+def test_a_prompt_learned_token_by_token_teaches_what_its_union_cannot() -> None:
+    """``prompt_steps``: the first decode steps stand in for the prompt's end. Seen only as one prefill step (their
+    union of experts) they teach nothing about transitions; learned token by token they teach the request its
+    pattern, and the rest of it is predicted as after a warm-up."""
+    request = cycle(40)
+    merged = next_layer_recall([request], ("transitions",), prompt_steps=20, learn_prompt=False)
+    learned = next_layer_recall([request], ("transitions",), prompt_steps=20)
+    assert merged < learned == 1
+    assert next_layer_recall([request], ("transitions",)) < learned, "the cold tokens are the ones left out"
+    prefill = RequestTrace(request.header, (TraceStep(0, "prefill", ((0, 1),) * 4), *request.steps))
+    assert next_layer_recall([prefill], ("transitions",), prompt_steps=20) == learned, "a real prefill goes first"
