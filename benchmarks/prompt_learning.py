@@ -11,9 +11,11 @@ rest of the request compares
 - ``merged``: those steps seen only as one prefill step (the engine before), against
 - ``learned``: the same, then learned token by token (the engine now),
 
-for P in ``--prompt-steps`` (default 16 and 32), next-layer recall with M = 2 x top-k experts predicted (as
-benchmarks/replay_policies.py), for the sources of the default policy (engine.trace.planner.POLICY_SOURCES) and
-for the request's own sources with and without ``recent``. Traces: ``h39s_80`` (h39s's decode steps cut into
+for P in ``--prompt-steps`` (default 16 and 32): ``recall``, next-layer recall with M = 2 x top-k experts predicted
+(as benchmarks/replay_policies.py), for the sources of the default policy (engine.trace.planner.POLICY_SOURCES) and
+for the request's own sources with and without ``recent``; ``policies``, the replay of the default policy at 4 slots
+per layer under the ``unbounded`` and ``nvme`` clocks of benchmarks/replay_policies.py, beside per-layer LRU and
+global Belady on the same accesses (the issue's bars: hit rate >= 0.9 x global Belady, blobs <= LRU's). Traces: ``h39s_80`` (h39s's decode steps cut into
 80-step requests, tuning data) and ``mario`` (held out: evaluated once, after the design and PROMPT_TOKENS were
 fixed; ~80-step requests, so P = 32 leaves ~48 scored steps each). Decode steps stand in for prompt tokens: a
 prompt's routing may differ from a generation's, so this measures the mechanism, not a real prompt's worth.
@@ -37,13 +39,14 @@ import time
 from pathlib import Path
 
 from common import write_result
+from replay_policies import CLOCKS, SLOTS_PER_LAYER
 from replay_policies import load as requests_of
 
 from engine.logs import configure_logging
 from engine.trace.batch import PROMPT_TOKENS
 from engine.trace.planner import POLICY_SOURCES
 from engine.trace.predictor import Predictor
-from engine.trace.replay import next_layer_recall
+from engine.trace.replay import PREDICTIVE_POLICY, next_layer_recall, replay, with_prompt_steps
 
 logger = logging.getLogger("benchmarks.prompt_learning")
 
@@ -62,11 +65,33 @@ def recall(prompt_steps: list[int]) -> dict:
             row = rows.setdefault(trace, {}).setdefault(name, {})
             row["no_prompt"] = round(next_layer_recall(requests, sources), 4)
             for steps in prompt_steps:
-                merged = next_layer_recall(requests, sources, prompt_steps=steps, learn_prompt=False)
-                learned = next_layer_recall(requests, sources, prompt_steps=steps, learn_prompt=True)
+                prompted = with_prompt_steps(requests, steps)
+                merged = next_layer_recall(prompted, sources, learn_prompt=False)
+                learned = next_layer_recall(prompted, sources, learn_prompt=True)
                 row[f"prompt_{steps}"] = {"merged": round(merged, 4), "learned": round(learned, 4),
                                           "gain": round(learned - merged, 4)}
                 logger.info("%s %s P=%d: merged %.4f, learned %.4f", trace, name, steps, merged, learned)
+    return rows
+
+
+def policies(prompt_steps: list[int], clocks: tuple[str, ...] = ("unbounded", "nvme")) -> dict:
+    rows: dict = {}
+    for trace in TRACES:
+        requests = requests_of(trace)
+        for steps in prompt_steps:
+            prompted = with_prompt_steps(requests, steps)
+            lru = replay(prompted, "lru", SLOTS_PER_LAYER)
+            for clock in clocks:
+                row = rows.setdefault(trace, {}).setdefault(f"prompt_{steps}", {})
+                row["lru_blobs"] = lru.bytes_loaded
+                for name, learn in (("merged", False), ("learned", True)):
+                    result = replay(prompted, PREDICTIVE_POLICY, SLOTS_PER_LAYER, clock=CLOCKS[clock],
+                                    learn_prompt=learn)
+                    row.setdefault(clock, {})[name] = {
+                        "hit_rate": round(result.hit_rate, 4),
+                        "over_global_belady": round(result.hit_rate / result.global_belady_hit_rate, 4),
+                        "blobs": result.bytes_loaded, "stall_seconds": round(result.stall_seconds, 1)}
+                logger.info("%s P=%d %s: %s (LRU %d blobs)", trace, steps, clock, row[clock], lru.bytes_loaded)
     return rows
 
 
@@ -97,7 +122,7 @@ def main() -> None:
     load_before = os.getloadavg()
     write_result(args.out, "prompt_learning", load_before,
                  {"prompt_tokens_learned_in_serving": PROMPT_TOKENS, "recall": recall(args.prompt_steps),
-                  "cost": cost()})
+                  "policies": policies(args.prompt_steps), "cost": cost()})
 
 
 if __name__ == "__main__":

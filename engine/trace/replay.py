@@ -24,6 +24,12 @@ exactly:
   figures are those of a server that has already served them. Belady's future spans them too. A prefetch
   issued during the warm-up and used afterwards counts as a resident (or in-flight) expert, not a prefetch.
   Without warm-up requests every figure is exactly the cold replay's.
+- Prompt stand-ins (`with_prompt_steps`, ``--prompt-steps``): the recorded traces keep a prompt only as one merged
+  prefill line, so a request's first decode steps may stand in for the end of its prompt (phase ``"prompt"``, in
+  memory only). A run of them replays as one prefill step — the union of their experts, as the engine's forward
+  runs a prompt chunk — and then, as the engine does (engine.trace.batch), teaches the request's predictor each
+  token's routing (`Predictor.observe_prompt`; not with ``learn_prompt=False``, the engine before). They are not
+  decode steps: not scored.
 
 Capacity is ``slots_per_layer`` K (per-layer policies hold K per layer, global ones K * num_layers in all) or
 ``capacity`` N in total (per-layer policies hold N // num_layers per layer; N must be a positive multiple of
@@ -33,6 +39,7 @@ num_layers). Each result also carries per-layer Belady at the same slots and glo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -187,9 +194,11 @@ def replay(
     clock: ClockModel = ClockModel(),
     settings: PrefetchSettings | None = None,
     warm_up: Sequence[RequestTrace] = (),
+    learn_prompt: bool = True,
 ) -> ReplayResult:
     """Replay ``requests`` in order through one cache of policy ``policy`` (one of REPLAY_POLICY_NAMES), after
-    the uncounted ``warm_up`` requests (module docstring).
+    the uncounted ``warm_up`` requests (module docstring; ``learn_prompt``: whether prompt stand-ins teach the
+    predictor their tokens).
 
     Give at most one of ``slots_per_layer`` and ``capacity`` (neither: DEFAULT_SLOTS_PER_LAYER). ``settings``
     tune `PREDICTIVE_POLICY` (default: `PrefetchSettings.for_read_time` of ``clock``'s read, in layers of
@@ -203,7 +212,7 @@ def replay(
     if policy in (PREDICTIVE_POLICY, GATED_POLICY, ORACLE_POLICY):
         future = [*warm_up, *requests] if policy == ORACLE_POLICY else None
         tally = _PredictiveReplay(requests, total, clock, settings, gate=policy == GATED_POLICY,
-                                  future=future).run(requests, warm_up)
+                                  future=future, learn_prompt=learn_prompt).run(requests, warm_up)
         stall, modelled = tally.stall_seconds, tally.modelled_seconds
     else:
         tally = _simulate(policy, _partition_capacity(policy, total, num_layers), accesses, num_layers)
@@ -373,10 +382,12 @@ class _PredictiveReplay:
 
     def __init__(self, requests: Sequence[RequestTrace], capacity: int, clock: ClockModel,
                  settings: PrefetchSettings | None = None, gate: bool = False,
-                 future: Sequence[RequestTrace] | None = None) -> None:
+                 future: Sequence[RequestTrace] | None = None, learn_prompt: bool = True) -> None:
         """``settings`` None: `PrefetchSettings.for_read_time` of ``clock``'s read, in layers of compute.
         ``future``: every request the replay will run, in order (warm-up ones first): a `NextVisitOracle` over
-        them predicts instead of the `Predictor` (`ORACLE_POLICY`)."""
+        them predicts instead of the `Predictor` (`ORACLE_POLICY`). ``learn_prompt``: prompt stand-ins teach the
+        predictor their tokens (`with_prompt_steps`)."""
+        self.learn_prompt = learn_prompt
         header = requests[0].header
         if settings is None:
             settings = PrefetchSettings.for_read_time(clock.expert_load_seconds / clock.layer_compute_seconds
@@ -426,13 +437,15 @@ class _PredictiveReplay:
     def _request(self, request: RequestTrace) -> None:
         """Replay one request's steps through the predictor, the cache and the clock."""
         state = self.predictor.new_request()
-        for step in request.steps:
+        for step, prompt in replay_steps(request):
             decode = step.phase == "decode"
             began, self._stall_at_step = self.now, self.stall
             self.predictor.begin_step(state, decode, predict=self.gate is None or self.gate.acting)
             for layer, experts in enumerate(step.experts):
                 self._layer(state, self.step_index, layer, experts, decode)
             self.predictor.end_step(state)
+            if prompt and self.learn_prompt:
+                self.predictor.observe_prompt(state, [token.experts for token in prompt])
             self.step_index += 1
             if self.gate is not None:
                 self._end_gated_step(began)
@@ -536,7 +549,7 @@ class NextVisitOracle(Predictor):
         header = requests[0].header
         super().__init__(header.num_layers, header.num_experts, header.top_k or 2, sources=())
         self._steps = [tuple(frozenset(experts) for experts in step.experts)
-                       for request in requests for step in request.steps]
+                       for request in requests for step, _ in replay_steps(request)]
         self._begun = 0
         self._rows: list[list[float]] = []
 
@@ -558,6 +571,9 @@ class NextVisitOracle(Predictor):
     def end_step(self, state: RequestState) -> None:
         """Nothing to learn."""
 
+    def observe_prompt(self, state: RequestState, tokens: Sequence[Sequence[Sequence[int]]]) -> None:
+        """Nothing to learn."""
+
     def finish(self, state: RequestState) -> None:
         """Nothing to store."""
 
@@ -572,19 +588,15 @@ class NextVisitOracle(Predictor):
 
 def next_layer_recall(
     requests: Sequence[RequestTrace], sources: Sequence[str], predicted: int | None = None,
-    max_offset: int = DEFAULT_MAX_OFFSET, warm_up: Sequence[RequestTrace] = (), prompt_steps: int = 0,
-    learn_prompt: bool = True,
+    max_offset: int = DEFAULT_MAX_OFFSET, warm_up: Sequence[RequestTrace] = (), learn_prompt: bool = True,
 ) -> float:
     """Share of decode experts at layers 1..L-1 found among the ``predicted`` (default 2 * top_k) most probable
     experts that `Predictor` with ``sources`` gave after the layer before ran (no source: the per-layer
     frequency baseline). The ``warm_up`` requests, then ``requests``, run in order through one predictor (one
     store, one set of statistics); only ``requests`` are counted.
 
-    ``prompt_steps``: the first that many decode steps of every request stand in for the end of its prompt (the
-    recorded traces hold a prompt's routing only as one merged prefill line): they run as one more prefill step
-    (the union of their experts, as the engine's forward observes a prompt chunk) and are not scored; with
-    ``learn_prompt`` they also teach the request their routing token by token (`Predictor.observe_prompt`, as
-    the engine's batch prefetcher does), without it they do not (the engine before it did).
+    Prompt stand-ins (`with_prompt_steps`) run as one prefill step, not scored, and with ``learn_prompt`` teach
+    the request their tokens (module docstring).
 
     ValueError if ``requests`` hold no decode step, or the requests (warm-up ones included) differ in their
     layer/expert counts.
@@ -599,17 +611,7 @@ def next_layer_recall(
     found = total = 0
     for scored, request in _in_order(warm_up, requests):
         state = predictor.new_request()
-        steps, prompt = _with_prompt_steps(request.steps, prompt_steps)
-        for step in steps:
-            if step is None:  # the decode steps standing in for the prompt's end
-                predictor.begin_step(state, False)
-                for layer in range(header.num_layers):
-                    union = sorted({expert for token in prompt for expert in token.experts[layer]})
-                    predictor.observe_layer(state, layer, union)
-                predictor.end_step(state)
-                if learn_prompt:
-                    predictor.observe_prompt(state, [token.experts for token in prompt])
-                continue
+        for step, prompt in replay_steps(request):
             decode = step.phase == "decode"
             predictor.begin_step(state, decode)
             for layer, experts in enumerate(step.experts):
@@ -620,25 +622,50 @@ def next_layer_recall(
                     total += len(experts)
                 predictor.observe_layer(state, layer, experts)
             predictor.end_step(state)
+            if prompt and learn_prompt:
+                predictor.observe_prompt(state, [token.experts for token in prompt])
         predictor.finish(state)
     if not total:
         raise ValueError("the traces hold no decode step: there is no recall to measure")
     return found / total
 
 
-def _with_prompt_steps(steps: Sequence[TraceStep],
-                       prompt_steps: int) -> tuple[list[TraceStep | None], list[TraceStep]]:
-    """``steps`` with their first ``prompt_steps`` decode steps replaced by one ``None`` (a prompt step), and those."""
-    if prompt_steps <= 0:
-        return list(steps), []
-    decode = [index for index, step in enumerate(steps) if step.phase == "decode"][:prompt_steps]
-    if not decode:
-        return list(steps), []
-    prompt = [steps[index] for index in decode]
-    taken = set(decode)
-    rest = [step for index, step in enumerate(steps) if index not in taken]
-    at = decode[0]  # the prompt step goes where its first decode step was
-    return [*rest[:at], None, *rest[at:]], prompt
+PROMPT_PHASE = "prompt"
+"""The in-memory phase of a decode step standing in for a prompt's token (`with_prompt_steps`)."""
+
+
+def with_prompt_steps(requests: Sequence[RequestTrace], steps: int) -> list[RequestTrace]:
+    """``requests`` with each one's first ``steps`` decode steps turned into prompt stand-ins (phase PROMPT_PHASE,
+    in memory only; module docstring). ValueError if ``steps`` < 0."""
+    if steps < 0:
+        raise ValueError(f"prompt steps must be >= 0, got {steps}")
+    prompted = []
+    for request in requests:
+        left, converted = steps, []
+        for step in request.steps:
+            if step.phase == "decode" and left > 0:
+                step = dataclasses.replace(step, phase=PROMPT_PHASE)
+                left -= 1
+            converted.append(step)
+        prompted.append(RequestTrace(request.header, tuple(converted)))
+    return prompted
+
+
+def replay_steps(request: RequestTrace) -> Iterator[tuple[TraceStep, tuple[TraceStep, ...]]]:
+    """The steps a replay runs, each with the prompt stand-ins it stands for: a run of them as one prefill step
+    (the union of their experts per layer, ascending) with the run, every other step as it is with ()."""
+    run: list[TraceStep] = []
+    for step in (*request.steps, None):
+        if step is not None and step.phase == PROMPT_PHASE:
+            run.append(step)
+            continue
+        if run:
+            union = tuple(tuple(sorted({expert for token in run for expert in token.experts[layer]}))
+                          for layer in range(len(run[0].experts)))
+            yield TraceStep(run[0].step, "prefill", union), tuple(run)
+            run = []
+        if step is not None:
+            yield step, ()
 
 
 def _access_sequence(requests: Sequence[RequestTrace], warm_up: Sequence[RequestTrace] = ()) -> list[_Access]:
@@ -650,7 +677,7 @@ def _access_sequence(requests: Sequence[RequestTrace], warm_up: Sequence[Request
     accesses = []
     running_step = 0
     for scored, request in _in_order(warm_up, requests):
-        for step in request.steps:
+        for step, _ in replay_steps(request):
             decode = step.phase == "decode"
             for layer, experts in enumerate(step.experts):
                 accesses.extend(_Access((layer, expert, TRACE_PRECISION), running_step, decode, scored)
@@ -672,7 +699,7 @@ def _in_order(warm_up: Sequence[RequestTrace],
 
 def _computed_layers(requests: Sequence[RequestTrace]) -> int:
     """How many (step, layer) pairs use at least one expert."""
-    return sum(1 for request in requests for step in request.steps for experts in step.experts if experts)
+    return sum(1 for request in requests for step, _ in replay_steps(request) for experts in step.experts if experts)
 
 
 def _shared_num_layers(requests: Sequence[RequestTrace]) -> int:
@@ -686,8 +713,9 @@ def _shared_num_layers(requests: Sequence[RequestTrace]) -> int:
 
 
 def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``TRACE... [--warm-up TRACE...] [--policy NAME] [--slots-per-layer K | --capacity N] [--json]`` and the
-    clock's ``[--load-bandwidth B] [--layer-compute-seconds S] [--loads-in-flight N]`` to ``parser``."""
+    """Add ``TRACE... [--warm-up TRACE...] [--policy NAME] [--slots-per-layer K | --capacity N] [--prompt-steps N]
+    [--json]`` and the clock's ``[--load-bandwidth B] [--layer-compute-seconds S] [--loads-in-flight N]`` to
+    ``parser``."""
     parser.add_argument("traces", nargs="+", type=Path, metavar="TRACE", help="routing trace files (JSONL), "
                         "replayed in order through one cache")
     parser.add_argument("--warm-up", nargs="+", type=Path, default=[], metavar="TRACE",
@@ -704,6 +732,9 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
                           "get K * num_layers in all")
     capacity.add_argument("--capacity", type=int, metavar="N",
                           help="cache slots in total; per-layer policies need a multiple of num_layers")
+    parser.add_argument("--prompt-steps", type=int, default=0, metavar="N",
+                        help="each request's first N decode steps stand in for the end of its prompt: replayed as "
+                        "one prefill step, learned token by token by the predictor, not scored (default 0)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     clock = parser.add_argument_group("modelled clock")
     clock.add_argument("--load-bandwidth", type=float, default=ClockModel.load_bandwidth, metavar="BYTES_PER_S",
@@ -721,8 +752,10 @@ def run_replay_command(args: argparse.Namespace) -> int:
     return 2 (argparse's usage-error status).
     """
     try:
-        requests = [request for path in args.traces for request in read_traces(path)]
-        warm_up = [request for path in args.warm_up for request in read_traces(path)]
+        requests = with_prompt_steps([request for path in args.traces for request in read_traces(path)],
+                                     args.prompt_steps)
+        warm_up = with_prompt_steps([request for path in args.warm_up for request in read_traces(path)],
+                                    args.prompt_steps)
         result = replay(requests, args.policy, args.slots_per_layer, args.capacity, clock_from_arguments(args),
                         warm_up=warm_up)
     except (OSError, ValueError) as error:

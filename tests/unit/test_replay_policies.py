@@ -20,7 +20,9 @@ from engine.trace.replay import (
     add_replay_arguments,
     next_layer_recall,
     replay,
+    replay_steps,
     run_replay_command,
+    with_prompt_steps,
 )
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -351,13 +353,26 @@ def test_oracle_figures_on_short_requests(clock: str) -> None:
 
 
 def test_a_prompt_learned_token_by_token_teaches_what_its_union_cannot() -> None:
-    """``prompt_steps``: the first decode steps stand in for the prompt's end. Seen only as one prefill step (their
-    union of experts) they teach nothing about transitions; learned token by token they teach the request its
-    pattern, and the rest of it is predicted as after a warm-up."""
+    """Prompt stand-ins (`with_prompt_steps`): the first decode steps stand in for the prompt's end. Seen only as
+    one prefill step (their union of experts) they teach nothing about transitions; learned token by token they
+    teach the request its pattern, and the rest of it is predicted as after a warm-up — in the recall and in the
+    replay's cache alike."""
     request = cycle(40)
-    merged = next_layer_recall([request], ("transitions",), prompt_steps=20, learn_prompt=False)
-    learned = next_layer_recall([request], ("transitions",), prompt_steps=20)
+    (prompted,) = with_prompt_steps([request], 20)
+    assert [step.phase for step in prompted.steps] == ["prompt"] * 20 + ["decode"] * 20
+    assert prompted.num_decode_steps == 20
+    runs = list(replay_steps(prompted))
+    assert len(runs) == 21 and runs[0][0].phase == "prefill" and len(runs[0][1]) == 20
+    assert runs[0][0].experts == ((0, 1, 2, 3),) * 4, "the union of the prompt's experts per layer"
+    merged = next_layer_recall([prompted], ("transitions",), learn_prompt=False)
+    learned = next_layer_recall([prompted], ("transitions",))
     assert merged < learned == 1
     assert next_layer_recall([request], ("transitions",)) < learned, "the cold tokens are the ones left out"
-    prefill = RequestTrace(request.header, (TraceStep(0, "prefill", ((0, 1),) * 4), *request.steps))
-    assert next_layer_recall([prefill], ("transitions",), prompt_steps=20) == learned, "a real prefill goes first"
+    with_prefill = RequestTrace(request.header, (TraceStep(0, "prefill", ((0, 1),) * 4), *request.steps[1:]))
+    (prompted_after_prefill,) = with_prompt_steps([with_prefill], 20)
+    assert [step.phase for step, _ in replay_steps(prompted_after_prefill)][:3] == ["prefill", "prefill", "decode"]
+    cold, taught = (replay([prompted], PREDICTIVE_POLICY, 1, clock=INSTANT, learn_prompt=learn)
+                    for learn in (False, True))
+    assert cold.accesses == taught.accesses == 20 * 4 and cold.hit_rate < taught.hit_rate
+    with pytest.raises(ValueError, match=">= 0"):
+        with_prompt_steps([request], -1)
