@@ -141,6 +141,18 @@ def test_cli_json_output(capsys: pytest.CaptureFixture[str]) -> None:
     assert (result["policy"], result["slots_per_layer"], round(result["hit_rate"], 3)) == ("lfu", 4, 0.548)
 
 
+def test_cli_prompt_steps_stand_in_for_each_requests_prompt(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--prompt-steps 10``: mario's two requests (81 and 78 decode steps) each lose 10 decode steps to one prefill
+    step: 139 decode steps scored, the prompt's accesses (their union) warm the cache; a negative count is an
+    error."""
+    assert run_replay_command(_parse(str(MARIO), "--prompt-steps", "10", "--json")) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["decode_steps"], result["accesses"]) == (139, 139 * 32 * 2)
+    assert result["bytes_loaded"] > result["accesses"] - result["hits"], "the prompt steps loaded blobs too"
+    assert run_replay_command(_parse(str(MARIO), "--prompt-steps", "-1")) == 2
+    assert "prompt steps must be >= 0" in capsys.readouterr().err
+
+
 def test_cli_table_defaults_to_lru_at_four_slots(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_replay_command(_parse(str(MARIO))) == 0
     out = capsys.readouterr().out
