@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.trace.format import RequestTrace, TraceHeader, TraceStep, read_traces, split_decode_steps
-from engine.trace.planner import PrefetchSettings
+from engine.trace.planner import POLICY_SOURCES, PrefetchSettings
 from engine.trace.replay import (
     GATED_POLICY,
     ORACLE_POLICY,
@@ -174,6 +174,23 @@ def test_default_policy_figures_on_the_held_out_traces(clock: str) -> None:
 def test_default_policy_figures_on_the_tuning_trace(clock: str) -> None:
     result = replay(read_traces(H39S), PREDICTIVE_POLICY, slots_per_layer=4, clock=CLOCKS[clock])
     assert figures(result) == DEFAULT_FIGURES["h39s"][clock]
+
+
+# Prompt stand-ins (benchmarks/prompt_learning.py, README "Replay and prediction"): mario's first 16 decode steps
+# per request stand in for its prompt's end, seen only as one prefill step (merged) or also learned token by token.
+# Recall with the default policy's sources; the default policy's (hit rate, blobs, stall seconds) with instant reads.
+PROMPT_FIGURES = {"merged": (0.765, (0.692, 4067, 0)), "learned": (0.807, (0.717, 3883, 0))}
+
+
+@pytest.mark.parametrize("mode", sorted(PROMPT_FIGURES))
+def test_prompt_stand_ins_on_the_held_out_traces(mode: str) -> None:
+    prompted = with_prompt_steps(read_traces(MARIO), 16)
+    learn = mode == "learned"
+    recall, pinned = PROMPT_FIGURES[mode]
+    assert round(next_layer_recall(prompted, POLICY_SOURCES, learn_prompt=learn), 3) == recall
+    result = replay(prompted, PREDICTIVE_POLICY, slots_per_layer=4, clock=CLOCKS["unbounded"], learn_prompt=learn)
+    assert figures(result) == pinned
+    assert replay(prompted, "lru", slots_per_layer=4).bytes_loaded == 3968
 
 
 # Warm (README "Replay and prediction"): each trace scored after the other one's requests ran, uncounted, through
