@@ -31,7 +31,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -78,6 +78,18 @@ class StepSequence:
         return range(first - self.start_position, max(first, end) - self.start_position)
 
 
+@dataclass
+class _Scheduled:
+    """A sequence of the running step; ``prompt``: its rows among the prompt tokens to learn (found once per step,
+    `StepSequence.learned_prompt_rows`); ``prompt_rows``: their expert ids by MoE layer, as `BatchPrefetcher.observe`
+    keeps them."""
+
+    sequence: StepSequence
+    state: RequestState
+    prompt: range
+    prompt_rows: dict[int, list[list[int]]] = field(default_factory=dict)
+
+
 class BatchPrefetcher:
     """Per-layer predictions of the running sequences driving the offload cache (module docstring)."""
 
@@ -102,8 +114,7 @@ class BatchPrefetcher:
         self.planner = PrefetchPlanner(offload.cache, offload.queue, num_layers, self.settings, PRECISION,
                                        layers=offload.store.moe_layers, gate=offload.gate)
         self._states: dict[str, RequestState] = {}
-        self._step: list[tuple[StepSequence, RequestState]] = []
-        self._prompt_rows: dict[str, dict[int, list[list[int]]]] = {}  # this step's prompt rows: layer -> rows
+        self._step: list[_Scheduled] = []
         self._prompt_learned: dict[str, int] = {}  # the prompt position up to which each sequence has learned
         self._predicting = True  # this step predicts and plans (the gate has something acting)
         self.prefetches_planned = 0
@@ -126,7 +137,8 @@ class BatchPrefetcher:
             if state is None:
                 state = self._states[sequence.sequence_id] = self.predictor.new_request()
             self.predictor.begin_step(state, sequence.decode, predict=self._predicting)
-            self._step.append((sequence, state))
+            learned = self._prompt_learned.get(sequence.sequence_id, 0)
+            self._step.append(_Scheduled(sequence, state, sequence.learned_prompt_rows(learned)))
 
     def observe(self, layer: int | None, top_k_index: torch.Tensor) -> None:
         """The routing of MoE layer ``layer``, [T, k] over the flattened batch: advance every sequence to it."""
@@ -134,12 +146,11 @@ class BatchPrefetcher:
             return
         rows = top_k_index.tolist()
         begin = 0
-        for sequence, state in self._step:
+        for scheduled in self._step:
+            sequence, state, prompt = scheduled.sequence, scheduled.state, scheduled.prompt
             experts = sorted({expert for row in rows[begin:begin + sequence.num_tokens] for expert in row})
-            learned = sequence.learned_prompt_rows(self._prompt_learned.get(sequence.sequence_id, 0))
-            if learned:
-                self._prompt_rows.setdefault(sequence.sequence_id, {})[layer] = rows[begin + learned.start:
-                                                                                      begin + learned.stop]
+            if prompt:
+                scheduled.prompt_rows[layer] = rows[begin + prompt.start:begin + prompt.stop]
             begin += sequence.num_tokens
             for dense in range(state.layers_seen, layer):
                 self.predictor.observe_layer(state, dense, ())
@@ -150,40 +161,39 @@ class BatchPrefetcher:
         if layer is None or not self._predicting:
             return
         self._time_layers(layer)
-        predictions = [self.predictor.predict(state) for sequence, state in self._step if sequence.decode]
+        predictions = [self.predictor.predict(scheduled.state) for scheduled in self._step if scheduled.sequence.decode]
         if predictions:
             self.prefetches_planned += self.planner.plan(predictions, layer + 1, self.offload.position(layer))
             self.offload.pump()
 
     def end_step(self) -> None:
         """Close the step for every sequence that ran in it (teaches the statistics from decode tokens)."""
-        for sequence, state in self._step:
+        for scheduled in self._step:
+            state = scheduled.state
             for dense in range(state.layers_seen, self.predictor.num_layers):
                 self.predictor.observe_layer(state, dense, ())
             previous = state.previous
             self.predictor.end_step(state)
-            by_layer = self._prompt_rows.pop(sequence.sequence_id, None)
-            if by_layer:
-                self._learn_prompt(sequence, state, by_layer, previous)
+            if scheduled.prompt_rows:
+                self._learn_prompt(scheduled, previous)
         self._step = []
         self._last_plan = None
         self._steps += 1
         if self._steps % ADAPT_EVERY == 0:
             self._adapt()
 
-    def _learn_prompt(self, sequence: StepSequence, state: RequestState, by_layer: dict[int, list[list[int]]],
-                      previous: list[tuple[int, ...]] | None) -> None:
-        """Teach ``state`` the prompt tokens of this step whose rows `observe` kept, each token's experts per layer
-        (dense layers empty); the token before them, when it was the last one learned, stays their previous."""
-        sequence_id = sequence.sequence_id
-        learned = sequence.learned_prompt_rows(self._prompt_learned.get(sequence_id, 0))
+    def _learn_prompt(self, scheduled: _Scheduled, previous: list[tuple[int, ...]] | None) -> None:
+        """Teach the sequence the prompt tokens of this step whose rows `observe` kept, each token's experts per
+        layer (dense layers empty); the token before them, when it was the last one learned, stays their
+        previous."""
+        sequence_id, by_layer, learned = scheduled.sequence.sequence_id, scheduled.prompt_rows, scheduled.prompt
         num_layers = self.predictor.num_layers
         tokens = [[tuple(sorted(by_layer[layer][row])) if layer in by_layer else () for layer in range(num_layers)]
                   for row in range(len(learned))]
-        first_position = sequence.start_position + learned.start
+        first_position = scheduled.sequence.start_position + learned.start
         if self._prompt_learned.get(sequence_id) == first_position:
-            state.previous = previous  # the prompt's previous chunk ended right before this one
-        self.predictor.observe_prompt(state, tokens)
+            scheduled.state.previous = previous  # the prompt's previous chunk ended right before this one
+        self.predictor.observe_prompt(scheduled.state, tokens)
         self._prompt_learned[sequence_id] = first_position + len(learned)
 
     def _time_layers(self, layer: int) -> None:
@@ -211,7 +221,6 @@ class BatchPrefetcher:
         """Drop a sequence that finished or was aborted."""
         self._states.pop(sequence_id, None)
         self._prompt_learned.pop(sequence_id, None)
-        self._prompt_rows.pop(sequence_id, None)
 
     def __len__(self) -> int:
         """Sequences tracked."""

@@ -490,10 +490,8 @@ class Predictor:
             cells = TokenCells(state.current, state.previous, self.transitions.max_offset, self.num_layers,
                                self.num_experts)
             self.transitions.observe(state.current, state.previous, cells)
-            state.statistics.observe(state.current, state.previous, cells)
-            self._remember(state, cells)
+            self._learn_own(state, state.current, cells)
             state.history[cells.layers, cells.experts] += 1.0
-            state.previous = state.current
         else:
             state.previous = None
         state.current = [()] * self.num_layers
@@ -515,11 +513,16 @@ class Predictor:
                 raise ValueError(f"a prompt token routes {len(token)} layers, expected {self.num_layers}")
             cells = TokenCells(token, state.previous, self.transitions.max_offset, self.num_layers,
                                self.num_experts)
-            state.statistics.observe(token, state.previous, cells)
-            state.current = token
-            self._remember(state, cells)
-            state.previous = token
+            self._learn_own(state, token, cells)
         state.current = [()] * self.num_layers
+
+    def _learn_own(self, state: RequestState, token: list[tuple[int, ...]], cells: TokenCells) -> None:
+        """``state``'s own statistics, token match and recent use learn ``token`` (``cells``: its `TokenCells`),
+        which becomes the previous token."""
+        state.statistics.observe(token, state.previous, cells)
+        state.current = token
+        self._remember(state, cells)
+        state.previous = token
 
     def finish(self, state: RequestState) -> None:
         """The request ended: its decode activation matrix enters the store."""
