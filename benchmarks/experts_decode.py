@@ -94,9 +94,10 @@ def prompts(count: int) -> list[list[int]]:
     return torch.randint(8, 1000, (count, PROMPT_LEN), generator=generator).tolist()
 
 
-def engine_decode(llm: LLM, streams: int, max_tokens: int) -> float:
-    """Aggregate decode tok/s of ``streams`` concurrent greedy streams (prefill time subtracted)."""
-    batch = prompts(streams)
+def engine_decode(llm: LLM, streams: int, max_tokens: int, batch: list[list[int]] | None = None) -> float:
+    """Aggregate decode tok/s of ``streams`` concurrent greedy streams (prefill time subtracted), from ``batch``'s
+    prompts (default: `prompts`)."""
+    batch = prompts(streams) if batch is None else batch
     first = _seconds(lambda: llm.generate(batch, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)))
     total = _seconds(lambda: llm.generate(batch, SamplingParams(max_tokens=max_tokens, temperature=0.0,
                                                                 ignore_eos=True)))

@@ -158,7 +158,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 def measure_shape(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
     from bandwidth import bytes_per_token, stream_rate
-    from experts_decode import SHAPES, with_heads
+    from experts_decode import SHAPES, engine_decode, with_heads
     from offload_memcap import write_model
 
     from engine import LLM, SamplingParams
@@ -174,22 +174,16 @@ def measure_shape(name: str, args: argparse.Namespace, work: Path) -> dict[str, 
 
     llm = LLM(str(model), max_model_len=len(prompt) + args.tokens + 16, max_num_seqs=1, max_num_batched_tokens=512)
 
-    def generate(max_tokens: int) -> list[int]:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        return list(llm.generate([prompt], params)[0].outputs[0].token_ids)
-
-    def moeserve_decode() -> dict[str, Any]:
-        start = time.perf_counter()
-        generate(1)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        tokens = generate(args.tokens)
-        total = time.perf_counter() - start
-        return {"decode_tok_per_s": (args.tokens - 1) / (total - first), "tokens": tokens}
-
     llama = LlamaChild(args.tools_python, gguf, args.tokens, args.threads, prompt)
+    llama_tokens: list[int] = []  # of its last decode
+
+    def llama_decode() -> float:
+        result = llama.decode()
+        llama_tokens[:] = result["tokens"]
+        return result["decode_tok_per_s"]
+
     try:
-        systems = {"moeserve": moeserve_decode, "llamacpp": llama.decode}
+        systems = {"moeserve": lambda: engine_decode(llm, 1, args.tokens, batch=[prompt]), "llamacpp": llama_decode}
         for decode in systems.values():  # warm-up: llama.cpp's mmap pages its weights in here
             decode()
         rounds = []
@@ -198,20 +192,21 @@ def measure_shape(name: str, args: argparse.Namespace, work: Path) -> dict[str, 
             rates = [stream_rate(STREAM_BYTES)["best"]]
             row: dict[str, Any] = {}
             for system in order:
-                result = systems[system]()
+                tok_per_s = systems[system]()
                 rates.append(stream_rate(STREAM_BYTES)["best"])
                 bound = max(rates[-2:]) / token_bytes
-                row[system] = {"tok_per_s": round(result["decode_tok_per_s"], 2),
+                row[system] = {"tok_per_s": round(tok_per_s, 2),
                                "stream_bytes_per_s_before": round(rates[-2]),
                                "stream_bytes_per_s_after": round(rates[-1]),
-                               "fraction_of_bound": round(result["decode_tok_per_s"] / bound, 3),
-                               "tokens": result["tokens"]}
+                               "fraction_of_bound": round(tok_per_s / bound, 3)}
             row["moeserve_over_llamacpp"] = round(row["moeserve"]["tok_per_s"] / row["llamacpp"]["tok_per_s"], 3)
             logger.info("%s round %d (%s first): moeserve %.1f tok/s (%.2f of bound), llama.cpp %.1f (%.2f): %.2f x",
                         name, number, order[0], row["moeserve"]["tok_per_s"], row["moeserve"]["fraction_of_bound"],
                         row["llamacpp"]["tok_per_s"], row["llamacpp"]["fraction_of_bound"],
                         row["moeserve_over_llamacpp"])
             rounds.append(row)
+        greedy = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
+        moeserve_tokens = list(llm.generate([prompt], greedy)[0].outputs[0].token_ids)
     finally:
         llama.close()
         del llm
@@ -222,10 +217,6 @@ def measure_shape(name: str, args: argparse.Namespace, work: Path) -> dict[str, 
         values = [r[key] if system is None else r[system][key] for r in rounds]
         return round(statistics.median(values), 3)
 
-    tokens = {system: rounds[-1][system].pop("tokens") for system in ("moeserve", "llamacpp")}
-    for row in rounds:
-        for system in ("moeserve", "llamacpp"):
-            row[system].pop("tokens", None)
     return {
         "shape": {**shape, "num_hidden_layers": layers},
         "bytes_per_token": token_bytes,
@@ -235,7 +226,7 @@ def measure_shape(name: str, args: argparse.Namespace, work: Path) -> dict[str, 
         "median_moeserve_over_llamacpp": median("moeserve_over_llamacpp"),
         "median_fraction_of_bound": {system: median("fraction_of_bound", system) for system in ("moeserve", "llamacpp")},
         "median_tok_per_s": {system: median("tok_per_s", system) for system in ("moeserve", "llamacpp")},
-        "greedy_tokens_common_prefix": common_prefix(tokens["moeserve"], tokens["llamacpp"]),
+        "greedy_tokens_common_prefix": common_prefix(moeserve_tokens, llama_tokens),
     }
 
 

@@ -81,9 +81,8 @@ def policies(prompt_steps: list[int], clocks: tuple[str, ...] = ("unbounded", "n
         for steps in prompt_steps:
             prompted = with_prompt_steps(requests, steps)
             lru = replay(prompted, "lru", SLOTS_PER_LAYER)
+            row = rows.setdefault(trace, {}).setdefault(f"prompt_{steps}", {"lru_blobs": lru.bytes_loaded})
             for clock in clocks:
-                row = rows.setdefault(trace, {}).setdefault(f"prompt_{steps}", {})
-                row["lru_blobs"] = lru.bytes_loaded
                 for name, learn in (("merged", False), ("learned", True)):
                     result = replay(prompted, PREDICTIVE_POLICY, SLOTS_PER_LAYER, clock=CLOCKS[clock],
                                     learn_prompt=learn)
