@@ -50,7 +50,7 @@ PROMPT_TOKENS = 64
 """How many of a prompt's last tokens teach the request's predictor their routing (`Predictor.observe_prompt`).
 
 More is better and costs in proportion (27 ms per request at 64 at Mixtral-8x7B's shape, 1.2 s at DeepSeek-V3's:
-benchmarks/prompt_learning.py). On h39s (the tuning trace), its first 128 decode steps standing in for the end of
+benchmarks/prompt_learning.py). By hand, on h39s (the tuning trace), its first 128 decode steps standing in for the end of
 a prompt and the last 16 / 32 / 64 / 128 of them learned, next-layer recall over the rest was 0.844 / 0.845 / 0.850
 / 0.853 (the default policy's sources; none learned: 0.837); cut into 80-step requests with 40 stand-ins each, 8 /
 16 / 32 / 40 learned gave 0.783 / 0.788 / 0.799 / 0.806."""

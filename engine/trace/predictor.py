@@ -504,7 +504,7 @@ class Predictor:
         The request's own statistics learn them as decode tokens, and they join its token match and recent use;
         the last one is the previous token of the next step (the first decode token's temporal evidence). The
         shared statistics do not (they count decode tokens, and a prompt's routing may differ from a
-        generation's; on h39s in 80-token requests teaching them too changed recall by 0.0003), nor does the store
+        generation's; by hand, on h39s in 80-token requests, teaching them too changed recall by 0.0003), nor does the store
         (its matrices are the decode ones). Without this a request's decode starts cold: its first tokens are
         predicted from the shared statistics alone (benchmarks/prompt_learning.py)."""
         for token in tokens:
