@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.dense import router_product
 from engine.offload.experts import moe_routers
 from engine.offload.kernels import KERNEL_DTYPES, load_experts_kernel
 from engine.replacement import ModuleReplacement, replace_reproduced
@@ -55,7 +56,11 @@ class KernelTopKRouter(ModuleReplacement):
         if not (0 < hidden.shape[0] <= self.max_rows and hidden.device.type == "cpu" and hidden.dtype == weight.dtype
                 and not torch.is_grad_enabled()):
             return self.original(hidden_states)
-        logits = F.linear(hidden, weight)  # the original's product (on the kernel where the weight streams)
+        # The original's product: on the kernel where the weight streams (engine.dense.RowStreamWeight), called
+        # directly rather than through F.linear's dispatch to the weight's __torch_function__.
+        logits = router_product(hidden, weight)
+        if logits is None:
+            logits = F.linear(hidden, weight)
         routed = route(logits, self.top_k, self.renormalize, self.scores_in_logits_dtype)
         if routed is None:
             return self.original(hidden_states)  # equal probabilities: torch's own order

@@ -24,9 +24,10 @@ from __future__ import annotations
 import enum
 import logging
 import re
+import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Protocol
@@ -108,11 +109,13 @@ class StackedParameters:
     def prefetch(self, layer: int, expert_ids: Sequence[int]) -> None:
         """Nothing to fetch: every expert is resident."""
 
-    @contextmanager
-    def hold(self, experts: nn.Module, layer: int | None, expert_ids: Sequence[int]) -> Iterator[list[ExpertWeights]]:
-        """Views of ``experts.gate_up_proj[e]``, ``down_proj[e]`` (and biases when the module has them)."""
+    def hold(
+        self, experts: nn.Module, layer: int | None, expert_ids: Sequence[int]
+    ) -> AbstractContextManager[list[ExpertWeights]]:
+        """Views of ``experts.gate_up_proj[e]``, ``down_proj[e]`` (and biases when the module has them); nothing to
+        release, so a ``nullcontext`` (a generator-based context manager costs a decode step a few us per layer)."""
         views = self.views(experts)
-        yield [views[e] for e in expert_ids]
+        return nullcontext([views[e] for e in expert_ids])
 
     def views(self, experts: nn.Module) -> list[ExpertWeights]:
         """Every expert's views into the module's stacks, built again if its parameters were replaced."""
@@ -275,18 +278,45 @@ class PathTable:
 
     measured: dict[tuple, dict[int, Path]] = field(default_factory=dict)
     kernel_max_tokens: int = KERNEL_MAX_TOKENS
+    # (key, tokens) -> the path `choose` found, kept until the next `record` or a change of kernel_max_tokens (a
+    # decode step asks the same few questions at every layer).
+    _chosen: dict[tuple, Path] = field(default_factory=dict, repr=False, compare=False)
 
     def choose(self, key: tuple, tokens: int) -> Path:
         """The path for ``tokens`` tokens on an expert of shape ``key``."""
+        chosen = self._chosen.get((key, tokens, self.kernel_max_tokens))
+        if chosen is None:
+            chosen = self._chosen[(key, tokens, self.kernel_max_tokens)] = self._lookup(key, tokens)
+        return chosen
+
+    def _lookup(self, key: tuple, tokens: int) -> Path:
         by_bucket = self.measured.get(key)
         if not by_bucket:
             return Path.KERNEL if tokens < self.kernel_max_tokens else Path.TORCH
         bucket = max((b for b in by_bucket if b <= tokens), default=min(by_bucket))
         return by_bucket[bucket]
 
+    def kernel_upto(self, key: tuple) -> int:
+        """The most tokens per expert up to which `choose` gives the kernel at every count (from 1) for shape
+        ``key``: 0 when it gives torch at one token, sys.maxsize when it never gives torch."""
+        upto = self._chosen.get((key, "kernel_upto", self.kernel_max_tokens))
+        if upto is None:
+            by_bucket = self.measured.get(key)
+            if not by_bucket:
+                upto = max(0, self.kernel_max_tokens - 1)
+            else:
+                upto = sys.maxsize
+                for bucket in sorted(by_bucket):  # a bucket's path holds from it to the next one (from 1 for the first)
+                    if by_bucket[bucket] is not Path.KERNEL:
+                        upto = 0 if bucket == min(by_bucket) else bucket - 1
+                        break
+            self._chosen[(key, "kernel_upto", self.kernel_max_tokens)] = upto
+        return upto
+
     def record(self, key: tuple, bucket: int, path: Path) -> None:
         """Store the measured winner for one bucket."""
         self.measured.setdefault(key, {})[bucket] = path
+        self._chosen.clear()
 
 
 class ExpertsForward:
@@ -306,8 +336,12 @@ class ExpertsForward:
         self.source = source if source is not None else StackedParameters()
         self.paths = paths if paths is not None else PathTable()
         self.kernel: Callable[..., None] | None = load_experts_kernel() if use_kernel else None
+        # The same kernel taking a layer's [T, k] routing and stacked weights (see `_routes_in_one_call`).
+        self.routed_kernel: Callable[..., None] | None = (
+            torch.ops.moeserve.experts_routed.default if self.kernel is not None else None)
         self._specs: weakref.WeakKeyDictionary[nn.Module, ExpertsSpec] = weakref.WeakKeyDictionary()
         self._scratch = torch.empty(0)
+        self._scratch_view = self._scratch  # the last shape's view into it (decode asks for the same one each layer)
         # Benchmark-only: replaces the router's choice, (layer, top_k_index, top_k_weights) -> (index, weights),
         # before anything sees it (benchmarks/trace_prefetch.py replays recorded routing through it). Outputs are
         # then not the model's; never set in serving.
@@ -345,6 +379,13 @@ class ExpertsForward:
         if self.routing_observer is not None:
             self.routing_observer(spec.layer, top_k_index, top_k_weights)
         hidden = hidden_states.contiguous()  # [T, H]
+        if self._routes_in_one_call(experts, spec, hidden, top_k_index):
+            out = self._accumulator(hidden)
+            self.routed_kernel(hidden, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj,
+                               experts.gate_up_proj_bias if experts.has_bias else None,
+                               experts.down_proj_bias if experts.has_bias else None, spec.transposed, int(spec.gate),
+                               spec.alpha, spec.limit, out)
+            return out if hidden.dtype == torch.float32 else out.to(hidden.dtype)
         plan = plan_routing(top_k_index, top_k_weights, spec.num_experts)
         self._score_prediction(spec.layer, plan.expert_ids)
         out = self._accumulator(hidden)  # [T, H] fp32, zeroed
@@ -357,6 +398,18 @@ class ExpertsForward:
                         self.on_layer_held(spec.layer)
                 self._run_group(experts, spec, hidden, plan, group, weights, out)
         return out if hidden.dtype == torch.float32 else out.to(hidden.dtype)
+
+    def _routes_in_one_call(self, experts: nn.Module, spec: ExpertsSpec, hidden: torch.Tensor,
+                            top_k_index: torch.Tensor) -> bool:
+        """Whether this call can run as one ``moeserve::experts_routed`` op, which groups the routing itself and
+        gives what the plan below gives, bit for bit: the module's own resident stacks (the default source), every
+        expert on the kernel (at most `PathTable.kernel_upto` tokens, what any expert can get), and nothing to do
+        between holding the experts and computing them (no look-ahead, prediction or layer hook on this layer)."""
+        return (self.routed_kernel is not None and type(self.source) is StackedParameters
+                and self._kernel_applies(spec, hidden) and top_k_index.dtype == torch.int64
+                and hidden.shape[0] <= self.paths.kernel_upto(spec.shape_key)
+                and self.on_layer_held is None and spec.layer not in self.lookahead
+                and spec.layer not in self._predicted and experts.down_proj.device.type == "cpu")
 
     def look_ahead(self, layer: int | None, hidden: torch.Tensor) -> None:
         """Gate look-ahead (HOBBIT): route this layer's input with the next MoE layer's router and ask the source
@@ -384,9 +437,12 @@ class ExpertsForward:
         """A zeroed fp32 [T, H]: fresh when it is returned as is (fp32 input), else reused scratch."""
         if hidden.dtype == torch.float32:
             return torch.zeros_like(hidden)
-        if self._scratch.numel() < hidden.numel() or self._scratch.device != hidden.device:
-            self._scratch = torch.empty(hidden.numel(), dtype=torch.float32, device=hidden.device)
-        return self._scratch[: hidden.numel()].view(hidden.shape).zero_()
+        view = self._scratch_view
+        if view.shape != hidden.shape or view.device != hidden.device:
+            if self._scratch.numel() < hidden.numel() or self._scratch.device != hidden.device:
+                self._scratch = torch.empty(hidden.numel(), dtype=torch.float32, device=hidden.device)
+            view = self._scratch_view = self._scratch[: hidden.numel()].view(hidden.shape)
+        return view.zero_()
 
     def _kernel_applies(self, spec: ExpertsSpec, hidden: torch.Tensor) -> bool:
         """Whether the kernel is built and computes this layout for this input (CPU, a kernel dtype)."""

@@ -156,6 +156,58 @@ class RecordingSource(StackedParameters):
             yield weights
 
 
+class DelegatingSource:
+    """The default source behind another type: the experts forward then plans the routing in Python and calls the
+    kernel per group, as it does for the offload cache."""
+
+    def __init__(self) -> None:
+        self.inner = StackedParameters()
+
+    def max_group_size(self, layer):
+        return None
+
+    def prefetch(self, layer, expert_ids) -> None:
+        pass
+
+    def hold(self, experts, layer, expert_ids):
+        return self.inner.hold(experts, layer, expert_ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_one_routed_call_equals_the_planned_groups_bit_for_bit(arch: str, dtype: torch.dtype) -> None:
+    """Resident experts run as one ``moeserve::experts_routed`` call (the routing grouped in C++); it must give the
+    Python plan's per-group kernel calls exactly, for random routing of 1..64 tokens."""
+    model = tiny_model(arch, dtype)
+    experts = experts_modules(model)[0]
+    one_call = ExpertsForward(paths=PathTable(kernel_max_tokens=1 << 30))
+    planned = ExpertsForward(source=DelegatingSource(), paths=PathTable(kernel_max_tokens=1 << 30))
+    spec = one_call.spec(experts)
+    top_k = model.config.num_experts_per_tok
+    generator = torch.Generator().manual_seed(0)
+    for tokens in (1, 2, 3, 7, 16, 64):
+        hidden = torch.randn(tokens, spec.hidden, generator=generator).to(dtype)
+        top_k_index = torch.stack([torch.randperm(spec.num_experts, generator=generator)[:top_k]
+                                   for _ in range(tokens)])
+        top_k_weights = torch.softmax(torch.randn(tokens, top_k, generator=generator), dim=-1).to(dtype)
+        assert one_call._routes_in_one_call(experts, spec, hidden, top_k_index)
+        assert not planned._routes_in_one_call(experts, spec, hidden, top_k_index)
+        with torch.no_grad():
+            ours = one_call(experts, hidden, top_k_index, top_k_weights)
+            expected = planned(experts, hidden, top_k_index, top_k_weights)
+        assert torch.equal(ours, expected), tokens
+
+
+def test_routed_call_is_skipped_where_an_expert_would_take_torchs_path() -> None:
+    model = tiny_model("mixtral")
+    experts = experts_modules(model)[0]
+    forward = ExpertsForward(paths=PathTable(kernel_max_tokens=4))  # the kernel for 1-3 tokens per expert
+    spec = forward.spec(experts)
+    index = torch.zeros(4, model.config.num_experts_per_tok, dtype=torch.int64)
+    assert forward._routes_in_one_call(experts, spec, torch.zeros(3, spec.hidden), index[:3])
+    assert not forward._routes_in_one_call(experts, spec, torch.zeros(4, spec.hidden), index)
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3", "gpt_oss"])
 def test_grouped_execution_under_a_budget_smaller_than_the_routed_union(arch: str) -> None:
     model = tiny_model(arch)

@@ -7,6 +7,7 @@ math on the same (already rounded) weights to fp32 accuracy: 1e-5 relative, on e
 
 from __future__ import annotations
 
+import sys
 import logging
 import multiprocessing
 from collections.abc import Iterator
@@ -321,3 +322,18 @@ def test_path_table_uses_the_largest_bucket_not_above_the_count() -> None:
     for bucket, path in {1: Path.KERNEL, 4: Path.KERNEL, 16: Path.TORCH}.items():
         table.record(key, bucket, path)
     assert [table.choose(key, n) for n in (1, 3, 4, 15, 16, 200)] == [Path.KERNEL] * 4 + [Path.TORCH] * 2
+
+
+def test_kernel_upto_is_the_last_count_below_the_first_torch_choice() -> None:
+    key = (torch.bfloat16, False, 1024, 3584)
+    assert PathTable().kernel_upto(key) == 15  # unmeasured: the kernel below KERNEL_MAX_TOKENS (16)
+    assert PathTable(kernel_max_tokens=1).kernel_upto(key) == 0
+    table = PathTable()
+    for bucket, path in {1: Path.KERNEL, 2: Path.KERNEL, 4: Path.TORCH, 8: Path.KERNEL}.items():
+        table.record(key, bucket, path)
+    assert table.kernel_upto(key) == 3
+    assert all(table.choose(key, n) is Path.KERNEL for n in range(1, 4)) and table.choose(key, 4) is Path.TORCH
+    table.record(key, 4, Path.KERNEL)  # a new measurement is seen (the cached answer is dropped)
+    assert table.kernel_upto(key) == sys.maxsize
+    table.record(key, 1, Path.TORCH)
+    assert table.kernel_upto(key) == 0

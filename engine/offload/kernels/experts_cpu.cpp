@@ -1,5 +1,6 @@
 // moeserve's CPU experts kernel: `torch.ops.moeserve.experts_group`, which runs a group of routed experts of one MoE
-// layer and adds their routing-weighted outputs into an fp32 accumulator, and `torch.ops.moeserve.dense`, one dense
+// layer and adds their routing-weighted outputs into an fp32 accumulator (`experts_routed`: the same from a layer's
+// [T, k] routing and stacked weights, grouped in C++), and `torch.ops.moeserve.dense`, one dense
 // projection on the same row paths (torch's bf16 one-row products run far below RAM speed on these machines), and
 // `torch.ops.moeserve.decode_attention`, attention of one new token per request over its context (below), and
 // `torch.ops.moeserve.rms_norm`, a few rows' RMSNorm in one call (engine.norms), and `route_topk`, a router's
@@ -891,6 +892,60 @@ void experts_group(const Tensor& hidden, const Tensor& token_ids, const Tensor& 
   }
 }
 
+// The op with a layer's routing as its router gives it: hidden [T, H]; top_k_index [T, k] int64 and top_k_weights
+// [T, k] (any float dtype, rounded to fp32 as torch's .float() does); gate_up [E, ...] and down [E, ...] the layer's
+// stacked weights (expert e is gate_up[e], down[e], as in the module's own parameters), optional stacked biases
+// [E, ...]. The (token, expert) assignments are grouped here, experts ascending and tokens ascending within one (the
+// order of engine.offload.experts.plan_routing), and run as one experts_group call, so the result is the Python
+// plan's bit for bit: a decode step's one op call per layer instead of the plan's tensor ops and list arguments.
+void experts_routed(const Tensor& hidden, const Tensor& top_k_index, const Tensor& top_k_weights,
+                    const Tensor& gate_up, const Tensor& down, const std::optional<Tensor>& gate_up_bias,
+                    const std::optional<Tensor>& down_bias, bool transposed, int64_t gate_kind, double alpha,
+                    double limit, const Tensor& out) {
+  TORCH_CHECK(top_k_index.dim() == 2 && top_k_index.scalar_type() == at::kLong &&
+                  top_k_index.size(0) == hidden.size(0), "top_k_index must be [T, k] int64 with T = hidden's rows");
+  TORCH_CHECK(top_k_weights.sizes() == top_k_index.sizes(), "top_k_weights must be [T, k] like top_k_index");
+  TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3 && down.size(0) == gate_up.size(0),
+              "gate_up and down must be stacks [E, ...] of one E");
+  const size_t E = static_cast<size_t>(gate_up.size(0));
+  const Tensor index = top_k_index.contiguous();
+  const Tensor weights = top_k_weights.to(at::kFloat).contiguous();
+  const int64_t S = index.numel(), k = index.size(1);
+  const int64_t* ids = index.const_data_ptr<int64_t>();
+  const float* w = weights.const_data_ptr<float>();
+  std::vector<int64_t> count(E, 0);
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(ids[s] >= 0 && static_cast<size_t>(ids[s]) < E, "expert id ", ids[s], " out of range [0, ", E, ")");
+    ++count[ids[s]];
+  }
+  std::vector<int64_t> next(E, 0);
+  for (size_t e = 1; e < E; ++e) next[e] = next[e - 1] + count[e - 1];
+  std::vector<int64_t> starts, counts;
+  std::vector<Tensor> gu, dn;
+  c10::List<std::optional<Tensor>> gub, dnb;
+  for (size_t e = 0; e < E; ++e) {
+    if (count[e] == 0) continue;
+    starts.push_back(next[e]);
+    counts.push_back(count[e]);
+    const int64_t i = static_cast<int64_t>(e);
+    gu.push_back(gate_up.select(0, i));
+    dn.push_back(down.select(0, i));
+    gub.push_back(gate_up_bias ? std::optional<Tensor>(gate_up_bias->select(0, i)) : std::nullopt);
+    dnb.push_back(down_bias ? std::optional<Tensor>(down_bias->select(0, i)) : std::nullopt);
+  }
+  Tensor token_ids = index.new_empty({S});
+  Tensor route_weights = weights.new_empty({S});
+  int64_t* tok = token_ids.data_ptr<int64_t>();
+  float* rw = route_weights.data_ptr<float>();
+  for (int64_t s = 0; s < S; ++s) {  // a stable counting sort: s ascending within an expert
+    const int64_t position = next[ids[s]]++;
+    tok[position] = s / k;
+    rw[position] = w[s];
+  }
+  experts_group(hidden, token_ids, route_weights, starts, counts, gu, dn, gub, dnb, transposed, gate_kind, alpha,
+                limit, out);
+}
+
 // out [T, N] = x [T, K] @ w [N, K]^T (+ bias [N]): a dense projection (attention, router, LM head) on the experts'
 // row paths, split over torch's threads in chunks of output rows. x fp32, bf16 or fp16; w and bias fp32, bf16 or
 // fp16, of one dtype; out fp32, or x's dtype (rounded from the fp32 result, in the same parallel pass, so a caller
@@ -1021,7 +1076,7 @@ bool route_rows(const L* logits, int64_t T, int64_t E, int64_t k, bool renormali
     for (int64_t e = 0; e < E; ++e) p[e] /= sum;
     S* s = scores + t * k;
     int64_t* ids = indices + t * k;
-    std::fill(taken, taken + E, 0);
+    for (int64_t e = 0; e < E; ++e) taken[e] = 0;
     float chosen = 0.f, last = 0.f;
     for (int64_t j = 0; j <= k && j < E; ++j) {  // k is small (2-8): passes taking the first largest remaining
       int64_t best = -1;
@@ -1245,10 +1300,15 @@ TORCH_LIBRARY(moeserve, m) {
       "experts_group(Tensor hidden, Tensor token_ids, Tensor route_weights, int[] starts, int[] counts, "
       "Tensor[] gate_up, Tensor[] down, Tensor?[] gate_up_bias, Tensor?[] down_bias, bool transposed, "
       "int gate_kind, float alpha, float limit, Tensor(a!) out) -> ()");
+  m.def(
+      "experts_routed(Tensor hidden, Tensor top_k_index, Tensor top_k_weights, Tensor gate_up, Tensor down, "
+      "Tensor? gate_up_bias, Tensor? down_bias, bool transposed, int gate_kind, float alpha, float limit, "
+      "Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(moeserve, CPU, m) {
   m.impl("experts_group", &experts_group);
+  m.impl("experts_routed", &experts_routed);
   m.impl("dense", &dense);
   m.impl("rms_norm", &rms_norm);
   m.impl("route_topk", &route_topk);
