@@ -19,6 +19,7 @@ calls ``replace_linears`` directly.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import weakref
@@ -54,7 +55,7 @@ class RowStreamLinear(nn.Linear):
         rows = x.numel() // self.in_features
         if rows > self.max_rows or not self._kernel_serves(x):
             return F.linear(x, self.weight, self.bias)
-        return _kernel_product(x, self.weight, self.bias, rows)
+        return _kernel_product(x, self.weight, self.bias)
 
     def _kernel_serves(self, x: torch.Tensor) -> bool:
         """Whether the kernel takes this input with this layer's weight: the weight's side (`_weight_served`) is
@@ -80,15 +81,16 @@ def _weight_served(weight: torch.Tensor) -> bool:
             and row_stream_available())
 
 
-def _kernel_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` over x's ``rows`` rows on ``torch.ops.moeserve.dense``: [..., out] in x's dtype
-    (rounded by the op from its fp32 sums)."""
-    out_features, in_features = weight.shape
-    out = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
-    # The overload itself (.default): the packet's per-call overload resolution is Python.
-    torch.ops.moeserve.dense.default(x.reshape(rows, in_features).contiguous(), weight, bias,
-                                     out.view(rows, out_features))
-    return out
+def _kernel_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` on ``torch.ops.moeserve.dense_rows`` (``dense`` allocating its output): [..., out]
+    in x's dtype (rounded by the op from its fp32 sums). One op call: a decode layer makes five of these."""
+    return _dense_rows()(x.contiguous(), weight, bias)
+
+
+@functools.cache
+def _dense_rows() -> Callable[..., torch.Tensor]:
+    """The op's one overload itself (``.default``: the packet's per-call overload resolution is Python)."""
+    return torch.ops.moeserve.dense_rows.default
 
 
 class RowStreamWeight(nn.Parameter):
@@ -130,7 +132,7 @@ def router_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         if not (0 < rows <= MAX_ROWS and _input_served(x) and x.dtype == weight.dtype and _weight_served(weight)
                 and (bias is None or bias.dtype == weight.dtype)):
             return None
-        return _kernel_product(x, weight, bias, rows)
+        return _kernel_product(x, weight, bias)
 
 
 def stream_router_weights(routers: Sequence[nn.Module]) -> int:

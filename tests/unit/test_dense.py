@@ -75,6 +75,23 @@ def test_the_op_rounds_into_an_output_of_the_inputs_dtype(kernel_isa, dtype: tor
         torch.ops.moeserve.dense(x.float(), weight, b, narrow)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dense_rows_is_dense_into_an_output_it_allocates(kernel_isa, dtype: torch.dtype) -> None:
+    """``dense_rows`` (what RowStreamLinear calls): any leading dims, the output in x's dtype, the very values
+    ``dense`` writes into an output of that dtype; a non-contiguous x is refused (the caller makes it contiguous)."""
+    torch.manual_seed(3)
+    weight = (torch.randn(83, 139) * 139**-0.5).to(dtype)
+    b = torch.randn(83).to(dtype)
+    for shape in ((1, 139), (1, 1, 139), (2, 3, 139)):
+        x = torch.randn(shape).to(dtype)
+        out = torch.ops.moeserve.dense_rows(x, weight, b)
+        expected = torch.empty(x.numel() // 139, 83, dtype=dtype)
+        torch.ops.moeserve.dense(x.reshape(-1, 139), weight, b, expected)
+        assert out.shape == (*shape[:-1], 83) and out.dtype == dtype and torch.equal(out.reshape(-1, 83), expected)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.moeserve.dense_rows(torch.randn(139, 2).to(dtype).t(), weight, None)
+
+
 @torch.inference_mode()
 def test_row_stream_linear_equals_linear_and_hands_larger_products_to_torch(experts_kernel) -> None:
     torch.manual_seed(1)
@@ -177,8 +194,8 @@ def test_a_router_weight_runs_few_row_products_on_the_kernel(experts_kernel, dty
         with torch.profiler.profile() as profile:
             F.linear(torch.randn(1, 139).to(dtype), weight, b)
             F.linear(torch.randn(MAX_ROWS + 1, 139).to(dtype), weight, b)
-        assert [e.name for e in profile.events() if e.name in ("moeserve::dense", "aten::linear")] == [
-            "moeserve::dense", "aten::linear"]
+        assert [e.name for e in profile.events() if e.name in ("moeserve::dense_rows", "aten::linear")] == [
+            "moeserve::dense_rows", "aten::linear"]
         prefill = torch.randn(MAX_ROWS + 1, 139).to(dtype)
         assert torch.equal(F.linear(prefill, weight, b), F.linear(prefill, plain, b))  # torch's own product
         assert type(weight * 2) is torch.Tensor and torch.equal(weight * 2, plain * 2)

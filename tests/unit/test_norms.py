@@ -61,6 +61,21 @@ def test_the_op_reproduces_the_modules_in_their_rounding_order(experts_kernel, c
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rms_norm_like_is_rms_norm_into_an_output_it_allocates(experts_kernel, dtype: torch.dtype) -> None:
+    """``rms_norm_like`` (what KernelRMSNorm calls): any leading dims, an output like x, rms_norm's very values."""
+    module = _norm(MixtralRMSNorm, dtype)
+    width = module.weight.shape[0]
+    for shape in ((1, width), (1, 1, width), (2, 3, width)):
+        x = (torch.randn(shape) * 3).to(dtype)
+        out = torch.ops.moeserve.rms_norm_like(x, module.weight, module.variance_epsilon, True)
+        expected = torch.empty(x.numel() // width, width, dtype=dtype)
+        torch.ops.moeserve.rms_norm(x.reshape(-1, width), module.weight, module.variance_epsilon, True, expected)
+        assert out.shape == x.shape and out.dtype == dtype and torch.equal(out.reshape(-1, width), expected)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.moeserve.rms_norm_like(torch.randn(width, 2).to(dtype).t(), module.weight, 1e-5, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cls", list(CLASSES), ids=lambda cls: cls.__name__)
 def test_verification_finds_each_classs_rounding_order(experts_kernel, cls: type[nn.Module],
                                                        dtype: torch.dtype) -> None:
@@ -107,12 +122,13 @@ def test_the_swap_keeps_weights_and_names_and_falls_back_to_the_module(experts_k
 
 
 def test_the_op_runs_in_place_of_the_module(experts_kernel) -> None:
-    """A decode-sized call runs moeserve::rms_norm and none of the module's torch ops."""
+    """A decode-sized call runs moeserve::rms_norm_like (rms_norm allocating its output) and none of the module's torch
+    ops."""
     fused = KernelRMSNorm(_norm(MixtralRMSNorm, torch.bfloat16, 128), 1e-5, True)
     with torch.no_grad(), torch.profiler.profile() as profile:
         fused(torch.randn(1, 1, 128).to(torch.bfloat16))
     names = {event.name for event in profile.events()}
-    assert "moeserve::rms_norm" in names and "aten::rsqrt" not in names
+    assert "moeserve::rms_norm_like" in names and "aten::rsqrt" not in names
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -133,7 +149,7 @@ def test_original_modules_runs_the_original_module_within_the_block(experts_kern
     with torch.no_grad():
         with original_modules(KernelRMSNorm), torch.profiler.profile() as profile:
             assert torch.equal(fused(x), original(x))
-        assert "moeserve::rms_norm" not in {event.name for event in profile.events()}
+        assert "moeserve::rms_norm_like" not in {event.name for event in profile.events()}
         with torch.profiler.profile() as profile:
             fused(x)
-        assert "moeserve::rms_norm" in {event.name for event in profile.events()}
+        assert "moeserve::rms_norm_like" in {event.name for event in profile.events()}

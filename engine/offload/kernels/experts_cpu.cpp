@@ -999,6 +999,19 @@ void dense(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, 
   }
 }
 
+// `dense` allocating its output: x [..., K] contiguous -> [..., N] in x's dtype. engine.dense's one-row products
+// of decode make one op call this way, instead of an allocation, two reshapes and the call from Python.
+Tensor dense_rows(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias) {
+  TORCH_CHECK(x.dim() >= 1 && x.is_contiguous(), "x must be [..., K] contiguous");
+  TORCH_CHECK(w.dim() == 2, "w must be [N, K]");
+  const int64_t K = x.size(-1), N = w.size(0);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  Tensor out = x.new_empty(shape);
+  dense(x.view({-1, K}), w, bias, out.view({-1, N}));
+  return out;
+}
+
 // ---- RMSNorm of a few rows: the one op engine.norms runs for a model's own RMSNorm modules ----
 // out[r] = norm(x[r]) with n = x * (1 / sqrt(mean(x^2) + eps)) in fp32, as transformers' RMSNorm modules compute
 // it, then either w * round(n) (round_first, the Llama family: the normalized row is rounded to x's dtype before
@@ -1049,6 +1062,16 @@ void rms_norm(const Tensor& x, const Tensor& w, double eps, bool round_first, co
                            out.data_ptr<c10::Half>());
     default: TORCH_CHECK(false, "x must be fp32, bf16 or fp16");
   }
+}
+
+// `rms_norm` allocating its output: x [..., H] contiguous -> a tensor like it. engine.norms' decode calls make one op
+// call this way, instead of an allocation, two reshapes and the call from Python.
+Tensor rms_norm_like(const Tensor& x, const Tensor& w, double eps, bool round_first) {
+  TORCH_CHECK(x.dim() >= 1 && x.is_contiguous(), "x must be [..., H] contiguous");
+  const int64_t H = x.size(-1);
+  Tensor out = x.new_empty(x.sizes());
+  rms_norm(x.view({-1, H}), w, eps, round_first, out.view({-1, H}));
+  return out;
 }
 
 // ---- top-k routing of a few rows: softmax, the k most probable experts, optional renormalization ----
@@ -1291,7 +1314,9 @@ TORCH_LIBRARY(moeserve, m) {
   m.def("experts_isa(int choice) -> int", &experts_isa);
   m.def("experts_runs(int choice) -> int", &experts_runs);
   m.def("dense(Tensor x, Tensor w, Tensor? bias, Tensor(a!) out) -> ()");
+  m.def("dense_rows(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps, bool round_first, Tensor(a!) out) -> ()");
+  m.def("rms_norm_like(Tensor x, Tensor w, float eps, bool round_first) -> Tensor");
   m.def("route_topk(Tensor logits, int k, bool renormalize, Tensor(a!) scores, Tensor(b!) indices) -> bool");
   m.def("experts_best_isa() -> int", [] { return static_cast<int64_t>(best_isa()); });
   m.def("decode_attention(Tensor query, Tensor key, Tensor value, Tensor spans, float scale, int window, "
@@ -1310,7 +1335,9 @@ TORCH_LIBRARY_IMPL(moeserve, CPU, m) {
   m.impl("experts_group", &experts_group);
   m.impl("experts_routed", &experts_routed);
   m.impl("dense", &dense);
+  m.impl("dense_rows", &dense_rows);
   m.impl("rms_norm", &rms_norm);
+  m.impl("rms_norm_like", &rms_norm_like);
   m.impl("route_topk", &route_topk);
   m.impl("decode_attention", &decode_attention);
 }
