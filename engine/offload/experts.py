@@ -15,9 +15,8 @@ module's ``ExpertsForward`` is that function:
   available and always correct; the kernel path allocates nothing per call beyond the returned tensor;
 - a call whose experts are the module's own resident stacks and would all take the kernel (decode, typically) skips
   the Python plan: one ``moeserve::experts_routed`` op groups the router's [T, k] choice in C++, in the plan's
-  order, and runs the same kernel, with the same result bit for bit (``ExpertsForward._routes_in_one_call``). On
-  tiny weights (the call's cost beyond moving them) a decode layer's experts forward took 94-146 us before, 52-73
-  after, timed with forward hooks (benchmarks/decode_overhead.py).
+  order, and runs the same kernel, with the same result bit for bit (``ExpertsForward._routes_in_one_call``): about
+  half the Python and dispatch a decode layer's experts forward cost before (benchmarks/decode_overhead.py).
 
 Supported expert layouts are those of transformers' ``use_experts_implementation``: gated experts with
 ``gate_up_proj`` / ``down_proj`` stacks, plain or transposed, with or without biases (Mixtral, Qwen2/3-MoE, OLMoE,
