@@ -282,9 +282,10 @@ class PathTable:
 
     measured: dict[tuple, dict[int, Path]] = field(default_factory=dict)
     kernel_max_tokens: int = KERNEL_MAX_TOKENS
-    # (key, tokens) -> the path `choose` found, kept until the next `record` or a change of kernel_max_tokens (a
-    # decode step asks the same few questions at every layer).
+    # The answers of `choose` and `kernel_upto`, keyed with kernel_max_tokens and dropped by `record` (``measured``
+    # changes through it): a decode step asks the same few questions at every layer.
     _chosen: dict[tuple, Path] = field(default_factory=dict, repr=False, compare=False)
+    _upto: dict[tuple, int] = field(default_factory=dict, repr=False, compare=False)
 
     def choose(self, key: tuple, tokens: int) -> Path:
         """The path for ``tokens`` tokens on an expert of shape ``key``."""
@@ -303,7 +304,7 @@ class PathTable:
     def kernel_upto(self, key: tuple) -> int:
         """The most tokens per expert up to which `choose` gives the kernel at every count (from 1) for shape
         ``key``: 0 when it gives torch at one token, sys.maxsize when it never gives torch."""
-        upto = self._chosen.get((key, "kernel_upto", self.kernel_max_tokens))
+        upto = self._upto.get((key, self.kernel_max_tokens))
         if upto is None:
             by_bucket = self.measured.get(key)
             if not by_bucket:
@@ -314,13 +315,14 @@ class PathTable:
                     if by_bucket[bucket] is not Path.KERNEL:
                         upto = 0 if bucket == min(by_bucket) else bucket - 1
                         break
-            self._chosen[(key, "kernel_upto", self.kernel_max_tokens)] = upto
+            self._upto[(key, self.kernel_max_tokens)] = upto
         return upto
 
     def record(self, key: tuple, bucket: int, path: Path) -> None:
         """Store the measured winner for one bucket."""
         self.measured.setdefault(key, {})[bucket] = path
         self._chosen.clear()
+        self._upto.clear()
 
 
 class ExpertsForward:
