@@ -19,7 +19,6 @@ calls ``replace_linears`` directly.
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 import weakref
@@ -32,7 +31,7 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from engine.offload.kernels import KERNEL_DTYPES, best_seconds, load_experts_kernel
+from engine.offload.kernels import KERNEL_DTYPES, best_seconds, kernel_op, load_experts_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +83,7 @@ def _weight_served(weight: torch.Tensor) -> bool:
 def _kernel_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` on ``torch.ops.moeserve.dense_rows`` (``dense`` allocating its output): [..., out]
     in x's dtype (rounded by the op from its fp32 sums). One op call: a decode layer makes five of these."""
-    return _dense_rows()(x.contiguous(), weight, bias)
-
-
-@functools.cache
-def _dense_rows() -> Callable[..., torch.Tensor]:
-    """The op's one overload itself (``.default``: the packet's per-call overload resolution is Python)."""
-    return torch.ops.moeserve.dense_rows.default
+    return kernel_op("dense_rows")(x.contiguous(), weight, bias)
 
 
 class RowStreamWeight(nn.Parameter):

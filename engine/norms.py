@@ -16,13 +16,11 @@ a bias, an offset) matches neither and keeps its forward.
 from __future__ import annotations
 
 import copy
-import functools
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from engine.offload.kernels import KERNEL_DTYPES, load_experts_kernel
+from engine.offload.kernels import KERNEL_DTYPES, kernel_op, load_experts_kernel
 from engine.replacement import ModuleReplacement, replace_reproduced
 
 ROUNDINGS = {"round_first": True, "scale_first": False}
@@ -52,7 +50,7 @@ class KernelRMSNorm(ModuleReplacement):
                 and not torch.is_grad_enabled()):
             return self.original(hidden_states)
         # One op call that allocates the output (``rms_norm`` behind ``rms_norm_like``): a decode layer runs two.
-        return _rms_norm_like()(hidden_states.contiguous(), weight, self.eps, self.round_first)
+        return kernel_op("rms_norm_like")(hidden_states.contiguous(), weight, self.eps, self.round_first)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}, round_first={self.round_first}, " \
@@ -119,8 +117,3 @@ def fuse_rms_norms(model: nn.Module) -> int:
 
     return replace_reproduced(model, kind, verify, lambda module, verdict: KernelRMSNorm(module, *verdict), "rms_norm")
 
-
-@functools.cache
-def _rms_norm_like() -> Callable[..., torch.Tensor]:
-    """``torch.ops.moeserve.rms_norm_like``'s one overload itself (the packet resolves the overload in Python)."""
-    return torch.ops.moeserve.rms_norm_like.default

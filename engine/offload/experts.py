@@ -43,7 +43,7 @@ from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _default_apply_gate
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
-from engine.offload.kernels import KERNEL_DTYPES, best_seconds, load_experts_kernel
+from engine.offload.kernels import KERNEL_DTYPES, best_seconds, kernel_op, load_experts_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -343,8 +343,7 @@ class ExpertsForward:
         self.paths = paths if paths is not None else PathTable()
         self.kernel: Callable[..., None] | None = load_experts_kernel() if use_kernel else None
         # The same kernel taking a layer's [T, k] routing and stacked weights (see `_routes_in_one_call`).
-        self.routed_kernel: Callable[..., None] | None = (
-            torch.ops.moeserve.experts_routed.default if self.kernel is not None else None)
+        self.routed_kernel: Callable[..., None] | None = kernel_op("experts_routed") if self.kernel is not None else None
         self._specs: weakref.WeakKeyDictionary[nn.Module, ExpertsSpec] = weakref.WeakKeyDictionary()
         self._scratch = torch.empty(0)
         self._scratch_view = self._scratch  # the last shape's view into it (decode asks for the same one each layer)
@@ -385,16 +384,21 @@ class ExpertsForward:
         if self.routing_observer is not None:
             self.routing_observer(spec.layer, top_k_index, top_k_weights)
         hidden = hidden_states.contiguous()  # [T, H]
+        out = self._accumulator(hidden)  # [T, H] fp32, zeroed
         if self._routes_in_one_call(experts, spec, hidden, top_k_index):
-            out = self._accumulator(hidden)
             self.routed_kernel(hidden, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj,
                                experts.gate_up_proj_bias if experts.has_bias else None,
                                experts.down_proj_bias if experts.has_bias else None, spec.transposed, int(spec.gate),
                                spec.alpha, spec.limit, out)
-            return out if hidden.dtype == torch.float32 else out.to(hidden.dtype)
+        else:
+            self._run_planned(experts, spec, hidden, top_k_index, top_k_weights, out)
+        return out if hidden.dtype == torch.float32 else out.to(hidden.dtype)
+
+    def _run_planned(self, experts: nn.Module, spec: ExpertsSpec, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor, out: torch.Tensor) -> None:
+        """The routing planned in Python and run group by group through the source (module docstring)."""
         plan = plan_routing(top_k_index, top_k_weights, spec.num_experts)
         self._score_prediction(spec.layer, plan.expert_ids)
-        out = self._accumulator(hidden)  # [T, H] fp32, zeroed
         for number, group in enumerate(plan.groups(self.source.max_group_size(spec.layer))):
             ids = [plan.expert_ids[i] for i in group]
             with self.source.hold(experts, spec.layer, ids) as weights:
@@ -403,7 +407,6 @@ class ExpertsForward:
                     if self.on_layer_held is not None:
                         self.on_layer_held(spec.layer)
                 self._run_group(experts, spec, hidden, plan, group, weights, out)
-        return out if hidden.dtype == torch.float32 else out.to(hidden.dtype)
 
     def _routes_in_one_call(self, experts: nn.Module, spec: ExpertsSpec, hidden: torch.Tensor,
                             top_k_index: torch.Tensor) -> bool:

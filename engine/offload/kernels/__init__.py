@@ -78,6 +78,14 @@ def load_experts_kernel() -> Callable[..., None] | None:
     return torch.ops.moeserve.experts_group.default
 
 
+@functools.cache
+def kernel_op(name: str) -> Callable[..., object]:
+    """``torch.ops.moeserve.<name>``'s one overload itself (``.default``), looked up once: calling the overload packet
+    resolves the overload in Python, and the lookup is a chain of attribute reads, on every call of a decode step's
+    hot ops. Needs the kernel loaded (`load_experts_kernel`)."""
+    return getattr(torch.ops.moeserve, name).default
+
+
 def best_isa() -> str:
     """The richest of ISAS this CPU runs: the loaded kernel's default. Needs the kernel loaded."""
     return ISAS[torch.ops.moeserve.experts_best_isa()]
