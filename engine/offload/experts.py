@@ -343,7 +343,8 @@ class ExpertsForward:
         self.paths = paths if paths is not None else PathTable()
         self.kernel: Callable[..., None] | None = load_experts_kernel() if use_kernel else None
         # The same kernel taking a layer's [T, k] routing and stacked weights (see `_routes_in_one_call`).
-        self.routed_kernel: Callable[..., None] | None = kernel_op("experts_routed") if self.kernel is not None else None
+        self.routed_kernel: Callable[..., torch.Tensor] | None = (kernel_op("experts_routed") if self.kernel is not None
+                                                                  else None)
         self._specs: weakref.WeakKeyDictionary[nn.Module, ExpertsSpec] = weakref.WeakKeyDictionary()
         self._scratch = torch.empty(0)
         self._scratch_view = self._scratch  # the last shape's view into it (decode asks for the same one each layer)
@@ -384,14 +385,14 @@ class ExpertsForward:
         if self.routing_observer is not None:
             self.routing_observer(spec.layer, top_k_index, top_k_weights)
         hidden = hidden_states.contiguous()  # [T, H]
+        if top_k_weights.dtype in KERNEL_DTYPES and self._routes_in_one_call(experts, spec, hidden, top_k_index):
+            # The op sums in fp32 from zero and returns the sum in hidden's dtype, as the planned path below does.
+            return self.routed_kernel(hidden, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj,
+                                      experts.gate_up_proj_bias if experts.has_bias else None,
+                                      experts.down_proj_bias if experts.has_bias else None, spec.transposed,
+                                      int(spec.gate), spec.alpha, spec.limit)
         out = self._accumulator(hidden)  # [T, H] fp32, zeroed
-        if self._routes_in_one_call(experts, spec, hidden, top_k_index):
-            self.routed_kernel(hidden, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj,
-                               experts.gate_up_proj_bias if experts.has_bias else None,
-                               experts.down_proj_bias if experts.has_bias else None, spec.transposed, int(spec.gate),
-                               spec.alpha, spec.limit, out)
-        else:
-            self._run_planned(experts, spec, hidden, top_k_index, top_k_weights, out)
+        self._run_planned(experts, spec, hidden, top_k_index, top_k_weights, out)
         return out if hidden.dtype == torch.float32 else out.to(hidden.dtype)
 
     def _run_planned(self, experts: nn.Module, spec: ExpertsSpec, hidden: torch.Tensor, top_k_index: torch.Tensor,

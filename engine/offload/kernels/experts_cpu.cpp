@@ -37,6 +37,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <thread>
@@ -791,26 +792,16 @@ struct ExpertPtrs {
 
 // The whole group in two parallel phases (two barriers per call, however many experts): gate/up projections and
 // gating over (expert, unit chunk) pairs, then the down projections over output-column chunks, each chunk running
-// every expert in turn so that no two threads ever add into the same out[token][column].
+// every expert in turn so that no two threads ever add into the same out[token][column]. x holds the group's
+// gathered token rows (rows in all; expert e's from its `row`).
 template <typename W>
-void run_group(const Input& x, int64_t H, int64_t I, const Tensor& token_ids, const Tensor& route_weights,
-               at::IntArrayRef starts, at::IntArrayRef counts, at::TensorList gate_up, at::TensorList down,
-               const c10::List<std::optional<Tensor>>& gate_up_bias, const c10::List<std::optional<Tensor>>& down_bias,
-               bool transposed, const GateSpec& gate, float* out, const std::vector<int64_t>& x_rows, int64_t rows) {
-  const int64_t G = static_cast<int64_t>(gate_up.size());
-  const int64_t* tok = token_ids.const_data_ptr<int64_t>();
-  const float* rw = route_weights.const_data_ptr<float>();
+void run_experts(const Input& x, int64_t H, int64_t I, const std::vector<ExpertPtrs<W>>& experts, int64_t rows,
+                 bool transposed, const GateSpec& gate, float* out) {
+  const int64_t G = static_cast<int64_t>(experts.size());
   static thread_local std::vector<float> h_buf, g_buf, y_buf;
   float* h = scratch(h_buf, rows * 2 * I);
   float* g = scratch(g_buf, rows * I);
   float* y = scratch(y_buf, rows * H);
-  std::vector<ExpertPtrs<W>> experts(G);
-  for (int64_t e = 0; e < G; ++e) {
-    experts[e] = {gate_up[e].const_data_ptr<W>(), down[e].const_data_ptr<W>(), gate_up[e].stride(0),
-                  down[e].stride(0), optional_ptr<W>(gate_up_bias.get(e)), optional_ptr<W>(down_bias.get(e)),
-                  x_rows[e], counts[e], tok + starts[e], rw + starts[e]};
-  }
-
   const int64_t unit_chunks = (I + kUnitsPerChunk - 1) / kUnitsPerChunk;
   for_each_chunk(G * unit_chunks, [&](int64_t c) {
     const ExpertPtrs<W>& e = experts[c / unit_chunks];
@@ -827,6 +818,24 @@ void run_group(const Input& x, int64_t H, int64_t I, const Tensor& token_ids, co
                  y + e.row * H, out);
     }
   });
+}
+
+// The group given as lists (experts_group's arguments).
+template <typename W>
+void run_group(const Input& x, int64_t H, int64_t I, const Tensor& token_ids, const Tensor& route_weights,
+               at::IntArrayRef starts, at::IntArrayRef counts, at::TensorList gate_up, at::TensorList down,
+               const c10::List<std::optional<Tensor>>& gate_up_bias, const c10::List<std::optional<Tensor>>& down_bias,
+               bool transposed, const GateSpec& gate, float* out, const std::vector<int64_t>& x_rows, int64_t rows) {
+  const int64_t G = static_cast<int64_t>(gate_up.size());
+  const int64_t* tok = token_ids.const_data_ptr<int64_t>();
+  const float* rw = route_weights.const_data_ptr<float>();
+  std::vector<ExpertPtrs<W>> experts(G);
+  for (int64_t e = 0; e < G; ++e) {
+    experts[e] = {gate_up[e].const_data_ptr<W>(), down[e].const_data_ptr<W>(), gate_up[e].stride(0),
+                  down[e].stride(0), optional_ptr<W>(gate_up_bias.get(e)), optional_ptr<W>(down_bias.get(e)),
+                  x_rows[e], counts[e], tok + starts[e], rw + starts[e]};
+  }
+  run_experts<W>(x, H, I, experts, rows, transposed, gate, out);
 }
 
 // The op. hidden [T, H] (fp32|bf16|fp16, contiguous); token_ids [S] int64 and route_weights [S] fp32, grouped
@@ -892,58 +901,133 @@ void experts_group(const Tensor& hidden, const Tensor& token_ids, const Tensor& 
   }
 }
 
-// The op with a layer's routing as its router gives it: hidden [T, H]; top_k_index [T, k] int64 and top_k_weights
-// [T, k] (any float dtype, rounded to fp32 as torch's .float() does); gate_up [E, ...] and down [E, ...] the layer's
-// stacked weights (expert e is gate_up[e], down[e], as in the module's own parameters), optional stacked biases
-// [E, ...]. The (token, expert) assignments are grouped here, experts ascending and tokens ascending within one (the
-// order of engine.offload.experts.plan_routing), and run as one experts_group call, so the result is the Python
-// plan's bit for bit: a decode step's one op call per layer instead of the plan's tensor ops and list arguments.
-void experts_routed(const Tensor& hidden, const Tensor& top_k_index, const Tensor& top_k_weights,
-                    const Tensor& gate_up, const Tensor& down, const std::optional<Tensor>& gate_up_bias,
-                    const std::optional<Tensor>& down_bias, bool transposed, int64_t gate_kind, double alpha,
-                    double limit, const Tensor& out) {
-  TORCH_CHECK(top_k_index.dim() == 2 && top_k_index.scalar_type() == at::kLong &&
-                  top_k_index.size(0) == hidden.size(0), "top_k_index must be [T, k] int64 with T = hidden's rows");
+// The op with a layer's routing as its router gives it: hidden [T, H] (contiguous); top_k_index [T, k] int64 and
+// top_k_weights [T, k] (fp32, bf16 or fp16, widened to fp32 as torch's .float() does: exactly); gate_up [E, ...] and
+// down [E, ...] the layer's stacked weights (expert e is gate_up[e], down[e], as in the module's own parameters),
+// optional stacked biases [E, ...]. The (token, expert) assignments are grouped here, experts ascending and tokens
+// ascending within one (the order of engine.offload.experts.plan_routing), each expert's weights read in place
+// from its stack, and the sum accumulated in fp32 from zero, as experts_group does for the Python plan's groups:
+// the result is the plan's bit for bit (its fp32 sum rounded to hidden's dtype, as torch's .to() rounds). Returns a
+// new [T, H] tensor of hidden's dtype: a decode step's one op call per layer, with no zeroing, conversion or list
+// arguments around it.
+template <typename W>
+std::vector<ExpertPtrs<W>> stacked_experts(const Tensor& gate_up, const Tensor& down,
+                                           const std::optional<Tensor>& gate_up_bias,
+                                           const std::optional<Tensor>& down_bias, const std::vector<int64_t>& count,
+                                           const int64_t* tok, const float* rw) {
+  const W* gu = gate_up.const_data_ptr<W>();
+  const W* dn = down.const_data_ptr<W>();
+  const W* gub = optional_ptr<W>(gate_up_bias);
+  const W* dnb = optional_ptr<W>(down_bias);
+  std::vector<ExpertPtrs<W>> experts;
+  int64_t row = 0;
+  for (size_t e = 0; e < count.size(); ++e) {
+    if (count[e] == 0) continue;
+    const int64_t i = static_cast<int64_t>(e);
+    experts.push_back({gu + i * gate_up.stride(0), dn + i * down.stride(0), gate_up.stride(1), down.stride(1),
+                       gub ? gub + i * gate_up_bias->stride(0) : nullptr, dnb ? dnb + i * down_bias->stride(0) : nullptr,
+                       row, count[e], tok + row, rw + row});
+    row += count[e];
+  }
+  return experts;
+}
+
+template <typename R>
+void widen_weights(const R* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// Rows of out [T, H] of hidden's dtype from the fp32 sums (the same rounding as torch's .to()).
+template <typename O>
+void round_rows(const float* sums, int64_t n, O* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<O>(sums[i]);
+}
+
+Tensor experts_routed(const Tensor& hidden, const Tensor& top_k_index, const Tensor& top_k_weights,
+                      const Tensor& gate_up, const Tensor& down, const std::optional<Tensor>& gate_up_bias,
+                      const std::optional<Tensor>& down_bias, bool transposed, int64_t gate_kind, double alpha,
+                      double limit) {
+  TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "hidden must be [T, H] contiguous");
+  TORCH_CHECK(top_k_index.dim() == 2 && top_k_index.scalar_type() == at::kLong && top_k_index.size(0) == hidden.size(0),
+              "top_k_index must be [T, k] int64 with T = hidden's rows");
   TORCH_CHECK(top_k_weights.sizes() == top_k_index.sizes(), "top_k_weights must be [T, k] like top_k_index");
+  const Tensor index = top_k_index.contiguous(), weights = top_k_weights.contiguous();
+  TORCH_CHECK(gate_kind == 0 || gate_kind == 1, "unknown gate kind ", gate_kind);
   TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3 && down.size(0) == gate_up.size(0),
               "gate_up and down must be stacks [E, ...] of one E");
-  const size_t E = static_cast<size_t>(gate_up.size(0));
-  const Tensor index = top_k_index.contiguous();
-  const Tensor weights = top_k_weights.to(at::kFloat).contiguous();
+  const int64_t T = hidden.size(0), H = hidden.size(1), E = gate_up.size(0);
+  const int64_t I = transposed ? down.size(1) : down.size(2);
+  const at::ScalarType dtype = gate_up.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "weights: fp32, bf16 or fp16");
+  const int64_t gu_rows = transposed ? H : 2 * I, gu_cols = transposed ? 2 * I : H;
+  const int64_t dn_rows = transposed ? I : H, dn_cols = transposed ? H : I;
+  TORCH_CHECK(gate_up.size(1) == gu_rows && gate_up.size(2) == gu_cols && gate_up.stride(2) == 1,
+              "gate_up must be [E, ", gu_rows, ", ", gu_cols, "] with unit inner stride");
+  TORCH_CHECK(down.size(1) == dn_rows && down.size(2) == dn_cols && down.stride(2) == 1,
+              "down must be [E, ", dn_rows, ", ", dn_cols, "] with unit inner stride");
+  TORCH_CHECK(down.scalar_type() == dtype, "expert weights differ in dtype");
+  TORCH_CHECK(!gate_up_bias || (gate_up_bias->dim() == 2 && gate_up_bias->size(0) == E &&
+                                gate_up_bias->size(1) == 2 * I && gate_up_bias->stride(1) == 1 &&
+                                gate_up_bias->scalar_type() == dtype), "bad gate_up bias");
+  TORCH_CHECK(!down_bias || (down_bias->dim() == 2 && down_bias->size(0) == E && down_bias->size(1) == H &&
+                             down_bias->stride(1) == 1 && down_bias->scalar_type() == dtype), "bad down bias");
+
   const int64_t S = index.numel(), k = index.size(1);
   const int64_t* ids = index.const_data_ptr<int64_t>();
-  const float* w = weights.const_data_ptr<float>();
-  std::vector<int64_t> count(E, 0);
+  static thread_local std::vector<float> w_buf, rw_buf, x_buf, sum_buf;
+  static thread_local std::vector<int64_t> tok_buf;
+  static thread_local std::vector<c10::BFloat16> xb_buf;
+  float* w = scratch(w_buf, S);
+  switch (weights.scalar_type()) {
+    case at::kFloat: std::copy_n(weights.const_data_ptr<float>(), S, w); break;
+    case at::kBFloat16: widen_weights(weights.const_data_ptr<c10::BFloat16>(), S, w); break;
+    case at::kHalf: widen_weights(weights.const_data_ptr<c10::Half>(), S, w); break;
+    default: TORCH_CHECK(false, "top_k_weights must be fp32, bf16 or fp16");
+  }
+  std::vector<int64_t> count(static_cast<size_t>(E), 0);
   for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK(ids[s] >= 0 && static_cast<size_t>(ids[s]) < E, "expert id ", ids[s], " out of range [0, ", E, ")");
+    TORCH_CHECK(ids[s] >= 0 && ids[s] < E, "expert id ", ids[s], " out of range [0, ", E, ")");
     ++count[ids[s]];
   }
-  std::vector<int64_t> next(E, 0);
-  for (size_t e = 1; e < E; ++e) next[e] = next[e - 1] + count[e - 1];
-  std::vector<int64_t> starts, counts;
-  std::vector<Tensor> gu, dn;
-  c10::List<std::optional<Tensor>> gub, dnb;
-  for (size_t e = 0; e < E; ++e) {
-    if (count[e] == 0) continue;
-    starts.push_back(next[e]);
-    counts.push_back(count[e]);
-    const int64_t i = static_cast<int64_t>(e);
-    gu.push_back(gate_up.select(0, i));
-    dn.push_back(down.select(0, i));
-    gub.push_back(gate_up_bias ? std::optional<Tensor>(gate_up_bias->select(0, i)) : std::nullopt);
-    dnb.push_back(down_bias ? std::optional<Tensor>(down_bias->select(0, i)) : std::nullopt);
-  }
-  Tensor token_ids = index.new_empty({S});
-  Tensor route_weights = weights.new_empty({S});
-  int64_t* tok = token_ids.data_ptr<int64_t>();
-  float* rw = route_weights.data_ptr<float>();
+  std::vector<int64_t> next(static_cast<size_t>(E), 0);
+  for (int64_t e = 1; e < E; ++e) next[e] = next[e - 1] + count[e - 1];
+  int64_t* tok = scratch(tok_buf, S);
+  float* rw = scratch(rw_buf, S);
   for (int64_t s = 0; s < S; ++s) {  // a stable counting sort: s ascending within an expert
     const int64_t position = next[ids[s]]++;
     tok[position] = s / k;
     rw[position] = w[s];
   }
-  experts_group(hidden, token_ids, route_weights, starts, counts, gu, dn, gub, dnb, transposed, gate_kind, alpha,
-                limit, out);
+
+  // The assignments' token rows, gathered once in their grouped order (and in bf16 for the pair products).
+  float* xf = scratch(x_buf, S * H);
+  gather_tokens(hidden, tok, S, xf);
+  Input x{xf};
+  if (hidden.scalar_type() == at::kBFloat16 && dtype == at::kBFloat16 && !transposed &&
+      g_isa.load(std::memory_order_relaxed) == kIsaAvx512Bf16) {
+    c10::BFloat16* xb = scratch(xb_buf, S * H);
+    gather_rows(hidden.const_data_ptr<c10::BFloat16>(), H, tok, S, xb);
+    x.xb = xb;
+    x.ldxb = H;
+  }
+  const GateSpec gate{gate_kind, static_cast<float>(alpha), static_cast<float>(limit)};
+  const bool fp32 = hidden.scalar_type() == at::kFloat;
+  Tensor out = fp32 ? hidden.new_zeros(hidden.sizes()) : hidden.new_empty(hidden.sizes());
+  float* sums = fp32 ? out.data_ptr<float>() : scratch(sum_buf, T * H);
+  if (!fp32) std::fill_n(sums, T * H, 0.f);
+  if (dtype == at::kFloat) {
+    run_experts<float>(x, H, I, stacked_experts<float>(gate_up, down, gate_up_bias, down_bias, count, tok, rw), S,
+                       transposed, gate, sums);
+  } else if (dtype == at::kBFloat16) {
+    run_experts<c10::BFloat16>(x, H, I, stacked_experts<c10::BFloat16>(gate_up, down, gate_up_bias, down_bias, count,
+                                                                       tok, rw), S, transposed, gate, sums);
+  } else {
+    run_experts<c10::Half>(x, H, I, stacked_experts<c10::Half>(gate_up, down, gate_up_bias, down_bias, count, tok, rw),
+                           S, transposed, gate, sums);
+  }
+  if (hidden.scalar_type() == at::kBFloat16) round_rows(sums, T * H, out.data_ptr<c10::BFloat16>());
+  else if (hidden.scalar_type() == at::kHalf) round_rows(sums, T * H, out.data_ptr<c10::Half>());
+  return out;
 }
 
 // out [T, N] = x [T, K] @ w [N, K]^T (+ bias [N]): a dense projection (attention, router, LM head) on the experts'
@@ -1229,6 +1313,34 @@ void attend(const AttentionShape& a, const T* q, const T* k, const T* v, const f
   }
 }
 
+// One layer's new KV rows into the paged store (engine.attention.PagedKVStore.update): store [heads, slots, dim]
+// contiguous, rows [1, heads, T, dim] as the model's attention hands them (any strides but a unit inner one: keys
+// come out of RoPE, values are a transposed view), slots [T] int64: store[h][slots[t]] = rows[0][h][t]. Both the
+// key and the value rows in one call, where two index_copy_ calls cost ~5 us each in decode.
+void write_rows(const Tensor& store, const Tensor& rows, const int64_t* slot, int64_t T, const char* what) {
+  TORCH_CHECK(store.dim() == 3 && store.is_contiguous(), what, " store must be [heads, slots, dim] contiguous");
+  TORCH_CHECK(rows.dim() == 4 && rows.size(0) == 1 && rows.size(1) == store.size(0) && rows.size(2) == T &&
+                  rows.size(3) == store.size(2) && rows.stride(3) == 1,
+              what, " rows must be [1, ", store.size(0), ", ", T, ", ", store.size(2), "] with unit inner stride");
+  TORCH_CHECK(rows.scalar_type() == store.scalar_type(), what, " rows and store differ in dtype");
+  const int64_t heads = store.size(0), num_slots = store.size(1), bytes = store.size(2) * store.element_size();
+  const int64_t element = store.element_size();
+  char* dst = static_cast<char*>(store.data_ptr());
+  const char* src = static_cast<const char*>(rows.const_data_ptr());
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "slot ", slot[t], " out of range");
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t t = 0; t < T; ++t)
+      std::memcpy(dst + (h * num_slots + slot[t]) * bytes, src + (h * rows.stride(1) + t * rows.stride(2)) * element,
+                  bytes);
+}
+
+void kv_write(const Tensor& keys, const Tensor& values, const Tensor& key, const Tensor& value, const Tensor& slots) {
+  TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous(), "slots must be [T] int64");
+  const int64_t T = slots.size(0);
+  write_rows(keys, key, slots.const_data_ptr<int64_t>(), T, "key");
+  write_rows(values, value, slots.const_data_ptr<int64_t>(), T, "value");
+}
+
 // The op. query [H, T, d], key [Hk, R, d], value [Hk, R, dv] (one dtype: fp32, bf16 or fp16; unit inner stride,
 // Hk divides H); spans [S, 3] int64: (query row t, first context row, context length) of each decode token;
 // window > 0 limits a token to its context's last `window` rows (a sliding window); sinks [H] fp32 or None;
@@ -1315,6 +1427,7 @@ TORCH_LIBRARY(moeserve, m) {
   m.def("experts_runs(int choice) -> int", &experts_runs);
   m.def("dense(Tensor x, Tensor w, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("dense_rows(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("kv_write(Tensor(a!) keys, Tensor(b!) values, Tensor key, Tensor value, Tensor slots) -> ()");
   m.def("rms_norm(Tensor x, Tensor w, float eps, bool round_first, Tensor(a!) out) -> ()");
   m.def("rms_norm_like(Tensor x, Tensor w, float eps, bool round_first) -> Tensor");
   m.def("route_topk(Tensor logits, int k, bool renormalize, Tensor(a!) scores, Tensor(b!) indices) -> bool");
@@ -1327,8 +1440,7 @@ TORCH_LIBRARY(moeserve, m) {
       "int gate_kind, float alpha, float limit, Tensor(a!) out) -> ()");
   m.def(
       "experts_routed(Tensor hidden, Tensor top_k_index, Tensor top_k_weights, Tensor gate_up, Tensor down, "
-      "Tensor? gate_up_bias, Tensor? down_bias, bool transposed, int gate_kind, float alpha, float limit, "
-      "Tensor(a!) out) -> ()");
+      "Tensor? gate_up_bias, Tensor? down_bias, bool transposed, int gate_kind, float alpha, float limit) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moeserve, CPU, m) {
@@ -1340,4 +1452,5 @@ TORCH_LIBRARY_IMPL(moeserve, CPU, m) {
   m.impl("rms_norm_like", &rms_norm_like);
   m.impl("route_topk", &route_topk);
   m.impl("decode_attention", &decode_attention);
+  m.impl("kv_write", &kv_write);
 }
