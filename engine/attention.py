@@ -4,7 +4,8 @@ The model runner flattens one step's requests into a single sequence of T new to
 calls the transformers model with
 
 - ``cache=PagedKVStore``: every attention layer calls ``cache.update(key, value, layer_idx, kwargs=...)``;
-  the store writes the new tokens' key/value rows into their slots (block * 16 + offset) and returns, for
+  the store writes the new tokens' key/value rows into their slots (block * 16 + offset; on the CPU one
+  ``torch.ops.moeserve.kv_write`` call for both, else two ``index_copy_``) and returns, for
   each request of the step, the rows of its whole context, concatenated request after request. Rows are
   whatever the layer caches — heads x head_dim for most models, DeepSeek's single-head compressed latent
   and rotary key — so per-layer storage is allocated on first use with the shapes it is given. In a step
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from engine.offload.kernels import KERNEL_DTYPES, load_experts_kernel
+from engine.offload.kernels import KERNEL_DTYPES, kernel_op, load_experts_kernel
 
 ATTENTION_NAME = "moeserve_paged"
 GATHERED_CACHE_MODEL_TYPES = frozenset({"deepseek_v2", "deepseek_v3"})
@@ -142,8 +143,12 @@ class PagedKVStore:
             raise RuntimeError("PagedKVStore.update called outside a step (no BatchLayout set)")
         keys = self._storage(self._keys, layer_idx, key)
         values = self._storage(self._values, layer_idx, value)
-        keys.index_copy_(1, layout.write_slots, key[0])
-        values.index_copy_(1, layout.write_slots, value[0])
+        if (key.device.type == "cpu" and key.stride(-1) == 1 and value.stride(-1) == 1
+                and load_experts_kernel() is not None):
+            kernel_op("kv_write")(keys, values, key, value, layout.write_slots)  # both in one op call
+        else:
+            keys.index_copy_(1, layout.write_slots, key[0])
+            values.index_copy_(1, layout.write_slots, value[0])
         if layout.by_slot:
             return keys[None], values[None]
         return keys.index_select(1, layout.read_slots)[None], values.index_select(1, layout.read_slots)[None]

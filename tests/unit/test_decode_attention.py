@@ -164,6 +164,45 @@ def test_the_kv_store_hands_over_its_storage_by_slot() -> None:
     assert torch.equal(store.update(key, value, 0)[0][0, :, 52], key[0, :, 0])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_kv_write_op_equals_index_copy(experts_kernel, dtype: torch.dtype) -> None:
+    """The store's one-call write (``moeserve::kv_write``) puts every row where two ``index_copy_`` calls put it,
+    from rows laid out as the model hands them: keys fresh out of RoPE, values a transposed view."""
+    generator = torch.Generator().manual_seed(3)
+    heads, tokens, dim, value_dim, slots = 3, 5, 8, 6, 40
+    keys, values = torch.zeros(heads, slots, dim, dtype=dtype), torch.zeros(heads, slots, value_dim, dtype=dtype)
+    key = torch.randn(1, tokens, heads, dim, generator=generator).to(dtype).transpose(1, 2) * 2  # [1, H, T, d]
+    value = torch.randn(1, tokens, heads, value_dim, generator=generator).to(dtype).transpose(1, 2)
+    assert not key.is_contiguous() and not value.is_contiguous()
+    write_slots = torch.tensor([7, 0, 39, 16, 8])
+    torch.ops.moeserve.kv_write(keys, values, key, value, write_slots)
+    expected_keys = torch.zeros_like(keys).index_copy_(1, write_slots, key[0])
+    expected_values = torch.zeros_like(values).index_copy_(1, write_slots, value[0])
+    assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+    with pytest.raises(RuntimeError, match="slot 40 out of range"):
+        torch.ops.moeserve.kv_write(keys, values, key, value, torch.tensor([1, 2, 3, 4, 40]))
+    with pytest.raises(RuntimeError, match="differ in dtype"):
+        torch.ops.moeserve.kv_write(keys, values, key.double(), value, write_slots)
+
+
+def test_the_kv_store_writes_through_the_op_as_without_it(experts_kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A multi-token step written by the kernel's op and by ``index_copy_`` (kernel missing) leaves equal stores."""
+    stores = []
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.setattr(attention, "load_experts_kernel", lambda: None)
+        store = attention.PagedKVStore(num_layers=2, num_slots=64)
+        store.layout = BatchLayout.build([(3, 4, [2, 0]), (17, 1, [1, 3])], block_size=16, by_slot=True)
+        generator = torch.Generator().manual_seed(5)
+        for layer in range(2):
+            key = torch.randn(1, 5, 2, 8, generator=generator).transpose(1, 2)
+            store.update(key, torch.randn(1, 5, 2, 4, generator=generator).transpose(1, 2), layer)
+        stores.append(store)
+    for ours, theirs in zip((*stores[0]._keys, *stores[0]._values), (*stores[1]._keys, *stores[1]._values)):
+        assert torch.equal(ours, theirs)
+    assert stores[0]._keys[0].abs().sum() > 0
+
+
 def test_paged_attention_scale_defaults_to_inverse_sqrt_dim(experts_kernel) -> None:
     layout, query, key, value = mixed_step(heads=4, kv_heads=4, dim=16, dtype=torch.float32)
     with torch.no_grad():
