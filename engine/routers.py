@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.dense import router_product
+from engine.dense import MAX_ROWS, RowStreamWeight, router_product
 from engine.offload.experts import moe_routers
-from engine.offload.kernels import KERNEL_DTYPES, load_experts_kernel
+from engine.offload.kernels import KERNEL_DTYPES, kernel_op, load_experts_kernel
 from engine.replacement import ModuleReplacement, replace_reproduced
 
 VARIANTS = tuple((renormalize, scores_in_logits_dtype) for renormalize in (True, False)
@@ -51,10 +51,22 @@ class KernelTopKRouter(ModuleReplacement):
         self.scores_in_logits_dtype = scores_in_logits_dtype
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        weight = self.weight
-        hidden = hidden_states.reshape(-1, weight.shape[-1])
-        if not (0 < hidden.shape[0] <= self.max_rows and hidden.device.type == "cpu" and hidden.dtype == weight.dtype
-                and not torch.is_grad_enabled()):
+        # The weight's attributes and the op as on a plain tensor: on a RowStreamWeight every attribute read would
+        # go through its __torch_function__ (engine.dense.router_product).
+        with torch._C.DisableTorchFunctionSubclass():
+            weight = self.weight
+            hidden = hidden_states.reshape(-1, weight.shape[-1])
+            rows = hidden.shape[0]
+            served = (0 < rows <= self.max_rows and hidden.device.type == "cpu" and hidden.dtype == weight.dtype
+                      and not torch.is_grad_enabled())
+            if served and isinstance(weight, RowStreamWeight) and rows <= MAX_ROWS and hidden.dtype in KERNEL_DTYPES:
+                # A weight the kernel streams: the product and the selection in one op call.
+                logits, scores, indices, tied = kernel_op("router_topk")(
+                    hidden.contiguous(), weight, self.top_k, self.renormalize, self.scores_in_logits_dtype)
+                if not tied:
+                    return logits, scores, indices
+                served = False  # equal probabilities: torch's own order
+        if not served:
             return self.original(hidden_states)
         # The original's product: on the kernel where the weight streams (engine.dense.RowStreamWeight), called
         # directly rather than through F.linear's dispatch to the weight's __torch_function__.

@@ -14,7 +14,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
 
-from engine.dense import MAX_ROWS, RowStreamWeight
+from engine.dense import MAX_ROWS, RowStreamWeight, stream_router_weights
 from engine.model_runner import ModelRunner
 from engine.offload.experts import moe_routers
 from engine.replacement import original_modules
@@ -110,6 +110,30 @@ def test_the_swap_reproduces_the_router_and_falls_back_to_it(experts_kernel) -> 
         assert "moeserve::route_topk" in {event.name for event in profile.events()}
     x = torch.randn(1, 96).to(torch.bfloat16).requires_grad_()
     assert block.gate(x)[0].grad_fn is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_streamed_weight_routes_in_one_op_call(experts_kernel, dtype: torch.dtype) -> None:
+    """With its weight on the kernel's row paths (a RowStreamWeight), the router's product and selection are one
+    ``moeserve::router_topk`` call: the original's logits and indices exactly, its scores within a few units in the
+    last place; tied rows still run the original."""
+    original = _router(MixtralTopKRouter, dtype)
+    assert stream_router_weights([original]) == 1 and isinstance(original.weight, RowStreamWeight)
+    router = KernelTopKRouter(original, 2, True, False)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for rows in (1, 2, MAX_ROWS):
+            hidden = torch.randn(rows, 96).to(dtype)
+            with torch.profiler.profile() as profile:
+                got = router(hidden)
+            names = [event.name for event in profile.events() if event.name.startswith("moeserve::")]
+            assert names == ["moeserve::router_topk"], names
+            expected = original(hidden)
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[2], expected[2])
+            assert got[1].dtype == expected[1].dtype
+            torch.testing.assert_close(got[1], expected[1], rtol=4 * torch.finfo(torch.float32).eps, atol=0)
+        tie = torch.zeros(1, 96, dtype=dtype)
+        assert all(torch.equal(a, b) for a, b in zip(router(tie), original(tie)))
 
 
 def test_fuse_routers_replaces_the_routers_it_reproduces(experts_kernel, demo_model: Callable[..., Path]) -> None:

@@ -1313,6 +1313,22 @@ void attend(const AttentionShape& a, const T* q, const T* k, const T* v, const f
   }
 }
 
+// A few-row router in one call (engine.routers.KernelTopKRouter): its logits = hidden [T, H] @ weight [E, H]^T in
+// hidden's dtype (dense_rows: as F.linear rounds them), then route_topk over them into new scores ([T, k], fp32 or
+// the logits' dtype) and indices ([T, k] int64). The last output is route_topk's verdict: true when some row's top
+// k + 1 probabilities hold equal values (the caller then runs torch's own selection).
+std::tuple<Tensor, Tensor, Tensor, bool> router_topk(const Tensor& hidden, const Tensor& weight, int64_t k,
+                                                     bool renormalize, bool scores_in_logits_dtype) {
+  TORCH_CHECK(hidden.dim() == 2, "hidden must be [T, H]");
+  const Tensor logits = dense_rows(hidden, weight, std::nullopt);
+  const int64_t T = logits.size(0);
+  Tensor scores = logits.new_empty({T, k}, logits.options().dtype(scores_in_logits_dtype ? logits.scalar_type()
+                                                                                          : at::kFloat));
+  Tensor indices = logits.new_empty({T, k}, logits.options().dtype(at::kLong));
+  const bool tied = route_topk(logits, k, renormalize, scores, indices);
+  return {logits, scores, indices, tied};
+}
+
 // One layer's new KV rows into the paged store (engine.attention.PagedKVStore.update): store [heads, slots, dim]
 // contiguous, rows [1, heads, T, dim] as the model's attention hands them (any strides but a unit inner one: keys
 // come out of RoPE, values are a transposed view), slots [T] int64: store[h][slots[t]] = rows[0][h][t]. Both the
@@ -1427,6 +1443,8 @@ TORCH_LIBRARY(moeserve, m) {
   m.def("experts_runs(int choice) -> int", &experts_runs);
   m.def("dense(Tensor x, Tensor w, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("dense_rows(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("router_topk(Tensor hidden, Tensor weight, int k, bool renormalize, bool scores_in_logits_dtype) -> "
+        "(Tensor, Tensor, Tensor, bool)");
   m.def("kv_write(Tensor(a!) keys, Tensor(b!) values, Tensor key, Tensor value, Tensor slots) -> ()");
   m.def("rms_norm(Tensor x, Tensor w, float eps, bool round_first, Tensor(a!) out) -> ()");
   m.def("rms_norm_like(Tensor x, Tensor w, float eps, bool round_first) -> Tensor");
@@ -1453,4 +1471,5 @@ TORCH_LIBRARY_IMPL(moeserve, CPU, m) {
   m.impl("route_topk", &route_topk);
   m.impl("decode_attention", &decode_attention);
   m.impl("kv_write", &kv_write);
+  m.impl("router_topk", &router_topk);
 }
