@@ -18,7 +18,8 @@ calls the transformers model with
   request, a sliding window where the layer has one, gpt_oss's attention sinks where it has them. On the CPU,
   every request with one new token this step (decode) is served by one call of the compiled kernel's
   ``torch.ops.moeserve.decode_attention`` (engine.offload.kernels; torch's SDPA costs 2-13 x more per call at
-  decode sizes: benchmarks/decode_attention.py); requests with more new tokens (prompt chunks), other devices
+  decode sizes: benchmarks/decode_attention.py), as ``decode_attention_rows``, which takes the model's
+  [1, heads, rows, dim] tensors and allocates the output itself; requests with more new tokens (prompt chunks), other devices
   and a missing kernel take ``F.scaled_dot_product_attention``.
 - ``moeserve_batch=BatchLayout``: the step's layout, passed through the model's ``**kwargs`` to every
   attention call.
@@ -190,13 +191,11 @@ def paged_attention_forward(
         outputs = [_span_attention(query, *_span_rows(key, value, span, layout), span, scaling, sliding_window, s_aux)
                    for span in layout.spans]
         return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
-    out = query.new_empty(1, query.shape[2], query.shape[1], value.shape[3])  # [1, T, H, dv]
-    single = layout.single_token_spans
-    if len(single):
-        sinks = s_aux.float().contiguous() if s_aux is not None else None
-        scale = scaling if scaling is not None else query.shape[3] ** -0.5
-        torch.ops.moeserve.decode_attention.default(query[0], key[0], value[0], single, scale, sliding_window or 0,
-                                                    sinks, layout.read_slots if layout.by_slot else None, out[0])
+    # One call for every decode token's row of the new [1, T, H, dv] output (none in a step of prompt chunks only).
+    out = kernel_op("decode_attention_rows")(
+        query, key, value, layout.single_token_spans, scaling if scaling is not None else query.shape[3] ** -0.5,
+        sliding_window or 0, s_aux.float().contiguous() if s_aux is not None else None,
+        layout.read_slots if layout.by_slot else None)
     for span in layout.multi_token_spans:
         out[:, span.q_start : span.q_end] = _span_attention(query, *_span_rows(key, value, span, layout), span,
                                                             scaling, sliding_window, s_aux).transpose(1, 2)

@@ -1416,6 +1416,20 @@ void decode_attention(const Tensor& query, const Tensor& key, const Tensor& valu
   }
 }
 
+// decode_attention on the model's own [1, heads, T, dim] tensors (transformers' attention layout, batch 1), into a
+// new [1, T, H, dv] output of the query's dtype: the paged attention function's one call per layer in decode, with
+// no indexing or allocation around it. Rows of tokens no span names (prompt chunks) are left for the caller.
+Tensor decode_attention_rows(const Tensor& query, const Tensor& key, const Tensor& value, const Tensor& spans,
+                             double scale, int64_t window, const std::optional<Tensor>& sinks,
+                             const std::optional<Tensor>& slots) {
+  TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4 && query.size(0) == 1 && key.size(0) == 1 &&
+                  value.size(0) == 1, "query, key and value must be [1, heads, rows, dim]");
+  Tensor out = query.new_empty({1, query.size(2), query.size(1), value.size(3)});
+  decode_attention(query.select(0, 0), key.select(0, 0), value.select(0, 0), spans, scale, window, sinks, slots,
+                   out.select(0, 0));
+  return out;
+}
+
 // The instruction set the kernel's decode paths use: 0 AVX2 (every CPU the kernel loads on), 1 AVX-512, 2 AVX-512
 // with bf16 pair products (the default is the best the CPU has). ``choice`` >= 0 selects one; returns the one in use.
 int64_t experts_isa(int64_t choice) {
@@ -1445,6 +1459,8 @@ TORCH_LIBRARY(moeserve, m) {
   m.def("dense_rows(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("router_topk(Tensor hidden, Tensor weight, int k, bool renormalize, bool scores_in_logits_dtype) -> "
         "(Tensor, Tensor, Tensor, bool)");
+  m.def("decode_attention_rows(Tensor query, Tensor key, Tensor value, Tensor spans, float scale, int window, "
+        "Tensor? sinks, Tensor? slots) -> Tensor");
   m.def("kv_write(Tensor(a!) keys, Tensor(b!) values, Tensor key, Tensor value, Tensor slots) -> ()");
   m.def("rms_norm(Tensor x, Tensor w, float eps, bool round_first, Tensor(a!) out) -> ()");
   m.def("rms_norm_like(Tensor x, Tensor w, float eps, bool round_first) -> Tensor");
@@ -1471,5 +1487,6 @@ TORCH_LIBRARY_IMPL(moeserve, CPU, m) {
   m.impl("route_topk", &route_topk);
   m.impl("decode_attention", &decode_attention);
   m.impl("kv_write", &kv_write);
+  m.impl("decode_attention_rows", &decode_attention_rows);
   m.impl("router_topk", &router_topk);
 }
