@@ -113,13 +113,19 @@ def test_the_swap_reproduces_the_router_and_falls_back_to_it(experts_kernel) -> 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_a_streamed_weight_routes_in_one_op_call(experts_kernel, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("cls", "extra"), [(MixtralTopKRouter, {}), (Qwen2MoeTopKRouter, {"norm_topk_prob": False}),
+                                            (Qwen2MoeTopKRouter, {"norm_topk_prob": True})],
+                         ids=["mixtral", "qwen2_moe", "qwen2_moe-renormalized"])
+def test_a_streamed_weight_routes_in_one_op_call(experts_kernel, dtype: torch.dtype, cls: type[nn.Module],
+                                                 extra: dict) -> None:
     """With its weight on the kernel's row paths (a RowStreamWeight), the router's product and selection are one
-    ``moeserve::router_topk`` call: the original's logits and indices exactly, its scores within a few units in the
-    last place; tied rows still run the original."""
-    original = _router(MixtralTopKRouter, dtype)
+    ``moeserve::router_topk`` call: the original's logits and indices exactly, its scores (fp32 or the logits'
+    dtype, as its class gives them) within a few units in the last place; tied rows still run the original."""
+    original = _router(cls, dtype, **extra)
+    variant = matching_variant(original, torch.Generator().manual_seed(1))
+    assert variant is not None
     assert stream_router_weights([original]) == 1 and isinstance(original.weight, RowStreamWeight)
-    router = KernelTopKRouter(original, 2, True, False)
+    router = KernelTopKRouter(original, 2, *variant)
     torch.manual_seed(4)
     with torch.no_grad():
         for rows in (1, 2, MAX_ROWS):
@@ -131,7 +137,7 @@ def test_a_streamed_weight_routes_in_one_op_call(experts_kernel, dtype: torch.dt
             expected = original(hidden)
             assert torch.equal(got[0], expected[0]) and torch.equal(got[2], expected[2])
             assert got[1].dtype == expected[1].dtype
-            torch.testing.assert_close(got[1], expected[1], rtol=4 * torch.finfo(torch.float32).eps, atol=0)
+            torch.testing.assert_close(got[1], expected[1], rtol=4 * torch.finfo(got[1].dtype).eps, atol=0)
         tie = torch.zeros(1, 96, dtype=dtype)
         assert all(torch.equal(a, b) for a, b in zip(router(tie), original(tie)))
 
