@@ -51,18 +51,19 @@ class RowStreamLinear(nn.Linear):
     _served: weakref.ref | None = None  # the weight last found servable (a weak reference: never keeps it alive)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if rows > self.max_rows or not self._kernel_serves(x):
-            return F.linear(x, self.weight, self.bias)
-        return _kernel_product(x, self.weight, self.bias)
+        # Decode runs this five times a layer: the parameters read from their dict (not through Module.__getattr__),
+        # the input's checks inline (`_input_served`), and the weight's once per weight tensor (`_weight_served`).
+        parameters = self._parameters
+        weight, bias = parameters["weight"], parameters["bias"]
+        if (x.numel() <= self.max_rows * self.in_features and x.is_cpu and x.dtype in KERNEL_DTYPES
+                and not torch.is_grad_enabled() and self._weight_checked(weight)):
+            return kernel_op("dense_rows")(x.contiguous(), weight, bias)
+        return F.linear(x, weight, bias)
 
-    def _kernel_serves(self, x: torch.Tensor) -> bool:
-        """Whether the kernel takes this input with this layer's weight: the weight's side (`_weight_served`) is
-        checked once per weight tensor, the input's on every call."""
-        if not _input_served(x):
-            return False
-        weight = self.weight
-        if self._served is None or self._served() is not weight:
+    def _weight_checked(self, weight: torch.Tensor) -> bool:
+        """Whether the kernel takes this layer's weight (`_weight_served`), checked once per weight tensor."""
+        served = self._served
+        if served is None or served() is not weight:
             if not _weight_served(weight):
                 return False
             self._served = weakref.ref(weight)
@@ -70,8 +71,9 @@ class RowStreamLinear(nn.Linear):
 
 
 def _input_served(x: torch.Tensor) -> bool:
-    """The input's side of what ``torch.ops.moeserve.dense`` takes: on the CPU, a kernel dtype, no autograd."""
-    return x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and not torch.is_grad_enabled()
+    """The input's side of what ``torch.ops.moeserve.dense`` takes: on the CPU, a kernel dtype, no autograd
+    (`RowStreamLinear.forward` checks the same inline)."""
+    return x.is_cpu and x.dtype in KERNEL_DTYPES and not torch.is_grad_enabled()
 
 
 def _weight_served(weight: torch.Tensor) -> bool:
@@ -186,7 +188,7 @@ def calibrate_row_paths(model: nn.Module, rows: Sequence[int] = CALIBRATION_ROWS
     for key, group in layers.items():
         probe = torch.zeros(1, group[0].in_features, dtype=group[0].weight.dtype)
         with torch.no_grad():
-            if not group[0]._kernel_serves(probe):
+            if not (_input_served(probe) and group[0]._weight_checked(group[0].weight)):
                 continue
         chosen[key] = kernel_max_rows({r: timer(group[0], r) for r in rows})
         for layer in group:

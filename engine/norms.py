@@ -43,11 +43,10 @@ class KernelRMSNorm(ModuleReplacement):
         self.round_first = round_first
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        rows = hidden_states.numel() // weight.shape[0] if weight.shape[0] else 0
-        if not (0 < rows <= self.max_rows and hidden_states.shape[-1] == weight.shape[0]
-                and hidden_states.dtype == weight.dtype and hidden_states.device.type == "cpu"
-                and not torch.is_grad_enabled()):
+        weight = self._parameters["weight"]  # not through Module.__getattr__: decode runs this twice a layer
+        size = weight.shape[0]
+        if not (0 < hidden_states.numel() <= self.max_rows * size and hidden_states.shape[-1] == size
+                and hidden_states.dtype == weight.dtype and hidden_states.is_cpu and not torch.is_grad_enabled()):
             return self.original(hidden_states)
         # One op call that allocates the output (``rms_norm`` behind ``rms_norm_like``): a decode layer runs two.
         return kernel_op("rms_norm_like")(hidden_states.contiguous(), weight, self.eps, self.round_first)
