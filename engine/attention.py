@@ -144,8 +144,7 @@ class PagedKVStore:
             raise RuntimeError("PagedKVStore.update called outside a step (no BatchLayout set)")
         keys = self._storage(self._keys, layer_idx, key)
         values = self._storage(self._values, layer_idx, value)
-        if (key.device.type == "cpu" and key.stride(-1) == 1 and value.stride(-1) == 1
-                and load_experts_kernel() is not None):
+        if key.is_cpu and key.stride(-1) == 1 and value.stride(-1) == 1 and load_experts_kernel() is not None:
             kernel_op("kv_write")(keys, values, key, value, layout.write_slots)  # both in one op call
         else:
             keys.index_copy_(1, layout.write_slots, key[0])
@@ -215,7 +214,7 @@ def _span_rows(key: torch.Tensor, value: torch.Tensor, span: RequestSpan,
 def _kernel_serves(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether ``torch.ops.moeserve.decode_attention`` takes these tensors: on the CPU, one kernel dtype, no
     autograd, the kernel built."""
-    return (query.device.type == "cpu" and query.dtype in KERNEL_DTYPES and key.dtype == value.dtype == query.dtype
+    return (query.is_cpu and query.dtype in KERNEL_DTYPES and key.dtype == value.dtype == query.dtype
             and not torch.is_grad_enabled() and load_experts_kernel() is not None)
 
 

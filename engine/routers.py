@@ -54,10 +54,10 @@ class KernelTopKRouter(ModuleReplacement):
         # The weight's attributes and the op as on a plain tensor: on a RowStreamWeight every attribute read would
         # go through its __torch_function__ (engine.dense.router_product).
         with torch._C.DisableTorchFunctionSubclass():
-            weight = self.weight
+            weight = self._parameters["weight"]  # not through Module.__getattr__
             hidden = hidden_states.reshape(-1, weight.shape[-1])
             rows = hidden.shape[0]
-            served = (0 < rows <= self.max_rows and hidden.device.type == "cpu" and hidden.dtype == weight.dtype
+            served = (0 < rows <= self.max_rows and hidden.is_cpu and hidden.dtype == weight.dtype
                       and not torch.is_grad_enabled())
             if served and isinstance(weight, RowStreamWeight) and rows <= MAX_ROWS and hidden.dtype in KERNEL_DTYPES:
                 # A weight the kernel streams: the product and the selection in one op call.
