@@ -749,6 +749,13 @@ T* scratch(std::vector<T>& buf, int64_t numel) {
   return buf.data();
 }
 
+// Whether a group's projections take the bf16 pair products (bf16 tokens and row-major bf16 weights on AVX-512
+// BF16), which read the tokens' bf16 rows as well as their fp32 ones.
+bool pair_products(const Tensor& hidden, at::ScalarType dtype, bool transposed) {
+  return hidden.scalar_type() == at::kBFloat16 && dtype == at::kBFloat16 && !transposed &&
+         g_isa.load(std::memory_order_relaxed) == kIsaAvx512Bf16;
+}
+
 struct ExpertArgs {
   const Tensor& gate_up;
   const Tensor& down;
@@ -879,8 +886,7 @@ void experts_group(const Tensor& hidden, const Tensor& token_ids, const Tensor& 
   float* xf = scratch(x_buf, rows * H);
   for (int64_t e = 0; e < G; ++e) gather_tokens(hidden, tok + starts[e], counts[e], xf + x_rows[e] * H);
   Input x{xf};
-  if (hidden.scalar_type() == at::kBFloat16 && dtype == at::kBFloat16 && !transposed &&
-      g_isa.load(std::memory_order_relaxed) == kIsaAvx512Bf16) {  // the bf16 rows too, for the pair products
+  if (pair_products(hidden, dtype, transposed)) {  // the bf16 rows too
     c10::BFloat16* xb = scratch(xb_buf, rows * H);
     const c10::BFloat16* src = hidden.const_data_ptr<c10::BFloat16>();
     for (int64_t e = 0; e < G; ++e) gather_rows(src, H, tok + starts[e], counts[e], xb + x_rows[e] * H);
@@ -932,16 +938,19 @@ std::vector<ExpertPtrs<W>> stacked_experts(const Tensor& gate_up, const Tensor& 
   return experts;
 }
 
+// out[t][n] = O(y[t][n]) for columns [c0, c1) of [T, N] rows: fp32 sums rounded to a 16-bit output (the rounding of
+// torch's .to()).
+template <typename O>
+inline void store_rows(const float* y, int64_t T, int64_t N, int64_t c0, int64_t c1, O* out) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t n = c0; n < c1; ++n) out[t * N + n] = static_cast<O>(y[t * N + n]);
+}
+
 template <typename R>
 void widen_weights(const R* src, int64_t n, float* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-// Rows of out [T, H] of hidden's dtype from the fp32 sums (the same rounding as torch's .to()).
-template <typename O>
-void round_rows(const float* sums, int64_t n, O* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<O>(sums[i]);
-}
 
 Tensor experts_routed(const Tensor& hidden, const Tensor& top_k_index, const Tensor& top_k_weights,
                       const Tensor& gate_up, const Tensor& down, const std::optional<Tensor>& gate_up_bias,
@@ -1003,8 +1012,7 @@ Tensor experts_routed(const Tensor& hidden, const Tensor& top_k_index, const Ten
   float* xf = scratch(x_buf, S * H);
   gather_tokens(hidden, tok, S, xf);
   Input x{xf};
-  if (hidden.scalar_type() == at::kBFloat16 && dtype == at::kBFloat16 && !transposed &&
-      g_isa.load(std::memory_order_relaxed) == kIsaAvx512Bf16) {
+  if (pair_products(hidden, dtype, transposed)) {
     c10::BFloat16* xb = scratch(xb_buf, S * H);
     gather_rows(hidden.const_data_ptr<c10::BFloat16>(), H, tok, S, xb);
     x.xb = xb;
@@ -1025,8 +1033,8 @@ Tensor experts_routed(const Tensor& hidden, const Tensor& top_k_index, const Ten
     run_experts<c10::Half>(x, H, I, stacked_experts<c10::Half>(gate_up, down, gate_up_bias, down_bias, count, tok, rw),
                            S, transposed, gate, sums);
   }
-  if (hidden.scalar_type() == at::kBFloat16) round_rows(sums, T * H, out.data_ptr<c10::BFloat16>());
-  else if (hidden.scalar_type() == at::kHalf) round_rows(sums, T * H, out.data_ptr<c10::Half>());
+  if (hidden.scalar_type() == at::kBFloat16) store_rows(sums, T, H, 0, H, out.data_ptr<c10::BFloat16>());
+  else if (hidden.scalar_type() == at::kHalf) store_rows(sums, T, H, 0, H, out.data_ptr<c10::Half>());
   return out;
 }
 
@@ -1034,12 +1042,6 @@ Tensor experts_routed(const Tensor& hidden, const Tensor& top_k_index, const Ten
 // row paths, split over torch's threads in chunks of output rows. x fp32, bf16 or fp16; w and bias fp32, bf16 or
 // fp16, of one dtype; out fp32, or x's dtype (rounded from the fp32 result, in the same parallel pass, so a caller
 // in bf16 needs no conversion op after). engine.dense runs the model's one-row products through it.
-template <typename O>
-inline void store_rows(const float* y, int64_t T, int64_t N, int64_t c0, int64_t c1, O* out) {
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t n = c0; n < c1; ++n) out[t * N + n] = static_cast<O>(y[t * N + n]);
-}
-
 void dense(const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias, const Tensor& out) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be [T, K] contiguous");
   TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1 && w.size(1) == x.size(1), "w must be [N, ", x.size(1),
