@@ -52,12 +52,11 @@ class RowStreamLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Decode runs this five times a layer: the parameters read from their dict (not through Module.__getattr__),
-        # the input's checks inline (`_input_served`), and the weight's once per weight tensor (`_weight_served`).
+        # the weight's side checked once per weight tensor (`_weight_checked`).
         parameters = self._parameters
         weight, bias = parameters["weight"], parameters["bias"]
-        if (x.numel() <= self.max_rows * self.in_features and x.is_cpu and x.dtype in KERNEL_DTYPES
-                and not torch.is_grad_enabled() and self._weight_checked(weight)):
-            return kernel_op("dense_rows")(x.contiguous(), weight, bias)
+        if x.numel() <= self.max_rows * self.in_features and _input_served(x) and self._weight_checked(weight):
+            return _kernel_product(x, weight, bias)
         return F.linear(x, weight, bias)
 
     def _weight_checked(self, weight: torch.Tensor) -> bool:
@@ -71,14 +70,13 @@ class RowStreamLinear(nn.Linear):
 
 
 def _input_served(x: torch.Tensor) -> bool:
-    """The input's side of what ``torch.ops.moeserve.dense`` takes: on the CPU, a kernel dtype, no autograd
-    (`RowStreamLinear.forward` checks the same inline)."""
+    """The input's side of what ``torch.ops.moeserve.dense`` takes: on the CPU, a kernel dtype, no autograd."""
     return x.is_cpu and x.dtype in KERNEL_DTYPES and not torch.is_grad_enabled()
 
 
 def _weight_served(weight: torch.Tensor) -> bool:
     """The weight's side: on the CPU, a kernel dtype, unit inner stride, the kernel built."""
-    return (weight.device.type == "cpu" and weight.dtype in KERNEL_DTYPES and weight.stride(-1) == 1
+    return (weight.is_cpu and weight.dtype in KERNEL_DTYPES and weight.stride(-1) == 1
             and row_stream_available())
 
 
@@ -104,30 +102,30 @@ class RowStreamWeight(nn.Parameter):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            product = router_product(*args, **kwargs)
+            product = _router_product(*args, **kwargs)
             if product is not None:
                 return product
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
 
-def router_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``F.linear(x, weight, bias)`` on the kernel when it takes it (few rows, `_input_served`, `_weight_served`,
-    one dtype), else None. A router that holds a `RowStreamWeight` may call this itself first: the same product
-    without ``F.linear``'s dispatch to ``__torch_function__`` (a few us per layer in decode)."""
-    if not isinstance(weight, RowStreamWeight) or isinstance(x, RowStreamWeight):
-        return None
-    # The weight's attributes, the checks and the op as on a plain tensor: on the subclass every attribute read
-    # (dtype, device, stride) would go through __torch_function__, ~1.5 us each.
-    with torch._C.DisableTorchFunctionSubclass():
-        if weight.dim() != 2:
-            return None
-        in_features = weight.shape[-1]
-        rows = x.numel() // in_features if in_features else 0
-        if not (0 < rows <= MAX_ROWS and _input_served(x) and x.dtype == weight.dtype and _weight_served(weight)
-                and (bias is None or bias.dtype == weight.dtype)):
-            return None
-        return _kernel_product(x, weight, bias)
+def streams_on_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether ``F.linear(x, weight, bias)`` runs on the kernel: ``weight`` a 2-D `RowStreamWeight`, few rows,
+    `_input_served`, `_weight_served`, one dtype. Call it with torch-function subclasses disabled
+    (``torch._C.DisableTorchFunctionSubclass``): on the subclass every attribute read (dtype, device, stride) would go
+    through ``__torch_function__``, ~1.5 us each."""
+    if not isinstance(weight, RowStreamWeight) or isinstance(x, RowStreamWeight) or weight.dim() != 2:
+        return False
+    in_features = weight.shape[-1]
+    rows = x.numel() // in_features if in_features else 0
+    return (0 < rows <= MAX_ROWS and _input_served(x) and x.dtype == weight.dtype and _weight_served(weight)
+            and (bias is None or bias.dtype == weight.dtype))
+
+
+def _router_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``F.linear(x, weight, bias)`` on the kernel when it takes it (`streams_on_kernel`), else None."""
+    with torch._C.DisableTorchFunctionSubclass():  # the checks and the op as on a plain tensor
+        return _kernel_product(x, weight, bias) if streams_on_kernel(x, weight, bias) else None
 
 
 def stream_router_weights(routers: Sequence[nn.Module]) -> int:

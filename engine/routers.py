@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.dense import MAX_ROWS, RowStreamWeight, router_product
+from engine.dense import streams_on_kernel
 from engine.offload.experts import moe_routers
 from engine.offload.kernels import KERNEL_DTYPES, kernel_op, load_experts_kernel
 from engine.replacement import ModuleReplacement, replace_reproduced
@@ -52,14 +52,13 @@ class KernelTopKRouter(ModuleReplacement):
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # The weight's attributes and the op as on a plain tensor: on a RowStreamWeight every attribute read would
-        # go through its __torch_function__ (engine.dense.router_product).
+        # go through its __torch_function__ (engine.dense.streams_on_kernel).
         with torch._C.DisableTorchFunctionSubclass():
             weight = self._parameters["weight"]  # not through Module.__getattr__
             hidden = hidden_states.reshape(-1, weight.shape[-1])
-            rows = hidden.shape[0]
-            served = (0 < rows <= self.max_rows and hidden.is_cpu and hidden.dtype == weight.dtype
+            served = (0 < hidden.shape[0] <= self.max_rows and hidden.is_cpu and hidden.dtype == weight.dtype
                       and not torch.is_grad_enabled())
-            if served and isinstance(weight, RowStreamWeight) and rows <= MAX_ROWS and hidden.dtype in KERNEL_DTYPES:
+            if served and streams_on_kernel(hidden, weight):
                 # A weight the kernel streams: the product and the selection in one op call.
                 logits, scores, indices, tied = kernel_op("router_topk")(
                     hidden.contiguous(), weight, self.top_k, self.renormalize, self.scores_in_logits_dtype)
@@ -68,11 +67,7 @@ class KernelTopKRouter(ModuleReplacement):
                 served = False  # equal probabilities: torch's own order
         if not served:
             return self.original(hidden_states)
-        # The original's product: on the kernel where the weight streams (engine.dense.RowStreamWeight), called
-        # directly rather than through F.linear's dispatch to the weight's __torch_function__.
-        logits = router_product(hidden, weight)
-        if logits is None:
-            logits = F.linear(hidden, weight)
+        logits = F.linear(hidden, weight)  # the original's product, on torch: not one the kernel takes
         routed = route(logits, self.top_k, self.renormalize, self.scores_in_logits_dtype)
         if routed is None:
             return self.original(hidden_states)  # equal probabilities: torch's own order
