@@ -592,42 +592,61 @@ def next_layer_recall(
 ) -> float:
     """Share of decode experts at layers 1..L-1 found among the ``predicted`` (default 2 * top_k) most probable
     experts that `Predictor` with ``sources`` gave after the layer before ran (no source: the per-layer
-    frequency baseline). The ``warm_up`` requests, then ``requests``, run in order through one predictor (one
-    store, one set of statistics); only ``requests`` are counted.
+    frequency baseline): `layer_recall` at distance 1 (same arguments and errors)."""
+    return layer_recall(requests, sources, (1,), predicted, max_offset, warm_up, learn_prompt)[1]
+
+
+def layer_recall(
+    requests: Sequence[RequestTrace], sources: Sequence[str], distances: Sequence[int] = (1,),
+    predicted: int | None = None, max_offset: int = DEFAULT_MAX_OFFSET, warm_up: Sequence[RequestTrace] = (),
+    learn_prompt: bool = True,
+) -> dict[int, float]:
+    """{d: share of decode experts at layers d..L-1 found among the ``predicted`` (default 2 * top_k) most
+    probable experts that `Predictor` with ``sources`` gave for their layer after the layer d before it ran} for
+    each distance d of ``distances`` (d = 1: the next layer; no source: the per-layer frequency baseline). The
+    ``warm_up`` requests, then ``requests``, run in order through one predictor (one store, one set of
+    statistics); only ``requests`` are counted.
 
     Prompt stand-ins (`with_prompt_steps`) run as one prefill step, not scored, and with ``learn_prompt`` teach
     the request their tokens (module docstring).
 
-    ValueError if ``requests`` hold no decode step, or the requests (warm-up ones included) differ in their
-    layer/expert counts.
+    ValueError for a distance outside 1..L-1, if ``requests`` hold no decode step, or if the requests (warm-up
+    ones included) differ in their layer/expert counts.
     """
     _shared_num_layers([*warm_up, *requests])
     header = requests[0].header
+    if any(not 1 <= distance < header.num_layers for distance in distances):
+        raise ValueError(f"distances must be in 1..{header.num_layers - 1}, got {list(distances)}")
     top_k = header.top_k or 2
     count = 2 * top_k if predicted is None else predicted
     predictor = Predictor(header.num_layers, header.num_experts, top_k, sources,
                           transitions=TransitionStatistics(header.num_layers, header.num_experts, max_offset,
                                                            top_k=top_k))
-    found = total = 0
+    found = dict.fromkeys(distances, 0)
+    total = dict.fromkeys(distances, 0)
     for scored, request in _in_order(warm_up, requests):
         state = predictor.new_request()
         for step, prompt in replay_steps(request):
             decode = step.phase == "decode"
             predictor.begin_step(state, decode)
             for layer, experts in enumerate(step.experts):
-                if scored and decode and layer:
-                    row = predictor.predict(state)[layer].tolist()
-                    best = sorted(range(len(row)), key=lambda expert: (-row[expert], expert))[:count]
-                    found += len(set(best) & set(experts))
-                    total += len(experts)
+                if scored and decode and layer:  # the frontier is ``layer``: layers 0..layer-1 ran
+                    for distance in distances:
+                        target = layer + distance - 1
+                        if target >= header.num_layers:
+                            continue
+                        row = predictor.predict(state)[target].tolist()
+                        best = sorted(range(len(row)), key=lambda expert: (-row[expert], expert))[:count]
+                        found[distance] += len(set(best) & set(step.experts[target]))
+                        total[distance] += len(step.experts[target])
                 predictor.observe_layer(state, layer, experts)
             predictor.end_step(state)
             if prompt and learn_prompt:
                 predictor.observe_prompt(state, [token.experts for token in prompt])
         predictor.finish(state)
-    if not total:
+    if not all(total.values()):
         raise ValueError("the traces hold no decode step: there is no recall to measure")
-    return found / total
+    return {distance: found[distance] / total[distance] for distance in distances}
 
 
 PROMPT_PHASE = "prompt"

@@ -18,6 +18,7 @@ from engine.trace.replay import (
     ClockModel,
     NextVisitOracle,
     add_replay_arguments,
+    layer_recall,
     next_layer_recall,
     replay,
     replay_steps,
@@ -393,3 +394,17 @@ def test_a_prompt_learned_token_by_token_teaches_what_its_union_cannot() -> None
     assert cold.accesses == taught.accesses == 20 * 4 and cold.hit_rate < taught.hit_rate
     with pytest.raises(ValueError, match=">= 0"):
         with_prompt_steps([request], -1)
+
+
+def test_layer_recall_scores_each_distance_from_the_frontier_d_layers_before() -> None:
+    a, b = cycle(60, layers=6), cycle(12, layers=6)
+    # Each layer's expert follows from any earlier layer's (they are all t + l), so once learned every distance
+    # within max_offset is predicted perfectly; cold, the far ones have fewer learned pairs to go on.
+    warm = layer_recall([b], ("transitions",), (1, 3, 5), warm_up=[a])
+    assert warm == {1: 1.0, 3: 1.0, 5: 1.0}
+    cold = layer_recall([b], ("transitions",), (1, 3, 5))
+    assert cold[1] == next_layer_recall([b], ("transitions",)) < 1
+    assert all(0 < value < 1 for value in cold.values())
+    for distance in (0, 6):
+        with pytest.raises(ValueError, match="distances must be in 1..5"):
+            layer_recall([b], ("transitions",), (1, distance))
