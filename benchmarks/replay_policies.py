@@ -29,7 +29,8 @@ whose figures on mario (cold and warm) were known, so the design, not its tuning
 clock's default policy runs with `PrefetchSettings.for_read_time` of that clock (recorded under ``settings``).
 ``h39s_80`` is h39s's decode steps cut into requests of 80 (the last one shorter; its prefill left out, as mario
 has none): short requests on the tuning data, the cold start that mario's ~80-token requests meet (scored cold only).
-Replay is deterministic: the figures are exact and tests/unit/test_replay_policies.py pins them.
+Replay is deterministic: the figures are exact on a given CPU and tests/unit/test_replay_policies.py pins them
+(the predicting policies' to within the rounding that differs between CPUs with and without AVX-512).
 
 Usage: python benchmarks/replay_policies.py [--out benchmarks/results/replay_policies.json]
 """

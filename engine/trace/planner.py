@@ -110,16 +110,22 @@ class PrefetchPlanner:
         if gate is not None:
             gate.track_priorities()
 
-    def plan(self, predictions: Sequence[np.ndarray], layers_seen: int, position: int) -> int:
+    def plan(self, predictions: Sequence[np.ndarray], layers_seen: int, position: int,
+             waits: Sequence[np.ndarray] | None = None) -> int:
         """Act on the running requests' ``predictions`` ([L, E] each) at frontier ``layers_seen``; ``position``
         is that of the layer just run (``layers_seen - 1``). Returns how many prefetches were queued.
+
+        ``waits`` (the replay's oracles only, engine.trace.replay.NextVisitOracle): per request, [L, E] steps from a
+        key's next visit to its use after it, where the next visit leaves it unused; the batch waits for the
+        soonest. None: every such key waits ``settings.miss_steps``.
 
         No predictions (no request to predict for): nothing changes.
         """
         if not predictions:
             return 0
         next_visit = any_request(predictions)
-        priorities = batch_priorities(next_visit, layers_seen, self.settings.miss_steps, self.precision)
+        miss_steps = self.settings.miss_steps if waits is None else np.minimum.reduce([*waits])
+        priorities = batch_priorities(next_visit, layers_seen, miss_steps, self.precision)
         gate = self.gate
         if gate is not None:
             gate.set_priorities(priorities)

@@ -666,8 +666,8 @@ def any_request(predictions: Sequence[np.ndarray | Sequence[Sequence[float]]]) -
 
 
 def batch_priorities(
-    next_visit: np.ndarray | Sequence[Sequence[float]], layers_seen: int, miss_steps: float = DEFAULT_MISS_STEPS,
-    precision: str = "native",
+    next_visit: np.ndarray | Sequence[Sequence[float]], layers_seen: int,
+    miss_steps: float | np.ndarray = DEFAULT_MISS_STEPS, precision: str = "native",
 ) -> PriorityTable:
     """One keep-priority per ``(layer, expert, precision)`` key for the batch: ``1 / (1 + expected distance)``.
 
@@ -675,7 +675,9 @@ def batch_priorities(
     (`any_request` of the `Predictor.predict` answers). The expected distance in layers to the key's next use —
     Belady's eviction criterion, made online — is ``distance + (1 - p) * miss_steps * L``: ``distance`` from the
     frontier ``layers_seen`` to the layer's next visit (0 = the next layer to run), and, if the key is not used
-    then, ``miss_steps`` more steps. An empty batch gives an empty table (the policy's own rule decides alone).
+    then, ``miss_steps`` more steps (one number for every key, or an [L, E] array of each key's: the replay's
+    oracles that know visits beyond the next). An empty batch gives an empty table (the policy's own rule decides
+    alone).
     """
     next_visit = np.asarray(next_visit, dtype=np.float64)
     if not next_visit.size:

@@ -5,9 +5,10 @@ layer needs it), and `PREDICTIVE_POLICY` (``"default"``, the engine's): a global
 from engine.trace.predictor, with prefetches through engine.offload.prefetch and a modelled clock
 (`ClockModel`, `_PredictiveReplay`), also behind the engine's prefetch gate (`GATED_POLICY`, ``"gated"``: the
 policy as served) and, as an offline bound, fed the trace's own next visits instead of predictions
-(`ORACLE_POLICY`, ``"oracle"``: the ceiling of prediction under that planner). Both kinds follow the access
-sequence and counting conventions below — those that reproduce the reference hit rates of tests/data/README.md
-exactly:
+(`ORACLE_POLICY`, ``"oracle"``: the ceiling of prediction under that planner; ``"oracle-2"`` and
+``"oracle-future"`` also know a key's visit after the next, or all of them: `ORACLE_VISITS`). Both kinds follow
+the access sequence and counting conventions below — those that reproduce the reference hit rates of
+tests/data/README.md exactly:
 
 - Requests are replayed in the order given, through ONE cache (nothing is reset between them).
 - Within a request, steps in order; within a step, layers 0..L-1; within a layer, the expert ids in the order
@@ -48,12 +49,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from engine.offload.cache import POLICY_NAMES, ExpertCache, Key, LRUPolicy, NoVictimError, build_cache, policy_scope
 from engine.offload.gate import PrefetchGate
 from engine.offload.prefetch import Load, PrefetchQueue
 from engine.trace.format import RequestTrace, TraceStep, read_traces
 from engine.trace.planner import PrefetchPlanner, PrefetchSettings
-from engine.trace.predictor import DEFAULT_MAX_OFFSET, Predictor, RequestState, TransitionStatistics
+from engine.trace.predictor import (
+    DEFAULT_MAX_OFFSET,
+    DEFAULT_MISS_STEPS,
+    Predictor,
+    RequestState,
+    TransitionStatistics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +77,11 @@ ORACLE_POLICY = "oracle"
 """`PREDICTIVE_POLICY` with the trace's own future for its predictor (`NextVisitOracle`): the same planner, cache,
 prefetch queue and clock, fed 1 for every key the trace uses at its layer's next visit and 0 for the others. An
 offline bound, like Belady: the most that a perfect prediction of the next visit gives under this planner."""
-REPLAY_POLICY_NAMES: tuple[str, ...] = (*POLICY_NAMES, PREDICTIVE_POLICY, GATED_POLICY, ORACLE_POLICY)
+ORACLE_VISITS: dict[str, int | None] = {ORACLE_POLICY: 1, "oracle-2": 2, "oracle-future": None}
+"""The oracle policies and how many of a key's visits each knows (None: every one). Beyond the next visit, an
+oracle's priorities wait for a key's true next use instead of the planner's ``miss_steps`` (`NextVisitOracle.waits`):
+how much knowing further ahead is worth to the same planner."""
+REPLAY_POLICY_NAMES: tuple[str, ...] = (*POLICY_NAMES, PREDICTIVE_POLICY, GATED_POLICY, *ORACLE_VISITS)
 DEFAULT_SLOTS_PER_LAYER = 4
 TRACE_PRECISION = "native"
 """Routing traces record no precision; replay keys every expert with this one."""
@@ -209,10 +222,12 @@ def replay(
     num_layers = _shared_num_layers([*warm_up, *requests])
     total = resolve_capacity(num_layers, slots_per_layer, capacity)
     accesses = _access_sequence(requests, warm_up)
-    if policy in (PREDICTIVE_POLICY, GATED_POLICY, ORACLE_POLICY):
-        future = [*warm_up, *requests] if policy == ORACLE_POLICY else None
+    if policy in (PREDICTIVE_POLICY, GATED_POLICY, *ORACLE_VISITS):
+        miss_steps = (settings or PrefetchSettings()).miss_steps
+        oracle = (NextVisitOracle([*warm_up, *requests], ORACLE_VISITS[policy], miss_steps)
+                  if policy in ORACLE_VISITS else None)
         tally = _PredictiveReplay(requests, total, clock, settings, gate=policy == GATED_POLICY,
-                                  future=future, learn_prompt=learn_prompt).run(requests, warm_up)
+                                  oracle=oracle, learn_prompt=learn_prompt).run(requests, warm_up)
         stall, modelled = tally.stall_seconds, tally.modelled_seconds
     else:
         tally = _simulate(policy, _partition_capacity(policy, total, num_layers), accesses, num_layers)
@@ -382,11 +397,11 @@ class _PredictiveReplay:
 
     def __init__(self, requests: Sequence[RequestTrace], capacity: int, clock: ClockModel,
                  settings: PrefetchSettings | None = None, gate: bool = False,
-                 future: Sequence[RequestTrace] | None = None, learn_prompt: bool = True) -> None:
+                 oracle: NextVisitOracle | None = None, learn_prompt: bool = True) -> None:
         """``settings`` None: `PrefetchSettings.for_read_time` of ``clock``'s read, in layers of compute.
-        ``future``: every request the replay will run, in order (warm-up ones first): a `NextVisitOracle` over
-        them predicts instead of the `Predictor` (`ORACLE_POLICY`). ``learn_prompt``: prompt stand-ins teach the
-        predictor their tokens (`with_prompt_steps`)."""
+        ``oracle``: a `NextVisitOracle` over every request the replay will run, in order (warm-up ones first), that
+        predicts instead of the `Predictor` and gives its waits to the plan (`ORACLE_VISITS`). ``learn_prompt``:
+        prompt stand-ins teach the predictor their tokens (`with_prompt_steps`)."""
         self.learn_prompt = learn_prompt
         header = requests[0].header
         if settings is None:
@@ -400,14 +415,15 @@ class _PredictiveReplay:
         self.gate = PrefetchGate(capacity, served=self.cache, flip_log_level=logging.DEBUG) if gate else None
         self.planner = PrefetchPlanner(self.cache, self.queue, header.num_layers, settings, TRACE_PRECISION,
                                        gate=self.gate)
-        if future is None:
+        self.oracle = oracle
+        if oracle is None:
             top_k = header.top_k or 2
             transitions = TransitionStatistics(header.num_layers, header.num_experts, max_offset=settings.max_offset,
                                                top_k=top_k)
             self.predictor = Predictor(header.num_layers, header.num_experts, top_k, settings.sources,
                                        transitions=transitions)
         else:
-            self.predictor = NextVisitOracle(future)
+            self.predictor = oracle
         self.device = _ModelledDevice(clock.expert_load_seconds)
         self.now = 0.0
         self.step_index = 0
@@ -515,7 +531,8 @@ class _PredictiveReplay:
 
     def _plan(self, state: RequestState, layer: int, position: int) -> None:
         """Set the priorities from the prediction and queue the prefetches worth their slot; issue them."""
-        self.planner.plan([self.predictor.predict(state)], layer + 1, position)
+        wait = None if self.oracle is None else self.oracle.waits(state)
+        self.planner.plan([self.predictor.predict(state)], layer + 1, position, None if wait is None else [wait])
         if self.gate is not None and not self.gate.prefetch_on:
             return  # what is queued waits and goes stale, as in the engine
         while (load := self.queue.next_load()) is not None:
@@ -541,17 +558,55 @@ class NextVisitOracle(Predictor):
     every key used at its layer's next visit — this step's for the layers the frontier has not passed, the next
     step's (the next request's first, after a request's last) for the others — and 0.0 for the rest.
 
+    With ``visits`` > 1 (None: all of them) it also knows that many of each key's visits from the next one on:
+    `waits` gives, for a key its next visit leaves unused, the steps from that visit to its true next use among
+    the visits it knows (the `PrefetchPlanner.plan` waits); ``visits`` 1 knows none after the next, and every such
+    key waits the planner's ``miss_steps``, as the `Predictor`'s predictions do.
+
     It learns nothing and uses no source; its steps must be begun in the order of ``requests`` (ValueError past
-    their end). `ORACLE_POLICY` replays the default planner with it: the ceiling of prediction under that planner.
+    their end). The `ORACLE_VISITS` policies replay the default planner with it: the ceiling of prediction under
+    that planner.
     """
 
-    def __init__(self, requests: Sequence[RequestTrace]) -> None:
+    def __init__(self, requests: Sequence[RequestTrace], visits: int | None = 1,
+                 miss_steps: float = DEFAULT_MISS_STEPS) -> None:
+        """``miss_steps``: the wait of a key unused at every visit known (at least ``visits``; default: the
+        planner's)."""
+        if visits is not None and visits < 1:
+            raise ValueError(f"an oracle knows at least the next visit, got visits={visits}")
         header = requests[0].header
         super().__init__(header.num_layers, header.num_experts, header.top_k or 2, sources=())
         self._steps = [tuple(frozenset(experts) for experts in step.experts)
                        for request in requests for step, _ in replay_steps(request)]
+        self.visits = visits
         self._begun = 0
         self._rows: list[list[float]] = []
+        self._miss_steps = max(miss_steps, visits or 1)
+        self._next_use: np.ndarray | None = None  # [steps + 1, L, E] the first step >= s using e at l
+        if visits != 1:
+            count = len(self._steps)
+            next_use = np.full((count + 1, header.num_layers, header.num_experts), count + self._miss_steps)
+            for step in range(count - 1, -1, -1):
+                next_use[step] = next_use[step + 1]
+                for layer, experts in enumerate(self._steps[step]):
+                    next_use[step, layer, list(experts)] = step
+            self._next_use = next_use
+
+    def waits(self, state: RequestState) -> np.ndarray | None:
+        """[L, E] steps from each key's next visit to its true use after it, for the keys that visit leaves
+        unused, among the visits known (``max(miss_steps, visits)`` for those unused at every one; with every
+        visit known, those never used again wait past the end of the future); None with ``visits`` 1 (the
+        planner's ``miss_steps`` for all)."""
+        if self._next_use is None:
+            return None
+        # each layer's next visit: the running step ahead of the frontier, the next one behind it
+        running = self._begun - 1
+        visit = np.where(np.arange(self.num_layers) < state.layers_seen, running + 1, running)  # [L]
+        following = self._next_use[np.minimum(visit + 1, len(self._steps)), np.arange(self.num_layers)]  # [L, E]
+        wait = following - visit[:, None]
+        if self.visits is not None:
+            wait = np.where(wait <= self.visits - 1, wait, self._miss_steps)
+        return wait
 
     def begin_step(self, state: RequestState, decode: bool, predict: bool = True) -> None:
         """``state`` starts the next step of the known future: every layer's row is this step's use."""
@@ -744,7 +799,7 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"eviction policy (default {DEFAULT_POLICY}); {PREDICTIVE_POLICY!r} is the engine's: "
                         f"predicted priorities and prefetch over a global cache; {GATED_POLICY!r} the same behind "
                         f"the prefetch gate, as served; {ORACLE_POLICY!r} the same fed the trace's own next visits "
-                        "(an offline bound, like belady)")
+                        "(an offline bound, like belady), 'oracle-2' its next two visits, 'oracle-future' all")
     capacity = parser.add_mutually_exclusive_group()
     capacity.add_argument("--slots-per-layer", type=int, metavar="K",
                           help=f"cache slots per layer (default {DEFAULT_SLOTS_PER_LAYER}); global policies "

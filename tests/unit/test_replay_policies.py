@@ -39,6 +39,29 @@ def figures(result) -> tuple[float, int, int]:
     return round(result.hit_rate, 3), result.bytes_loaded, round(result.stall_seconds)
 
 
+PREDICTING = (PREDICTIVE_POLICY, GATED_POLICY)
+"""The policies whose figures pass through the predictor's float64 numpy (exp, log, sums), which rounds differently
+on CPUs with and without AVX-512: on a Zen 3 (AVX2) one choice in ~22,000 went the other way against the Zen 4 these
+figures were pinned on (h39s from disk: hit rate 0.696 and 21,846 blobs against 0.697 and 21,845). Their figures
+and recalls are pinned to within that (`assert_pinned`, `assert_recall`); the other policies' exactly."""
+
+
+def assert_pinned(result, pinned: tuple[float, int, int]) -> None:
+    """``result``'s `figures` are ``pinned``: exactly, or for a PREDICTING policy within rounding noise (hit rate
+    +-0.001 beyond its 3 places, blobs and stall +-0.1 %)."""
+    if result.policy not in PREDICTING:
+        assert figures(result) == pinned
+        return
+    hit_rate, blobs, stall = pinned
+    assert (result.hit_rate, result.bytes_loaded, result.stall_seconds) == (
+        pytest.approx(hit_rate, abs=0.0015), pytest.approx(blobs, rel=1e-3), pytest.approx(stall, rel=1e-3, abs=1))
+
+
+def assert_recall(recall: float, pinned: float) -> None:
+    """A recall of the predictor is ``pinned`` to 3 places, within the rounding noise of PREDICTING (+-0.001)."""
+    assert recall == pytest.approx(pinned, abs=0.0015)
+
+
 def cycle(tokens: int = 60, layers: int = 4) -> RequestTrace:
     """Token t uses expert (t + l) % 4 at layer l: each layer's expert follows from the layer before."""
     header = TraceHeader(trace="cycle", num_layers=layers, num_experts=4, top_k=1)
@@ -147,13 +170,13 @@ SOURCES = {name: () if name == "frequency" else tuple(name.split("+")) for name 
 
 @pytest.mark.parametrize("source", sorted(SOURCES))
 def test_next_layer_recall_on_the_held_out_traces(source: str) -> None:
-    assert round(next_layer_recall(read_traces(MARIO), SOURCES[source]), 3) == RECALL["mario"][source]
+    assert_recall(next_layer_recall(read_traces(MARIO), SOURCES[source]), RECALL["mario"][source])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", sorted(SOURCES))
 def test_next_layer_recall_on_the_tuning_trace(source: str) -> None:
-    assert round(next_layer_recall(read_traces(H39S), SOURCES[source]), 3) == RECALL["h39s"][source]
+    assert_recall(next_layer_recall(read_traces(H39S), SOURCES[source]), RECALL["h39s"][source])
 
 
 # The default policy at 4 slots per layer, with each clock's PrefetchSettings.for_read_time: (hit rate, expert
@@ -167,14 +190,14 @@ DEFAULT_FIGURES = {
 @pytest.mark.parametrize("clock", sorted(CLOCKS))
 def test_default_policy_figures_on_the_held_out_traces(clock: str) -> None:
     result = replay(read_traces(MARIO), PREDICTIVE_POLICY, slots_per_layer=4, clock=CLOCKS[clock])
-    assert figures(result) == DEFAULT_FIGURES["mario"][clock]
+    assert_pinned(result, DEFAULT_FIGURES["mario"][clock])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("clock", sorted(CLOCKS))
 def test_default_policy_figures_on_the_tuning_trace(clock: str) -> None:
     result = replay(read_traces(H39S), PREDICTIVE_POLICY, slots_per_layer=4, clock=CLOCKS[clock])
-    assert figures(result) == DEFAULT_FIGURES["h39s"][clock]
+    assert_pinned(result, DEFAULT_FIGURES["h39s"][clock])
 
 
 # Prompt stand-ins (benchmarks/prompt_learning.py, README "Replay and prediction"): mario's first 16 decode steps
@@ -188,9 +211,9 @@ def test_prompt_stand_ins_on_the_held_out_traces(mode: str) -> None:
     prompted = with_prompt_steps(read_traces(MARIO), 16)
     learn = mode == "learned"
     recall, pinned = PROMPT_FIGURES[mode]
-    assert round(next_layer_recall(prompted, POLICY_SOURCES, learn_prompt=learn), 3) == recall
+    assert_recall(next_layer_recall(prompted, POLICY_SOURCES, learn_prompt=learn), recall)
     result = replay(prompted, PREDICTIVE_POLICY, slots_per_layer=4, clock=CLOCKS["unbounded"], learn_prompt=learn)
-    assert figures(result) == pinned
+    assert_pinned(result, pinned)
     assert replay(prompted, "lru", slots_per_layer=4).bytes_loaded == 3968
 
 
@@ -219,7 +242,7 @@ TRACE_FILES = {"h39s": H39S, "mario": MARIO}
 def test_next_layer_recall_after_the_other_trace(trace: str, source: str) -> None:
     recall = next_layer_recall(read_traces(TRACE_FILES[trace]), SOURCES[source],
                                warm_up=read_traces(WARM_UP[trace]))
-    assert round(recall, 3) == WARM_RECALL[trace][source]
+    assert_recall(recall, WARM_RECALL[trace][source])
 
 
 @pytest.mark.slow
@@ -235,7 +258,7 @@ def test_demand_baselines_after_the_other_trace(trace: str) -> None:
 def test_default_policy_figures_after_the_other_trace(trace: str, clock: str) -> None:
     result = replay(read_traces(TRACE_FILES[trace]), PREDICTIVE_POLICY, slots_per_layer=4, clock=CLOCKS[clock],
                     warm_up=read_traces(WARM_UP[trace]))
-    assert figures(result) == WARM_DEFAULT_FIGURES[trace][clock]
+    assert_pinned(result, WARM_DEFAULT_FIGURES[trace][clock])
     assert round(result.global_belady_hit_rate, 3) == WARM_BASELINES[trace][2]
 
 
@@ -259,7 +282,7 @@ GATED_FIGURES = {"unbounded": (0.701, 4407, 0), "nvme": (0.635, 4187, 190), "dis
 @pytest.mark.parametrize("clock", sorted(CLOCKS))
 def test_gated_policy_figures_on_the_held_out_traces(clock: str) -> None:
     result = replay(read_traces(MARIO), GATED_POLICY, slots_per_layer=4, clock=CLOCKS[clock])
-    assert figures(result) == GATED_FIGURES[clock]
+    assert_pinned(result, GATED_FIGURES[clock])
 
 
 def test_the_oracle_predicts_each_layers_next_visit_across_requests() -> None:
@@ -313,7 +336,7 @@ ORACLE_FIGURES = {"unbounded": (1.0, 3472, 0), "nvme": (0.820, 3497, 44), "disk"
 @pytest.mark.parametrize("clock", sorted(CLOCKS))
 def test_oracle_figures_on_the_held_out_traces(clock: str) -> None:
     result = replay(read_traces(MARIO), ORACLE_POLICY, slots_per_layer=4, clock=CLOCKS[clock])
-    assert figures(result) == ORACLE_FIGURES[clock]
+    assert_pinned(result, ORACLE_FIGURES[clock])
 
 
 # Where a read takes 3 layers of compute (benchmarks/replay_policies.py's read_3_layers: the ratio the engine's
@@ -321,15 +344,45 @@ def test_oracle_figures_on_the_held_out_traces(clock: str) -> None:
 # (hit rate, blobs loaded, stall seconds). Even perfect next visits stall 0.41 x on-demand global LRU (the engine's
 # cache is global): issue #7's engine bar, 0.3 x, is out of reach of any next-visit predictor under this planner there.
 READ_3_LAYERS = ClockModel(load_bandwidth=ClockModel.expert_bytes / (3 * ClockModel.layer_compute_seconds))
+# Knowing a key's visit after the next (oracle-2) still stalls 0.32 x; knowing every visit (oracle-future), 0.18 x.
 READ_3_LAYERS_FIGURES = {"global-lru": (0.525, 4837, 508), PREDICTIVE_POLICY: (0.676, 4619, 411),
-                         ORACLE_POLICY: (0.694, 3506, 209)}
+                         ORACLE_POLICY: (0.694, 3506, 209), "oracle-2": (0.748, 2989, 164),
+                         "oracle-future": (0.840, 2021, 89)}
 
 
 @pytest.mark.parametrize("policy", sorted(READ_3_LAYERS_FIGURES))
 def test_where_a_read_takes_3_layers_even_perfect_next_visits_stall_over_0_3_of_on_demand_lru(policy: str) -> None:
     result = replay(read_traces(MARIO), policy, slots_per_layer=4, clock=READ_3_LAYERS)
-    assert figures(result) == READ_3_LAYERS_FIGURES[policy]
-    assert READ_3_LAYERS_FIGURES[ORACLE_POLICY][2] > 0.4 * READ_3_LAYERS_FIGURES["global-lru"][2]
+    assert_pinned(result, READ_3_LAYERS_FIGURES[policy])
+    lru_stall = READ_3_LAYERS_FIGURES["global-lru"][2]
+    assert READ_3_LAYERS_FIGURES[ORACLE_POLICY][2] > 0.4 * lru_stall
+    assert READ_3_LAYERS_FIGURES["oracle-2"][2] > 0.3 * lru_stall > READ_3_LAYERS_FIGURES["oracle-future"][2]
+
+
+def test_an_oracle_that_knows_more_visits_waits_for_each_keys_true_next_use() -> None:
+    header = TraceHeader(trace="one layer", num_layers=1, num_experts=3, top_k=1)
+    routing = (0, 1, 2, 0, 1)  # one expert per step
+    request = RequestTrace(header, tuple(TraceStep(t, "decode", ((expert,),)) for t, expert in enumerate(routing)))
+    waits = {}
+    for visits in (1, 2, None):
+        oracle, seen = NextVisitOracle([request], visits), []
+        state = oracle.new_request()
+        for step in request.steps:
+            oracle.begin_step(state, True)
+            seen.append(oracle.waits(state))
+            oracle.observe_layer(state, 0, step.experts[0])
+            seen.append(oracle.waits(state))
+            oracle.end_step(state)
+        waits[visits] = [None if wait is None else wait[0].tolist() for wait in seen]
+    assert waits[1] == [None] * 10  # the planner's miss_steps for every key
+    # Steps from each key's next visit (this step's before the layer runs, the next one's after) to its use after it;
+    # with every visit known, a key never used again waits past the end (until step 5 + miss_steps 3 = 8).
+    assert waits[None] == [[3, 1, 2], [2, 3, 1], [2, 3, 1], [1, 2, 6], [1, 2, 6], [5, 1, 5], [5, 1, 5],
+                           [4, 4, 4], [4, 4, 4], [3, 3, 3]]
+    # Knowing two visits: only a use at the visit after the next is seen, the rest wait max(miss_steps, 2) = 3.
+    assert waits[2] == [[1 if wait == 1 else 3 for wait in row] for row in waits[None]]
+    with pytest.raises(ValueError, match="at least the next visit"):
+        NextVisitOracle([request], 0)
 
 
 # h39s cut into 80-token requests (benchmarks/replay_policies.py's h39s_80, tuning data): every request starts cold
@@ -348,14 +401,14 @@ def short_requests() -> list[RequestTrace]:
 @pytest.mark.slow
 @pytest.mark.parametrize("source", sorted(SHORT_RECALL))
 def test_next_layer_recall_on_short_requests(source: str) -> None:
-    assert round(next_layer_recall(short_requests(), SOURCES[source]), 3) == SHORT_RECALL[source]
+    assert_recall(next_layer_recall(short_requests(), SOURCES[source]), SHORT_RECALL[source])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("clock", sorted(CLOCKS))
 def test_default_policy_figures_on_short_requests(clock: str) -> None:
     result = replay(short_requests(), PREDICTIVE_POLICY, slots_per_layer=4, clock=CLOCKS[clock])
-    assert figures(result) == SHORT_DEFAULT_FIGURES[clock]
+    assert_pinned(result, SHORT_DEFAULT_FIGURES[clock])
 
 
 def test_demand_baselines_on_short_requests() -> None:
@@ -367,7 +420,7 @@ def test_demand_baselines_on_short_requests() -> None:
 @pytest.mark.parametrize("clock", sorted(SHORT_ORACLE_FIGURES))
 def test_oracle_figures_on_short_requests(clock: str) -> None:
     result = replay(short_requests(), ORACLE_POLICY, slots_per_layer=4, clock=CLOCKS[clock])
-    assert figures(result) == SHORT_ORACLE_FIGURES[clock]
+    assert_pinned(result, SHORT_ORACLE_FIGURES[clock])
 
 
 def test_a_prompt_learned_token_by_token_teaches_what_its_union_cannot() -> None:
