@@ -42,8 +42,6 @@ NEIGHBOURS = 16
 RECENCY_DECAY = 0.6
 MATCH_PRIOR = 0.3
 """Pseudo-votes of the token match, spread as the request's frequency (as `HistorySettings.prior`)."""
-NEXT_ESTIMATORS: tuple[str, ...] = ("frequency", "recency", "transitions", "match")
-AFTER_NEXT_ESTIMATORS: tuple[str, ...] = (*NEXT_ESTIMATORS, "match_once_next_ran")
 
 
 @dataclass(frozen=True)

@@ -223,11 +223,9 @@ def replay(
     total = resolve_capacity(num_layers, slots_per_layer, capacity)
     accesses = _access_sequence(requests, warm_up)
     if policy in (PREDICTIVE_POLICY, GATED_POLICY, *ORACLE_VISITS):
-        miss_steps = (settings or PrefetchSettings()).miss_steps
-        oracle = (NextVisitOracle([*warm_up, *requests], ORACLE_VISITS[policy], miss_steps)
-                  if policy in ORACLE_VISITS else None)
-        tally = _PredictiveReplay(requests, total, clock, settings, gate=policy == GATED_POLICY,
-                                  oracle=oracle, learn_prompt=learn_prompt).run(requests, warm_up)
+        future = [*warm_up, *requests] if policy in ORACLE_VISITS else None
+        tally = _PredictiveReplay(requests, total, clock, settings, gate=policy == GATED_POLICY, future=future,
+                                  visits=ORACLE_VISITS.get(policy, 1), learn_prompt=learn_prompt).run(requests, warm_up)
         stall, modelled = tally.stall_seconds, tally.modelled_seconds
     else:
         tally = _simulate(policy, _partition_capacity(policy, total, num_layers), accesses, num_layers)
@@ -397,11 +395,13 @@ class _PredictiveReplay:
 
     def __init__(self, requests: Sequence[RequestTrace], capacity: int, clock: ClockModel,
                  settings: PrefetchSettings | None = None, gate: bool = False,
-                 oracle: NextVisitOracle | None = None, learn_prompt: bool = True) -> None:
+                 future: Sequence[RequestTrace] | None = None, visits: int | None = 1,
+                 learn_prompt: bool = True) -> None:
         """``settings`` None: `PrefetchSettings.for_read_time` of ``clock``'s read, in layers of compute.
-        ``oracle``: a `NextVisitOracle` over every request the replay will run, in order (warm-up ones first), that
-        predicts instead of the `Predictor` and gives its waits to the plan (`ORACLE_VISITS`). ``learn_prompt``:
-        prompt stand-ins teach the predictor their tokens (`with_prompt_steps`)."""
+        ``future``: every request the replay will run, in order (warm-up ones first): a `NextVisitOracle` over them
+        that knows ``visits`` visits predicts instead of the `Predictor` and gives its waits to the plan
+        (`ORACLE_VISITS`). ``learn_prompt``: prompt stand-ins teach the predictor their tokens
+        (`with_prompt_steps`)."""
         self.learn_prompt = learn_prompt
         header = requests[0].header
         if settings is None:
@@ -415,15 +415,15 @@ class _PredictiveReplay:
         self.gate = PrefetchGate(capacity, served=self.cache, flip_log_level=logging.DEBUG) if gate else None
         self.planner = PrefetchPlanner(self.cache, self.queue, header.num_layers, settings, TRACE_PRECISION,
                                        gate=self.gate)
-        self.oracle = oracle
-        if oracle is None:
+        self.oracle = None if future is None else NextVisitOracle(future, visits, settings.miss_steps)
+        if self.oracle is None:
             top_k = header.top_k or 2
             transitions = TransitionStatistics(header.num_layers, header.num_experts, max_offset=settings.max_offset,
                                                top_k=top_k)
             self.predictor = Predictor(header.num_layers, header.num_experts, top_k, settings.sources,
                                        transitions=transitions)
         else:
-            self.predictor = oracle
+            self.predictor = self.oracle
         self.device = _ModelledDevice(clock.expert_load_seconds)
         self.now = 0.0
         self.step_index = 0
